@@ -1,0 +1,49 @@
+"""Error types. Each message says what was found and what to do about it."""
+
+
+class DitoptError(Exception):
+    """Base class for every error ditopt raises on purpose."""
+
+    exit_code = 2  # CLI: bad input unless a subclass says otherwise
+
+
+class UnsupportedModelError(DitoptError):
+    """The model is not a diffusion transformer ditopt can recover a block structure from."""
+
+
+class CaptureError(DitoptError):
+    """torch.export could not capture the model with the given inputs."""
+
+
+class MissingInputsError(DitoptError):
+    """The model is not a known diffusers class, so example inputs must be given."""
+
+
+class InvalidProfileError(DitoptError):
+    """A profile is malformed: unknown pass, unknown key, or a bad value."""
+
+
+class UnknownPassError(InvalidProfileError):
+    """A profile names a pass that no installed plugin registers."""
+
+
+class InputMismatchError(DitoptError):
+    """Inputs do not match what a graph, calibration or artifact was built for."""
+
+
+class CalibrationError(DitoptError):
+    """Calibration statistics are missing, stale, or do not cover the requested run."""
+
+
+class NonFiniteError(DitoptError):
+    """A NaN or Inf appeared where it must not."""
+
+
+class ArtifactError(DitoptError):
+    """An export artifact is missing, incomplete, or would be overwritten."""
+
+
+class QualityGateError(DitoptError):
+    """The optimized model misses its quality budget."""
+
+    exit_code = 1

@@ -1,0 +1,219 @@
+"""The staged graph every pass reads and rewrites.
+
+A captured model is one torch.fx graph cut into *segments*: the prologue (patch, timestep and
+condition embeddings), one segment per transformer block, and the epilogue (final norm,
+projection, unpatchify). Values flow between segments through a flat environment keyed by the
+name of the node that produced them in the captured graph. Segments never mutate the
+environment themselves; `Segment.run` does, which keeps them pure and exportable.
+
+Annotations refer to nodes *by name*, so they stay valid when a pass copies a segment's graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """One attention op inside a block, with its projections and token layout."""
+
+    node: str  # the scaled_dot_product_attention node
+    module: str  # module path, e.g. "transformer_blocks.3.attn"
+    kind: str  # "self" (image only), "joint" (text + image, MMDiT), "cross" (image queries, text keys)
+    heads: int
+    head_dim: int
+    query_tokens: int
+    key_tokens: int
+    image_tokens: int
+    text_tokens: int
+    q: tuple[str, ...]  # linear nodes producing the queries (two for joint attention)
+    k: tuple[str, ...]
+    v: tuple[str, ...]
+    out: tuple[str, ...]  # output projection(s) fed by the attention result
+    text_first: bool = True  # in joint attention, text tokens precede image tokens
+
+
+@dataclass(frozen=True)
+class FFNSite:
+    """A feed-forward sub-network: up projection(s), activation, down projection."""
+
+    up: tuple[str, ...]
+    activation: str
+    activation_kind: str  # aten op name, e.g. "gelu"
+    down: str | None
+    hidden_features: int
+    in_features: int
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    """One transformer block as recovered from the graph."""
+
+    index: int  # position in the model's execution order, across all block lists
+    module: str  # e.g. "transformer_blocks.3" or "single_transformer_blocks.0"
+    module_type: str  # class name of the block module
+    stream: str  # "single" (one token stream) or "dual" (separate text and image streams)
+    attention: tuple[AttentionSite, ...]
+    ffn: tuple[FFNSite, ...]
+    modulation: tuple[str, ...]  # adaLN modulation linears (per-sample conditioning -> shift/scale/gate)
+    parameters: int
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A pure piece of the graph: `outputs = module(*inputs)` over the value environment."""
+
+    name: str
+    kind: str  # "prologue" | "block" | "epilogue"
+    block: int | None
+    module: fx.GraphModule
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+    def run(self, env: dict[str, Any]) -> None:
+        results = self.module(*[env[name] for name in self.inputs])
+        env.update(zip(self.outputs, results))
+
+    def replace_module(self, module: fx.GraphModule) -> "Segment":
+        return dataclasses.replace(self, module=module)
+
+
+@dataclass(frozen=True)
+class CallSignature:
+    """How a call's (args, kwargs) flatten into graph inputs and how outputs fold back."""
+
+    input_names: tuple[str, ...]  # placeholder name per flattened leaf
+    in_spec: pytree.TreeSpec
+    out_spec: pytree.TreeSpec
+    outputs: tuple[Any, ...]  # per flattened output leaf: an env name (str) or a constant wrapped in Constant
+    key: tuple  # shapes/dtypes/constants of the leaves this graph was captured for
+
+
+@dataclass(frozen=True)
+class Constant:
+    value: Any
+
+
+@dataclass
+class DiTGraph:
+    """A captured DiT: segments in execution order plus the recovered structure.
+
+    Treated as immutable by passes: a pass builds a new DiTGraph with `evolve` and replaces
+    only the segments it rewrites, so the others (and their parameters) are shared.
+    """
+
+    model_class: str
+    signature: CallSignature
+    segments: tuple[Segment, ...]
+    blocks: tuple[BlockInfo, ...]
+    image_tokens: int
+    text_tokens: int
+    grid: tuple[int, ...] | None  # patch grid of the image tokens, (h, w) or (f, h, w), when known
+    timestep_input: str | None  # placeholder carrying the diffusion timestep
+    param_count: int
+    notes: tuple[str, ...] = ()  # what the passes did, in order
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # -- access -----------------------------------------------------------------------------
+    @property
+    def prologue(self) -> Segment:
+        return self.segments[0]
+
+    @property
+    def epilogue(self) -> Segment:
+        return self.segments[-1]
+
+    @property
+    def block_segments(self) -> tuple[Segment, ...]:
+        return tuple(s for s in self.segments if s.kind == "block")
+
+    def segment_for_block(self, index: int) -> Segment:
+        for seg in self.segments:
+            if seg.kind == "block" and seg.block == index:
+                return seg
+        raise KeyError(f"no segment for block {index}")
+
+    def evolve(self, **changes: Any) -> "DiTGraph":
+        return dataclasses.replace(self, **changes)
+
+    def with_segment(self, new: Segment) -> "DiTGraph":
+        segments = tuple(new if s.name == new.name else s for s in self.segments)
+        return self.evolve(segments=segments)
+
+    # -- execution --------------------------------------------------------------------------
+    def bind(self, leaves: Iterable[Any]) -> dict[str, Any]:
+        return dict(zip(self.signature.input_names, leaves))
+
+    def collect_outputs(self, env: dict[str, Any]) -> Any:
+        flat = [o.value if isinstance(o, Constant) else env[o] for o in self.signature.outputs]
+        return pytree.tree_unflatten(flat, self.signature.out_spec)
+
+    def run_segments(self, env: dict[str, Any]) -> dict[str, Any]:
+        for seg in self.segments:
+            seg.run(env)
+        return env
+
+    # -- identity ---------------------------------------------------------------------------
+    def structure_hash(self) -> str:
+        """Hash of the graph code of every segment: changes when any pass changes the graph."""
+        h = hashlib.sha256()
+        h.update(self.model_class.encode())
+        h.update(repr(self.signature.key).encode())
+        for seg in self.segments:
+            h.update(seg.name.encode())
+            h.update(seg.module.code.encode())
+        return h.hexdigest()[:16]
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-serialisable description (the `inspect` table)."""
+        return {
+            "model_class": self.model_class,
+            "parameters": self.param_count,
+            "image_tokens": self.image_tokens,
+            "text_tokens": self.text_tokens,
+            "grid": list(self.grid) if self.grid else None,
+            "segments": [s.name for s in self.segments],
+            "blocks": [
+                {
+                    "index": b.index,
+                    "module": b.module,
+                    "type": b.module_type,
+                    "stream": b.stream,
+                    "parameters": b.parameters,
+                    "attention": [
+                        {
+                            "module": a.module,
+                            "kind": a.kind,
+                            "heads": a.heads,
+                            "head_dim": a.head_dim,
+                            "query_tokens": a.query_tokens,
+                            "key_tokens": a.key_tokens,
+                            "image_tokens": a.image_tokens,
+                            "text_tokens": a.text_tokens,
+                        }
+                        for a in b.attention
+                    ],
+                    "ffn": [
+                        {"in_features": f.in_features, "hidden_features": f.hidden_features, "activation": f.activation_kind}
+                        for f in b.ffn
+                    ],
+                    "modulation": len(b.modulation) > 0,
+                }
+                for b in self.blocks
+            ],
+        }
+
+
+def tensor_key(leaf: Any) -> tuple:
+    """What a captured graph is specialised on for one input leaf."""
+    if isinstance(leaf, torch.Tensor):
+        return ("tensor", tuple(leaf.shape), str(leaf.dtype), leaf.device.type)
+    return ("const", repr(leaf))
