@@ -119,8 +119,15 @@ class DiTGraph:
     grid: tuple[int, ...] | None  # patch grid of the image tokens, (h, w) or (f, h, w), when known
     timestep_input: str | None  # placeholder carrying the diffusion timestep
     param_count: int
+    plan: tuple[Any, ...] = ()  # Stage objects (ditopt.plan); one RunSegments per segment by default
     notes: tuple[str, ...] = ()  # what the passes did, in order
     meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.plan:
+            from .plan import default_plan
+
+            self.plan = default_plan(self)
 
     # -- access -----------------------------------------------------------------------------
     @property
@@ -134,6 +141,12 @@ class DiTGraph:
     @property
     def block_segments(self) -> tuple[Segment, ...]:
         return tuple(s for s in self.segments if s.kind == "block")
+
+    def segment(self, name: str) -> Segment:
+        for seg in self.segments:
+            if seg.name == name:
+                return seg
+        raise KeyError(f"no segment named {name!r}")
 
     def segment_for_block(self, index: int) -> Segment:
         for seg in self.segments:
@@ -157,6 +170,7 @@ class DiTGraph:
         return pytree.tree_unflatten(flat, self.signature.out_spec)
 
     def run_segments(self, env: dict[str, Any]) -> dict[str, Any]:
+        """Run every segment once, ignoring the plan (a full, uncached forward)."""
         for seg in self.segments:
             seg.run(env)
         return env
@@ -170,6 +184,8 @@ class DiTGraph:
         for seg in self.segments:
             h.update(seg.name.encode())
             h.update(seg.module.code.encode())
+        for stage in self.plan:
+            h.update(repr(stage.describe()).encode())
         return h.hexdigest()[:16]
 
     def summary(self) -> dict[str, Any]:
@@ -181,6 +197,7 @@ class DiTGraph:
             "text_tokens": self.text_tokens,
             "grid": list(self.grid) if self.grid else None,
             "segments": [s.name for s in self.segments],
+            "plan": [stage.describe() for stage in self.plan],
             "blocks": [
                 {
                     "index": b.index,

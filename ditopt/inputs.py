@@ -65,7 +65,7 @@ def synthesize_inputs(
     if isinstance(side, (tuple, list)):
         side = side[0]
     patch = _first(cfg, "patch_size", default=1)
-    text_dim = _first(cfg, "joint_attention_dim", "cross_attention_dim", "caption_channels", "text_dim", "text_embed_dim")
+    text_dim = _first(cfg, "caption_channels", "joint_attention_dim", "text_dim", "text_embed_dim", "cross_attention_dim")
     pooled_dim = _first(cfg, "pooled_projection_dim")
     kwargs: dict[str, Any] = {}
     name = type(model).__name__

@@ -1,0 +1,271 @@
+"""ditopt's model zoo: small, *trained* Diffusion Transformers that ship with the package.
+
+No pretrained DiT weights can be downloaded, and random weights say nothing about quality, so
+ditopt trains its own reference models on scikit-learn's handwritten digits (upscaled to 32x32):
+
+* ``dit-digits``  - diffusers ``DiTTransformer2DModel`` (adaLN-Zero, 8 blocks, 4x32 heads, patch 2,
+  class-conditional, label 10 = null class), DDPM epsilon prediction, sampled with DDIM (50 steps,
+  classifier-free guidance 4).
+* ``flux-digits`` - diffusers ``FluxTransformer2DModel`` (2 double-stream + 4 single-stream blocks,
+  RoPE) on 2x2-packed latents, rectified flow, sampled with FlowMatchEuler (28 steps, true CFG 4).
+  The class enters as 4 learned "text" tokens plus a pooled vector from :class:`ClassEmbedder`,
+  which is part of the bundle.
+
+Usage::
+
+    from ditopt import zoo
+    b = zoo.load("dit-digits")
+    imgs = b.sample(classes=[0, 1, 2], seeds=[0, 1, 2])          # [3, 1, 32, 32] in [0, 1]
+    imgs = b.sample([0, 1, 2], [0, 1, 2], model=optimized_model)  # same loop, another module
+
+Everything loads offline from ``ditopt/zoo/weights/*.safetensors`` + ``*.json`` (no pickle).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+
+from . import models as _m
+from .data import load_split as _load_split
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+__all__ = [
+    "UnknownModelError", "ZooBundle", "available", "load", "load_classifier", "heldout_digits",
+    "train_digits", "WEIGHTS_DIR",
+]
+
+_MODELS: dict[str, dict[str, Any]] = {
+    "dit-digits": {"kind": "dit", "default_steps": 50, "default_guidance_scale": 4.0},
+    "flux-digits": {"kind": "flux", "default_steps": 28, "default_guidance_scale": 4.0},
+}
+
+
+class UnknownModelError(ValueError):
+    """Raised by :func:`load` for a name that is not in the zoo; the message lists the names."""
+
+
+def available() -> list[str]:
+    """Names :func:`load` accepts."""
+    return sorted(_MODELS)
+
+
+def _read(name: str) -> tuple[dict[str, torch.Tensor], dict]:
+    from safetensors.torch import load_file
+
+    st = WEIGHTS_DIR / f"{name}.safetensors"
+    js = WEIGHTS_DIR / f"{name}.json"
+    if not st.exists() or not js.exists():
+        raise FileNotFoundError(f"zoo weights for {name!r} not found at {st} / {js}; "
+                                f"train them with scripts/train_*.py")
+    return load_file(str(st)), json.loads(js.read_text())
+
+
+def _sub(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _as_long_list(x: Sequence[int] | torch.Tensor | int, n: int | None = None) -> list[int]:
+    if isinstance(x, torch.Tensor):
+        x = x.reshape(-1).tolist()
+    elif isinstance(x, int):
+        x = [x] * (n if n is not None else 1)
+    return [int(v) for v in x]
+
+
+@dataclass
+class ZooBundle:
+    """A trained zoo model plus everything needed to sample from it.
+
+    Attributes:
+        name: zoo name ("dit-digits" or "flux-digits").
+        kind: "dit" or "flux".
+        model: the diffusers transformer (fp32, eval mode).
+        embedder: flux only - the :class:`~ditopt.zoo.models.ClassEmbedder` (label -> text tokens
+            and pooled vector; row 10 is the learned null entry). ``None`` for DiT.
+        default_steps, default_guidance_scale, num_classes: sampling defaults.
+        meta: the JSON shipped with the weights (config, training hyper-parameters, losses).
+    """
+
+    name: str
+    kind: str
+    model: nn.Module
+    default_steps: int
+    default_guidance_scale: float
+    num_classes: int = 10
+    embedder: nn.Module | None = None
+    meta: dict = field(default_factory=dict)
+    image_size: int = 32
+
+    # -- schedulers ---------------------------------------------------------------------------
+    def make_scheduler(self):
+        """A fresh scheduler of the kind the model is sampled with."""
+        if self.kind == "dit":
+            from diffusers import DDIMScheduler
+
+            # matches the DDPMScheduler used in training (1000 steps, linear betas 1e-4..0.02)
+            return DDIMScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
+                                 beta_schedule="linear", clip_sample=True, set_alpha_to_one=True,
+                                 steps_offset=0, timestep_spacing="leading")
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+
+    # -- model inputs -------------------------------------------------------------------------
+    def _cond(self, classes: list[int]) -> dict[str, torch.Tensor]:
+        """Conditioning inputs for the CFG batch [null]*N + classes (batch 2N)."""
+        n = len(classes)
+        labels = torch.tensor([self.num_classes] * n + classes, dtype=torch.long)
+        if self.kind == "dit":
+            return {"class_labels": labels}
+        tok, pooled = self.embedder(labels)
+        return {
+            "encoder_hidden_states": tok,
+            "pooled_projections": pooled,
+            "img_ids": _m.flux_img_ids(self.image_size, self.image_size),
+            "txt_ids": _m.flux_txt_ids(tok.shape[1]),
+        }
+
+    def _model_inputs(self, latents: torch.Tensor, t: torch.Tensor, cond: dict) -> dict:
+        """Keyword inputs of one transformer call; ``latents`` is the [N,1,32,32] image state."""
+        x = torch.cat([latents, latents], 0)
+        b = x.shape[0]
+        if self.kind == "dit":
+            return {"hidden_states": x, "timestep": t.reshape(()).to(torch.long).expand(b),
+                    "class_labels": cond["class_labels"]}
+        return {
+            "hidden_states": _m.pack_latents(x),
+            "encoder_hidden_states": cond["encoder_hidden_states"],
+            "pooled_projections": cond["pooled_projections"],
+            "timestep": (t.reshape(()).to(torch.float32) / 1000.0).expand(b),
+            "img_ids": cond["img_ids"],
+            "txt_ids": cond["txt_ids"],
+        }
+
+    def make_inputs(self, batch_size: int = 1, timestep: float | None = None,
+                    seed: int = 0) -> dict[str, torch.Tensor]:
+        """Example keyword inputs for ``self.model`` with CFG batch 2*batch_size, exactly as
+        :meth:`sample` builds them (first half null class, second half classes 0,1,2,...).
+
+        ``timestep`` defaults to the middle step of the default schedule.
+        """
+        g = torch.Generator().manual_seed(seed)
+        classes = [i % self.num_classes for i in range(batch_size)]
+        latents = torch.randn((batch_size, 1, self.image_size, self.image_size), generator=g)
+        sched = self.make_scheduler()
+        sched.set_timesteps(self.default_steps)
+        t = sched.timesteps[len(sched.timesteps) // 2] if timestep is None else torch.tensor(timestep)
+        with torch.inference_mode():
+            cond = self._cond(classes)
+        cond = {k: v.clone() for k, v in cond.items()}  # plain tensors usable outside inference mode
+        return self._model_inputs(latents, t, cond)
+
+    # -- sampling -----------------------------------------------------------------------------
+    def sample(self, classes: Sequence[int] | torch.Tensor | int, seeds: Sequence[int] | torch.Tensor | int,
+               steps: int | None = None, guidance_scale: float | None = None,
+               model: nn.Module | None = None, batch_size: int | None = None,
+               progress: bool = False) -> torch.Tensor:
+        """Generate one image per (class, seed) pair -> Tensor[N, 1, 32, 32] in [0, 1].
+
+        Args:
+            classes: class labels 0..9 (a single int is repeated to match ``seeds``).
+            seeds: one seed per sample; the initial noise of each sample comes from its own
+                ``torch.Generator().manual_seed(seed)``, so results do not depend on batching.
+            steps: scheduler steps (default: ``default_steps``).
+            guidance_scale: classifier-free guidance scale (default ``default_guidance_scale``).
+                CFG is always batched: the transformer sees 2n inputs, first n null-class.
+            model: a drop-in replacement for ``self.model`` (same keyword forward signature,
+                ``return_dict=False`` -> tuple whose ``[0]`` is the prediction). Default: own model.
+            batch_size: samples per scheduler loop (default: all at once).
+            progress: print one line per batch.
+        """
+        seeds_l = _as_long_list(seeds)
+        classes_l = _as_long_list(classes, len(seeds_l))
+        if len(classes_l) != len(seeds_l):
+            raise ValueError(f"got {len(classes_l)} classes and {len(seeds_l)} seeds")
+        if any(c < 0 or c >= self.num_classes for c in classes_l):
+            raise ValueError(f"classes must be in 0..{self.num_classes - 1}")
+        steps = int(steps or self.default_steps)
+        gs = float(self.default_guidance_scale if guidance_scale is None else guidance_scale)
+        net = self.model if model is None else model
+        n = len(seeds_l)
+        bs = n if not batch_size else int(batch_size)
+        out = []
+        with torch.inference_mode():
+            for start in range(0, n, bs):
+                cl = classes_l[start:start + bs]
+                sd = seeds_l[start:start + bs]
+                if progress:
+                    print(f"[{self.name}] sampling {start + len(cl)}/{n}", flush=True)
+                out.append(self._sample_batch(net, cl, sd, steps, gs))
+        return torch.cat(out, 0) if out else torch.empty(0, 1, self.image_size, self.image_size)
+
+    def _sample_batch(self, net, classes: list[int], seeds: list[int], steps: int, gs: float):
+        size = (1, 1, self.image_size, self.image_size)
+        latents = torch.cat([torch.randn(size, generator=torch.Generator().manual_seed(s))
+                             for s in seeds], 0)
+        n = latents.shape[0]
+        sched = self.make_scheduler()
+        sched.set_timesteps(steps)
+        cond = self._cond(classes)
+        for t in sched.timesteps:
+            pred = net(**self._model_inputs(latents, t, cond), return_dict=False)[0]
+            if self.kind == "flux":
+                pred = _m.unpack_latents(pred, self.image_size, self.image_size)
+            pred = pred.float()
+            uncond, condp = pred[:n], pred[n:]
+            guided = uncond + gs * (condp - uncond)
+            latents = sched.step(guided, t, latents, return_dict=False)[0]
+        return ((latents.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def load(name: str) -> ZooBundle:
+    """Load a trained zoo model (offline, from the shipped safetensors + JSON)."""
+    if name not in _MODELS:
+        raise UnknownModelError(f"unknown zoo model {name!r}; available: {', '.join(available())}")
+    spec = _MODELS[name]
+    tensors, meta = _read(name)
+    if spec["kind"] == "dit":
+        model = _m.build_dit(meta["config"])
+        embedder = None
+    else:
+        model = _m.build_flux(meta["config"])
+        cfg = meta["config"]
+        embedder = _m.ClassEmbedder(num_tokens=int(meta.get("text_tokens", _m.FLUX_TEXT_TOKENS)),
+                                    token_dim=cfg["joint_attention_dim"],
+                                    pooled_dim=cfg["pooled_projection_dim"])
+        embedder.load_state_dict(_sub(tensors, "embedder."), strict=True)
+        embedder.float().eval().requires_grad_(False)
+    model.load_state_dict(_sub(tensors, "model."), strict=True)
+    model.float().eval().requires_grad_(False)
+    return ZooBundle(name=name, kind=spec["kind"], model=model,
+                     default_steps=spec["default_steps"],
+                     default_guidance_scale=spec["default_guidance_scale"],
+                     num_classes=10, embedder=embedder, meta=meta)
+
+
+def load_classifier() -> _m.DigitClassifier:
+    """The shipped digit classifier (eval mode): ``[N,1,32,32]`` in [0,1] -> logits [N,10];
+    ``.features(x)`` -> 128-d penultimate features. Its held-out accuracy is in ``.meta``."""
+    tensors, meta = _read("digit-classifier")
+    net = _m.DigitClassifier()
+    net.load_state_dict(tensors, strict=True)
+    net.eval().requires_grad_(False)
+    net.meta = meta
+    return net
+
+
+def heldout_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """Held-out digits never used in training: (images [360,1,32,32] in [0,1], labels [360])."""
+    return _load_split("heldout")
+
+
+def train_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """Training split: (images [1437,1,32,32] in [0,1], labels [1437])."""
+    return _load_split("train")

@@ -1,0 +1,187 @@
+"""The drop-in optimized model: same forward signature and return type as the original.
+
+It runs a DiTGraph's plan over static segments and owns the state that lives across denoising
+steps. How calls map to steps (documented in docs/design.md):
+
+* The diffusion timestep is read on the host from the `timestep` input (first element).
+* A call with the same timestep as the previous call is the next CFG branch of the same step
+  (CFG run as two calls); each branch gets its own state. With CFG batched into one call, both
+  branches are rows of the same tensors and share one state slot.
+* A call with a smaller timestep is the next step. A call with a larger timestep, or one past
+  the calibrated number of steps, starts a new generation and clears all state. `reset()` (or
+  `with model.generation():`) starts one explicitly; models without a timestep input count
+  every call as a step and rely on `reset()`.
+
+One program (captured graph + rewritten plan) is kept per input shape signature: a new batch
+size or resolution is captured again from the original model and the same passes are replayed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+from .capture import call_key, normalize_call
+from .graph import DiTGraph
+from .plan import StepContext
+
+
+class StepTracker:
+    """Maps successive calls to (generation, step, CFG branch)."""
+
+    def __init__(self, num_steps: int | None = None) -> None:
+        self.num_steps = num_steps
+        self.generation = -1
+        self.reset()
+
+    def reset(self) -> None:
+        self.generation += 1
+        self.step = -1
+        self.branch = 0
+        self.last_timestep: float | None = None
+        self.branch_states: dict[int, dict[str, Any]] = {}
+
+    def advance(self, timestep: float | None) -> StepContext:
+        last = self.last_timestep
+        if timestep is not None and last is not None and timestep == last:
+            self.branch += 1
+        else:
+            new_generation = timestep is not None and last is not None and timestep > last
+            if not new_generation and self.num_steps is not None and self.step + 1 >= self.num_steps:
+                new_generation = True
+            if new_generation:
+                self.reset()
+            self.step += 1
+            self.branch = 0
+        self.last_timestep = timestep
+        state = self.branch_states.setdefault(self.branch, {})
+        return StepContext(
+            step=self.step,
+            branch=self.branch,
+            timestep=timestep,
+            generation=self.generation,
+            state=state,
+            num_steps=self.num_steps,
+        )
+
+
+def read_timestep(value: Any) -> float | None:
+    if isinstance(value, torch.Tensor):
+        if value.numel() == 0:
+            return None
+        return float(value.reshape(-1)[0])
+    if isinstance(value, (int, float)):
+        return float(value)
+    return None
+
+
+class OptimizedDiT(nn.Module):
+    """Drop-in replacement for the original transformer (e.g. `pipe.transformer`)."""
+
+    def __init__(
+        self,
+        original: nn.Module,
+        build: Callable[[dict[str, Any]], DiTGraph],
+        first: tuple[dict[str, Any], DiTGraph] | None = None,
+        num_steps: int | None = None,
+        report: Any = None,
+        max_programs: int = 8,
+    ) -> None:
+        super().__init__()
+        # Not registered as a submodule: .to()/.half() on the optimized model must never touch
+        # the user's model, and its parameters must not be counted twice.
+        object.__setattr__(self, "_original", original)
+        object.__setattr__(self, "_build", build)
+        self._programs: OrderedDict[tuple, DiTGraph] = OrderedDict()
+        # Segment modules of the live programs, registered so .to()/.parameters() see what runs.
+        # They share parameter tensors with the original model (no copy); rewrites make new ones.
+        self.segment_modules = nn.ModuleDict()
+        self._program_ids: dict[tuple, str] = {}
+        self._next_id = 0
+        self._max_programs = max_programs
+        self.tracker = StepTracker(num_steps)
+        self.report = report
+        self.last_record: dict[str, Any] = {}
+        if first is not None:
+            kwargs, graph = first
+            self._remember(call_key(kwargs), graph)
+
+    # -- diffusers compatibility ----------------------------------------------------------------
+    @property
+    def config(self) -> Any:
+        return getattr(self._original, "config", None)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self._original.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self._original.parameters()).device
+
+    @property
+    def original(self) -> nn.Module:
+        return self._original
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_"):
+                raise
+            return getattr(object.__getattribute__(self, "_original"), name)
+
+    # -- programs -------------------------------------------------------------------------------
+    def _remember(self, key: tuple, graph: DiTGraph) -> None:
+        self._programs[key] = graph
+        self._programs.move_to_end(key)
+        pid = f"program{self._next_id}"
+        self._next_id += 1
+        self._program_ids[key] = pid
+        self.segment_modules[pid] = nn.ModuleList([seg.module for seg in graph.segments])
+        while len(self._programs) > self._max_programs:
+            old, _ = self._programs.popitem(last=False)
+            del self.segment_modules[self._program_ids.pop(old)]
+
+    def program_for(self, kwargs: dict[str, Any]) -> DiTGraph:
+        key = call_key(kwargs)
+        graph = self._programs.get(key)
+        if graph is None:
+            graph = self._build(kwargs)
+            self._remember(key, graph)
+        return graph
+
+    @property
+    def programs(self) -> list[DiTGraph]:
+        return list(self._programs.values())
+
+    # -- state ----------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Start a new generation: clear caches, step index and CFG branch state."""
+        self.tracker.reset()
+
+    @contextlib.contextmanager
+    def generation(self) -> Iterator["OptimizedDiT"]:
+        self.reset()
+        try:
+            yield self
+        finally:
+            self.reset()
+
+    # -- execution ------------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        call = normalize_call(self._original, args, kwargs)
+        graph = self.program_for(call)
+        leaves, _ = pytree.tree_flatten(((), call))
+        env = graph.bind(leaves)
+        timestep = read_timestep(env.get(graph.timestep_input)) if graph.timestep_input else None
+        ctx = self.tracker.advance(timestep)
+        for stage in graph.plan:
+            stage.run(graph, env, ctx)
+        self.last_record = ctx.record
+        return graph.collect_outputs(env)

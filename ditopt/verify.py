@@ -1,0 +1,157 @@
+"""Numerical checks of an optimized graph against the original model.
+
+Per-call check: the original and the graph's plan (run from fresh state, so every segment
+computes) on held-out inputs at sampled timesteps; relative L2 error and SQNR of the outputs.
+End-to-end check (step-level passes): PSNR of final samples produced by the user's sampling
+function with both models from the same seeds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+from .errors import NonFiniteError
+from .graph import DiTGraph
+from .runtime import StepTracker
+
+
+@dataclass
+class Verification:
+    kind: str  # "per-call" or "end-to-end"
+    max_rel_err: float | None = None
+    min_sqnr_db: float | None = None
+    psnr_db: float | None = None
+    budget: dict[str, Any] = field(default_factory=dict)
+    passed: bool = True
+    details: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("max_rel_err", "min_sqnr_db", "psnr_db"):
+            if isinstance(data[key], float) and math.isinf(data[key]):
+                data[key] = "inf"
+        return data
+
+
+def tensor_leaves(value: Any) -> list[torch.Tensor]:
+    if hasattr(value, "to_tuple"):  # diffusers BaseOutput
+        value = value.to_tuple()
+    return [x for x in pytree.tree_leaves(value) if isinstance(x, torch.Tensor)]
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    diff = (out.double() - ref.double()).norm()
+    denom = ref.double().norm().clamp_min(1e-30)
+    return float(diff / denom)
+
+
+def sqnr_db(out: torch.Tensor, ref: torch.Tensor) -> float:
+    err = (out.double() - ref.double()).norm()
+    if err == 0:
+        return math.inf
+    return float(20 * torch.log10(ref.double().norm() / err))
+
+
+def check_finite(value: Any, what: str) -> None:
+    for t in tensor_leaves(value):
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise NonFiniteError(
+                f"{what} produced NaN/Inf. Check the inputs for NaNs; if they are finite, the rewrite "
+                "is numerically unstable for this model: disable the last pass in the profile."
+            )
+
+
+def run_graph_once(graph: DiTGraph, kwargs: dict[str, Any]) -> Any:
+    """One call through the graph's plan from fresh state (every stage computes)."""
+    leaves, _ = pytree.tree_flatten(((), kwargs))
+    env = graph.bind(leaves)
+    ctx = StepTracker().advance(None)
+    for stage in graph.plan:
+        stage.run(graph, env, ctx)
+    return graph.collect_outputs(env)
+
+
+def sample_timesteps(example: torch.Tensor, count: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """Timesteps spread over the schedule, in the example's dtype and convention."""
+    fractions = [(i + 0.5) / count for i in range(count)]
+    out = []
+    for f in fractions:
+        jitter = float(torch.rand((), generator=gen)) * 0.5 / count
+        if example.is_floating_point():
+            scale = 1.0 if float(example.abs().max()) <= 1.0 else 1000.0
+            out.append(torch.full_like(example, (f + jitter) * scale))
+        else:
+            out.append(torch.full_like(example, int((f + jitter) * 999)))
+    return out
+
+
+def heldout_inputs(kwargs: dict[str, Any], timestep_name: str | None, count: int, seed: int) -> list[dict[str, Any]]:
+    """Fresh random floating inputs (same shapes) at `count` timesteps spread over the schedule."""
+    gen = torch.Generator().manual_seed(seed)
+    cases = []
+    ts = sample_timesteps(kwargs[timestep_name], count, gen) if timestep_name in kwargs else [None] * count
+    for t in ts:
+        case = {}
+        for name, value in kwargs.items():
+            if name == timestep_name and t is not None:
+                case[name] = t
+            elif isinstance(value, torch.Tensor) and value.is_floating_point() and not name.endswith("_ids"):
+                case[name] = torch.randn(value.shape, generator=gen).to(value)
+            else:
+                case[name] = value
+        cases.append(case)
+    return cases
+
+
+def verify_per_call(
+    model: nn.Module, graph: DiTGraph, kwargs: dict[str, Any], *, max_rel_err: float | None, timesteps: int = 3, seed: int = 1234
+) -> Verification:
+    details = []
+    worst_rel, worst_sqnr = 0.0, math.inf
+    with torch.no_grad():
+        for case in heldout_inputs(kwargs, graph.timestep_input, timesteps, seed):
+            ref = model(**case)
+            out = run_graph_once(graph, case)
+            check_finite(out, "the optimized graph")
+            for r, o in zip(tensor_leaves(ref), tensor_leaves(out)):
+                rel, sq = relative_error(o, r), sqnr_db(o, r)
+                worst_rel, worst_sqnr = max(worst_rel, rel), min(worst_sqnr, sq)
+                t = case.get(graph.timestep_input) if graph.timestep_input else None
+                details.append({"timestep": read_scalar(t), "rel_err": rel, "sqnr_db": sq if math.isfinite(sq) else "inf"})
+    passed = max_rel_err is None or worst_rel <= max_rel_err
+    return Verification("per-call", worst_rel, worst_sqnr, None, {"max_rel_err": max_rel_err}, passed, details)
+
+
+def read_scalar(t: Any) -> float | None:
+    if isinstance(t, torch.Tensor):
+        return float(t.reshape(-1)[0])
+    return None
+
+
+def psnr(samples: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0) -> float:
+    """Mean over samples of per-sample PSNR in dB (inf when identical)."""
+    diff = (samples.double() - reference.double()).flatten(1)
+    mse = diff.pow(2).mean(dim=1)
+    values = torch.where(mse == 0, torch.full_like(mse, math.inf), 10 * torch.log10(data_range**2 / mse))
+    if torch.isinf(values).all():
+        return math.inf
+    finite = values[torch.isfinite(values)]
+    # Identical samples count at a 100 dB cap so one exact sample cannot make the mean infinite.
+    capped = torch.cat([finite, torch.full((int(torch.isinf(values).sum()),), 100.0, dtype=values.dtype)])
+    return float(capped.mean())
+
+
+def verify_end_to_end(
+    sample_fn: Callable[[nn.Module], torch.Tensor], reference_samples: torch.Tensor, optimized: nn.Module, min_psnr_db: float | None
+) -> Verification:
+    samples = sample_fn(optimized)
+    check_finite(samples, "sampling with the optimized model")
+    value = psnr(samples, reference_samples)
+    passed = min_psnr_db is None or value >= min_psnr_db
+    return Verification("end-to-end", None, None, value, {"min_psnr_db": min_psnr_db}, passed)
