@@ -13,7 +13,7 @@ import inspect
 import re
 import warnings
 from collections import defaultdict
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -280,9 +280,12 @@ def _attention_sites(nodes: list[fx.Node], image_tokens: int, text_tokens: int) 
             cats = [n for n in backtrace(node.args[0], {aten.cat.default}, within)]
             for cat in cats:
                 pieces = [shape_of(p) for p in cat.args[0]]
-                if pieces and pieces[0] and len(pieces[0]) >= 2:
-                    text_first = pieces[0][-2] == text_tokens
-                    break
+                dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+                if len(pieces) == 2 and all(pieces):
+                    sizes = [p[dim] for p in pieces]
+                    if sorted(sizes) == sorted([text_tokens, image_tokens]):
+                        text_first = sizes[0] == text_tokens
+                        break
         else:
             kind, img, txt = "self", lq, 0
         sites.append(
@@ -515,10 +518,7 @@ def _capture_kwargs(model: nn.Module, kwargs: dict[str, Any]) -> DiTGraph:
                 parameters=_param_count(segments[i + 1]),
             )
         )
-    for node in gm.graph.nodes:
-        if node.op == "call_function":
-            seg = segments[assigned[node]]
-            node.meta["ditopt"] = {"segment": seg.name, "block": seg.block}
+    _annotate(segments, infos)
 
     timestep = next((n for n in TIMESTEP_NAMES if n in signature.input_names), None)
     return DiTGraph(
@@ -535,5 +535,35 @@ def _capture_kwargs(model: nn.Module, kwargs: dict[str, Any]) -> DiTGraph:
     )
 
 
-def iter_block_nodes(graph: DiTGraph, index: int) -> Iterable[fx.Node]:
-    return graph.segment_for_block(index).module.graph.nodes
+def _annotate(segments: list[Segment], infos: list[BlockInfo]) -> None:
+    """Write `node.meta["ditopt"]` once: segment, block index and role of every node."""
+    roles: dict[tuple[int, str], str] = {}
+    for info in infos:
+        for j, site in enumerate(info.attention):
+            roles[(info.index, site.node)] = f"attn{j}.op"
+            parts: dict[str, str] = {}
+            for part in ("q", "k", "v", "out"):
+                for name in getattr(site, part):
+                    parts[name] = parts.get(name, "") + part  # a fused projection becomes "qkv"
+            for name, joined in parts.items():
+                roles[(info.index, name)] = f"attn{j}.{joined}"
+        for j, ffn in enumerate(info.ffn):
+            for name in ffn.up:
+                roles.setdefault((info.index, name), f"ffn{j}.up")
+            roles[(info.index, ffn.activation)] = f"ffn{j}.act"
+            if ffn.down:
+                roles.setdefault((info.index, ffn.down), f"ffn{j}.down")
+        for name in info.modulation:
+            roles[(info.index, name)] = "modulation"
+    for seg in segments:
+        for node in seg.module.graph.nodes:
+            if node.op in ("call_function", "placeholder"):
+                role = roles.get((seg.block, node.name)) if seg.block is not None else None
+                node.meta["ditopt"] = {"segment": seg.name, "block": seg.block, "role": role}
+
+
+def nodes_with_role(segment: Segment, prefix: str) -> list[fx.Node]:
+    return [
+        n for n in segment.module.graph.nodes
+        if (n.meta.get("ditopt") or {}).get("role", None) and n.meta["ditopt"]["role"].startswith(prefix)
+    ]

@@ -1,0 +1,88 @@
+"""Capture recovers the DiT structure from the graph on six architectures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_model, make_inputs
+
+from ditopt import capture
+from ditopt.capture import nodes_with_role
+
+EXPECTED = {
+    # arch: (blocks, streams, attention kinds of block 0, image tokens, text tokens)
+    "dit": (2, {"single"}, ["self"], 16, 0),
+    "pixart": (2, {"single"}, ["self", "cross"], 16, 8),
+    "sd3": (2, {"dual"}, ["joint"], 16, 8),
+    "flux": (3, {"dual", "single"}, ["joint"], 64, 8),
+    "wan": (2, {"single"}, ["self", "cross"], 32, 8),
+    "plain": (3, {"single"}, ["self"], 16, 0),
+}
+
+
+def test_structure_recovered(arch):
+    model = build_model(arch)
+    graph = capture(model, make_inputs(arch, model))
+    n_blocks, streams, kinds, img, txt = EXPECTED[arch]
+    assert len(graph.blocks) == n_blocks
+    assert [s.kind for s in graph.segments] == ["prologue"] + ["block"] * n_blocks + ["epilogue"]
+    assert {b.stream for b in graph.blocks} == streams
+    assert [a.kind for a in graph.blocks[0].attention] == kinds
+    assert graph.image_tokens == img and graph.text_tokens == txt
+    for block in graph.blocks:
+        assert block.parameters > 0
+        assert block.ffn and all(f.hidden_features > f.in_features for f in block.ffn)
+        for site in block.attention:
+            assert site.q and site.k and site.v and site.out
+            assert site.image_tokens + (site.text_tokens if site.kind == "joint" else 0) == site.query_tokens
+    # Every node of a block segment is annotated, and the roles name the real projections.
+    seg = graph.segment_for_block(0)
+    for node in seg.module.graph.nodes:
+        if node.op == "call_function":
+            assert node.meta["ditopt"]["block"] == 0
+    roles = {n.meta["ditopt"]["role"] for n in nodes_with_role(seg, "attn0")}
+    assert {"attn0.op", "attn0.out"} <= roles and any(r.startswith("attn0.q") for r in roles)
+    assert all(n.target == torch.ops.aten.linear.default for n in nodes_with_role(seg, "attn0.q"))
+
+
+def test_block_modules_follow_model_lists():
+    model = build_model("flux")
+    graph = capture(model, make_inputs("flux", model))
+    assert [b.module for b in graph.blocks] == [
+        "transformer_blocks.0", "single_transformer_blocks.0", "single_transformer_blocks.1"
+    ]
+    assert graph.grid == (8, 8)
+    joint = graph.blocks[0].attention[0]
+    assert joint.kind == "joint" and joint.text_first and len(joint.q) == 2
+
+
+def test_modulation_found_for_adaln_blocks():
+    for arch in ("dit", "sd3", "flux", "plain"):
+        model = build_model(arch)
+        graph = capture(model, make_inputs(arch, model))
+        assert all(b.modulation for b in graph.blocks), arch
+
+
+def test_capture_is_exact_and_does_not_touch_model():
+    model = build_model("dit")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kwargs = make_inputs("dit", model, batch=2)
+    graph = capture(model, kwargs)
+    import torch.utils._pytree as pytree
+
+    env = graph.bind(pytree.tree_flatten(((), kwargs))[0])
+    out = graph.collect_outputs(graph.run_segments(env))
+    ref = model(**kwargs)
+    assert type(out) is type(ref)
+    assert torch.equal(out.sample, ref.sample)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not model.training
+
+
+def test_structure_hash_changes_with_shape():
+    model = build_model("plain")
+    a = capture(model, make_inputs("plain", model, batch=1))
+    b = capture(model, make_inputs("plain", model, batch=2))
+    assert a.structure_hash() == capture(model, make_inputs("plain", model, batch=1)).structure_hash()
+    assert a.structure_hash() != b.structure_hash()
