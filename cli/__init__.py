@@ -1,0 +1,173 @@
+"""The `ditopt` command line (typer + rich).
+
+Exit codes: 0 ok; 1 a quality gate failed; 2 bad input (unknown model, invalid profile,
+unsupported architecture, existing artifact without --force, ...).
+
+This package sits on top of the core, the passes, the kernels and export; the core never
+imports it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ditopt.errors import DitoptError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Capture, optimize, verify and export Diffusion Transformers.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (speed and quality, side by side).")
+app.add_typer(bench_app, name="bench")
+console = Console(stderr=True)
+EXIT_OK, EXIT_QUALITY, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _fail(exc: DitoptError) -> None:
+    console.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(exc.exit_code)
+
+
+def _block_table(summary: dict[str, Any]) -> Table:
+    table = Table(title=f"{summary['model_class']}  ({summary['parameters']:,} parameters, "
+                  f"{summary['image_tokens']} image + {summary['text_tokens']} text tokens, grid {summary['grid']})")
+    for col in ("#", "block", "type", "stream", "attention: kind q x k tokens, heads x dim", "FFN", "adaLN", "params"):
+        table.add_column(col)
+    for b in summary["blocks"]:
+        attn = "; ".join(
+            f"{a['kind']}: {a['query_tokens']}x{a['key_tokens']} ({a['image_tokens']} img + {a['text_tokens']} txt), {a['heads']}x{a['head_dim']}"
+            for a in b["attention"]
+        )
+        ffn = ", ".join(f"{f['in_features']}->{f['hidden_features']} {f['activation']}" for f in b["ffn"])
+        table.add_row(str(b["index"]), b["module"], b["type"], b["stream"], attn, ffn, "yes" if b["modulation"] else "-", f"{b['parameters']:,}")
+    return table
+
+
+@app.command()
+def inspect(
+    model: str = typer.Argument(..., help="built-in name or package.module:factory"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+) -> None:
+    """Show the recovered block structure of MODEL."""
+    from ditopt import capture
+    from ditopt.builtins import resolve_model
+
+    try:
+        resolved = resolve_model(model)
+        graph = capture(resolved.model, resolved.example_inputs)
+    except DitoptError as exc:
+        _fail(exc)
+    summary = graph.summary()
+    if as_json:
+        _emit_json(summary)
+    else:
+        Console(width=200).print(_block_table(summary))
+
+
+def _optimize(model: str, profile: str, calibrate: bool) -> tuple[Any, Any]:
+    import ditopt
+    from ditopt.builtins import resolve_model
+
+    resolved = resolve_model(model)
+    calibration = None
+    if calibrate and resolved.bundle is not None:
+        calibration = resolved.bundle.calibration_fn() if hasattr(resolved.bundle, "calibration_fn") else None
+    optimized = ditopt.optimize(resolved.model, profile, example_inputs=resolved.example_inputs, calibration=calibration)
+    return resolved, optimized
+
+
+@app.command()
+def optimize(
+    model: str = typer.Argument(..., help="built-in name or package.module:factory"),
+    profile: str = typer.Option("identity", "--profile", "-p", help="preset name or TOML file"),
+    report: Optional[Path] = typer.Option(None, "--report", help="also write the JSON report here"),
+    as_json: bool = typer.Option(False, "--json", help="print the JSON report"),
+) -> None:
+    """Optimize MODEL with a profile and verify it; exit 1 when the quality gate fails."""
+    try:
+        _, optimized = _optimize(model, profile, calibrate=True)
+    except DitoptError as exc:
+        _fail(exc)
+    data = optimized.report.to_dict()
+    if report is not None:
+        from ditopt.io import atomic_write_text
+
+        atomic_write_text(report, json.dumps(data, indent=2, default=str))
+    if as_json:
+        _emit_json(data)
+    else:
+        _print_report(data)
+    if not data["passed"]:
+        console.print("[bold red]quality gate failed[/]")
+        raise typer.Exit(EXIT_QUALITY)
+
+
+def _print_report(data: dict[str, Any]) -> None:
+    out = Console()
+    out.print(f"[bold]{data['model_class']}[/] with profile [bold]{data['profile']['name']}[/] (graph {data['graph_hash']})")
+    for p in data["passes"]:
+        state = "applied" if p["applied"] else "ROLLED BACK"
+        out.print(f"  pass {p['name']}: {state}; {json.dumps(p['report'], default=str)[:300]}")
+    for v in data["verification"]:
+        out.print(f"  verification ({v['kind']}): passed={v['passed']} max_rel_err={v.get('max_rel_err')} psnr_db={v.get('psnr_db')}")
+
+
+@app.command()
+def export(
+    model: str = typer.Argument(..., help="built-in name or package.module:factory"),
+    out: Path = typer.Argument(..., help="artifact directory to create"),
+    profile: str = typer.Option("identity", "--profile", "-p"),
+    force: bool = typer.Option(False, "--force", help="replace an existing artifact"),
+    as_json: bool = typer.Option(False, "--json", help="print the manifest"),
+) -> None:
+    """Optimize MODEL and write an artifact: one ONNX file per segment plus manifest.json."""
+    from ditopt.export import export_artifact
+
+    try:
+        resolved, optimized = _optimize(model, profile, calibrate=True)
+        path = export_artifact(optimized, out, example_inputs=resolved.example_inputs, force=force)
+    except DitoptError as exc:
+        _fail(exc)
+    manifest = json.loads((Path(path) / "manifest.json").read_text())
+    if as_json:
+        _emit_json(manifest)
+    else:
+        Console().print(f"wrote {path} ({len(manifest.get('segments', []))} segments)")
+    if not optimized.report.passed:
+        raise typer.Exit(EXIT_QUALITY)
+
+
+@bench_app.command("attention")
+def bench_attention_cmd(
+    grid: tuple[int, int] = typer.Option((64, 64), "--grid", help="token grid H W"),
+    heads: int = typer.Option(4, "--heads"),
+    head_dim: int = typer.Option(64, "--head-dim"),
+    tile: int = typer.Option(8, "--tile"),
+    radius: int = typer.Option(1, "--radius", help="neighbourhood radius in tiles"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="write the result here"),
+) -> None:
+    """Time the CPU neighbourhood attention against dense SDPA on the same inputs."""
+    from ditopt.kernels.bench import bench_attention
+
+    result = bench_attention(grid=tuple(grid), heads=heads, head_dim=head_dim, tile=tile, radius=radius)
+    if json_path is not None:
+        from ditopt.io import atomic_write_text
+
+        atomic_write_text(json_path, json.dumps(result, indent=2))
+    _emit_json(result)
+
+
+def main() -> None:
+    try:
+        app()
+    except DitoptError as exc:  # anything a command did not catch itself
+        console.print(f"[bold red]error:[/] {exc}")
+        sys.exit(exc.exit_code)

@@ -1,0 +1,116 @@
+"""Built-in model names for the CLI and examples.
+
+`tiny-*` are randomly initialised diffusers architectures at toy size (structure, parity and
+export checks only: random weights say nothing about quality). Trained models come from the zoo
+(`dit-digits`, `flux-digits`). Anything else is `package.module:factory`, a callable returning a
+model (or a `(model, example_inputs)` pair).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .errors import UnsupportedModelError
+
+
+def _tiny_dit() -> nn.Module:
+    from diffusers import DiTTransformer2DModel
+
+    return DiTTransformer2DModel(
+        num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=4,
+        sample_size=16, patch_size=2, num_embeds_ada_norm=10, norm_num_groups=1,
+    )
+
+
+def _tiny_flux() -> nn.Module:
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6),
+    )
+
+
+def _tiny_sd3() -> nn.Module:
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=32, out_channels=4,
+        pos_embed_max_size=32,
+    )
+
+
+def _tiny_pixart() -> nn.Module:
+    from diffusers import PixArtTransformer2DModel
+
+    return PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=3,
+        cross_attention_dim=32, sample_size=16, patch_size=2, caption_channels=32, norm_num_groups=1,
+        interpolation_scale=1,
+    )
+
+
+def _tiny_wan() -> nn.Module:
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+        text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=32,
+    )
+
+
+TINY: dict[str, Callable[[], nn.Module]] = {
+    "tiny-dit": _tiny_dit,
+    "tiny-flux": _tiny_flux,
+    "tiny-sd3": _tiny_sd3,
+    "tiny-pixart": _tiny_pixart,
+    "tiny-wan": _tiny_wan,
+}
+ZOO = ("dit-digits", "flux-digits")
+
+
+@dataclass
+class ResolvedModel:
+    name: str
+    model: nn.Module
+    example_inputs: dict[str, Any] | None = None
+    bundle: Any = None  # a ditopt.zoo bundle for trained models (has .sample)
+
+
+def builtin_names() -> list[str]:
+    return sorted(TINY) + list(ZOO)
+
+
+def resolve_model(spec: str) -> ResolvedModel:
+    """A built-in name or `package.module:factory`."""
+    if spec in TINY:
+        torch.manual_seed(0)
+        return ResolvedModel(spec, TINY[spec]().eval())
+    if spec in ZOO:
+        from . import zoo
+
+        bundle = zoo.load(spec)
+        return ResolvedModel(spec, bundle.model, bundle.make_inputs(2), bundle)
+    if ":" not in spec:
+        raise UnsupportedModelError(
+            f"unknown model {spec!r}: use a built-in name ({', '.join(builtin_names())}) "
+            "or package.module:factory (a callable returning an nn.Module)"
+        )
+    module_name, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise UnsupportedModelError(f"cannot load {spec!r}: {exc}") from None
+    made = factory()
+    example = None
+    if isinstance(made, tuple) and len(made) == 2:
+        made, example = made
+    if not isinstance(made, nn.Module):
+        raise UnsupportedModelError(f"{spec} returned {type(made).__name__}, not a torch.nn.Module")
+    return ResolvedModel(spec, made.eval() if made.training else made, example)
