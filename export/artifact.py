@@ -1,0 +1,311 @@
+"""Write an optimized DiT as an artifact directory: one ONNX file per segment + manifest.json.
+
+The directory is built in a temporary sibling (same filesystem) and renamed into place, so a
+reader sees either the old artifact, the new one, or none: never a half-written one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+import ditopt
+from ditopt.capture import call_key, normalize_call
+from ditopt.errors import ArtifactError, InputMismatchError
+from ditopt.graph import Constant, DiTGraph, Segment
+from ditopt.runtime import OptimizedDiT
+
+from .manifest import (
+    ENGINES_DIR,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    SEGMENTS_DIR,
+    dump_spec,
+    encode_constant,
+    encode_key_constant,
+    tensor_entry,
+)
+
+
+def export_artifact(
+    optimized_or_graph: OptimizedDiT | DiTGraph,
+    out_dir: str | os.PathLike,
+    *,
+    example_inputs: dict[str, Any] | None = None,
+    force: bool = False,
+    opset: int | None = None,
+) -> Path:
+    """Export every segment of a captured graph to ONNX and write the artifact to `out_dir`.
+
+    Given an `OptimizedDiT`, the program for `example_inputs`' shape signature is exported
+    (captured now if the model has not seen that signature), or its first program when no
+    inputs are given; its optimization report goes into the manifest. Given a `DiTGraph`,
+    `example_inputs` (optional) must match the signature it was captured for.
+
+    An existing artifact at `out_dir` is replaced only with `force=True`. Returns `out_dir`.
+    """
+    target = Path(out_dir)
+    graph, report = _select_program(optimized_or_graph, example_inputs)
+    _check_exportable(graph)
+    _check_target(target, force)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        (tmp / SEGMENTS_DIR).mkdir()
+        segments = [_export_segment(seg, tmp, opset) for seg in graph.segments]
+        manifest = _manifest(graph, report, segments, example_inputs)
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        _move_into_place(tmp, target, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+# -- choosing what to export ----------------------------------------------------------------------
+def _select_program(obj: Any, example_inputs: dict[str, Any] | None) -> tuple[DiTGraph, Any]:
+    if isinstance(obj, OptimizedDiT):
+        report = obj.report
+        if example_inputs is not None:
+            return obj.program_for(normalize_call(obj.original, (), dict(example_inputs))), report
+        if not obj.programs:
+            raise ArtifactError("the optimized model holds no program yet; pass example_inputs={...} to export one")
+        return obj.programs[0], report
+    if isinstance(obj, DiTGraph):
+        if example_inputs is not None and call_key(dict(example_inputs)) != obj.signature.key:
+            raise InputMismatchError(
+                "example_inputs do not match the shapes, dtypes or constants this DiTGraph was captured for; "
+                "capture the model again with these inputs, or export without example_inputs"
+            )
+        return obj, None
+    raise ArtifactError(f"export_artifact takes an OptimizedDiT or a DiTGraph, not {type(obj).__name__}")
+
+
+def _check_exportable(graph: DiTGraph) -> None:
+    names = {seg.name for seg in graph.segments}
+    for stage in graph.plan:
+        if not getattr(type(stage), "exportable", True):
+            raise ArtifactError(
+                f"plan stage {type(stage).__name__} (kind {stage.kind!r}) declares that it cannot be exported; "
+                "remove the pass that adds it from the profile to export this model"
+            )
+        missing = [n for n in stage.segment_names() if n not in names]
+        if missing:
+            raise ArtifactError(f"plan stage {stage.kind!r} names segments the graph does not have: {missing}")
+
+
+def _check_target(target: Path, force: bool) -> None:
+    if not (target.exists() or target.is_symlink()):
+        return
+    if target.is_dir() and not target.is_symlink() and not any(target.iterdir()):
+        return  # an empty directory made for the artifact
+    if not force:
+        raise ArtifactError(f"{target} already exists; pass force=True (CLI: --force) to overwrite it")
+    if not (target.is_dir() and (target / MANIFEST_NAME).is_file()):
+        raise ArtifactError(
+            f"{target} exists and is not a ditopt artifact (no {MANIFEST_NAME}); refusing to delete it even "
+            "with force. Remove it yourself or choose another directory."
+        )
+
+
+def _move_into_place(tmp: Path, target: Path, force: bool) -> None:
+    if not (target.exists() or target.is_symlink()):
+        os.replace(tmp, target)  # also replaces an empty directory
+        return
+    if target.is_dir() and not any(target.iterdir()):
+        os.replace(tmp, target)
+        return
+    _check_target(target, force)  # it may have appeared while we were exporting
+    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(target, old)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# -- segments -------------------------------------------------------------------------------------
+def _placeholder_values(seg: Segment) -> list[Any]:
+    return [n.meta.get("val") for n in seg.module.graph.nodes if n.op == "placeholder"]
+
+
+def _output_values(seg: Segment) -> list[Any]:
+    out = next(n for n in seg.module.graph.nodes if n.op == "output")
+    results = out.args[0]
+    results = results if isinstance(results, (list, tuple)) else (results,)
+    return [r.meta.get("val") if hasattr(r, "meta") else r for r in results]
+
+
+def _tensor_entries(seg: Segment, names: tuple[str, ...], values: list[Any], what: str) -> list[dict[str, Any]]:
+    entries = []
+    for name, value in zip(names, values):
+        if not isinstance(value, torch.Tensor):
+            raise ArtifactError(
+                f"segment {seg.name} {what} {name} is a {type(value).__name__}, not a tensor; ONNX segments "
+                "exchange tensors only"
+            )
+        entries.append(tensor_entry(name, value))
+    return entries
+
+
+def _export_segment(seg: Segment, root: Path, opset: int | None) -> dict[str, Any]:
+    inputs = _tensor_entries(seg, seg.inputs, _placeholder_values(seg), "input")
+    outputs = _tensor_entries(seg, seg.outputs, _output_values(seg), "output")
+    # The graph is static, so values do not matter to the trace: zeros of the recorded shapes.
+    args = tuple(
+        torch.zeros(v.shape, dtype=v.dtype, device=v.device) for v in _placeholder_values(seg)
+    )
+    rel = f"{SEGMENTS_DIR}/{seg.name}.onnx"
+    path = root / rel
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(seg.module, args, dynamo=True, opset_version=opset, verbose=False)
+        _name_io(program.model, seg.inputs, seg.outputs)
+        program.save(str(path), external_data=True)
+    except ArtifactError:
+        raise
+    except Exception as exc:
+        raise ArtifactError(
+            f"ONNX export of segment {seg.name} failed: {type(exc).__name__}: {str(exc)[:800]}"
+        ) from exc
+    if not path.is_file():
+        raise ArtifactError(f"ONNX export of segment {seg.name} wrote no file at {rel}")
+    data = sorted(p.name for p in path.parent.iterdir() if p.name.startswith(path.name + "."))
+    return {
+        "name": seg.name,
+        "kind": seg.kind,
+        "block": seg.block,
+        "file": rel,
+        "external_data": [f"{SEGMENTS_DIR}/{d}" for d in data],
+        "sha256": _sha256(path),
+        "opset": _opset_of(path),
+        "inputs": inputs,
+        "outputs": outputs,
+    }
+
+
+def _name_io(model: Any, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> None:
+    """Name the ONNX graph's inputs and outputs after the segment's environment names.
+
+    The exporter names inner values after the nodes of its own re-trace, whose numbering can
+    collide with the environment names (Flux: an inner "add_10" beside the output "add_10"),
+    so colliding inner values are renamed first.
+    """
+    import onnx_ir as ir
+
+    graph = model.graph
+    if len(graph.inputs) != len(inputs) or len(graph.outputs) != len(outputs):
+        raise ArtifactError(
+            f"the exported ONNX graph has {len(graph.inputs)} inputs / {len(graph.outputs)} outputs, the segment "
+            f"{len(inputs)} / {len(outputs)}"
+        )
+    io = {id(v) for v in (*graph.inputs, *graph.outputs)}
+    wanted = set(inputs) | set(outputs)
+    taken = {v.name for node in ir.traversal.RecursiveGraphIterator(graph) for v in node.outputs}
+    taken |= {v.name for v in graph.inputs} | set(graph.initializers) | wanted
+    inner = [*graph.initializers.values(), *(v for node in ir.traversal.RecursiveGraphIterator(graph) for v in node.outputs)]
+    for value in inner:
+        if id(value) not in io and value.name in wanted:
+            n = 0
+            while f"{value.name}__{n}" in taken:
+                n += 1
+            value.name = f"{value.name}__{n}"
+            taken.add(value.name)
+    for value, name in zip(graph.inputs, inputs):
+        value.name = name
+    for value, name in zip(graph.outputs, outputs):
+        value.name = name
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _opset_of(path: Path) -> int | None:
+    try:
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # a stub or foreign file: the opset is informational only
+        return None
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+# -- manifest -------------------------------------------------------------------------------------
+def _signature(graph: DiTGraph, example_inputs: dict[str, Any] | None) -> dict[str, Any]:
+    sig = graph.signature
+    leaves: list[Any] | None = None
+    if example_inputs is not None:
+        leaves, _ = pytree.tree_flatten(((), dict(example_inputs)))
+        if len(leaves) != len(sig.input_names):
+            leaves = None
+    inputs = []
+    for i, (name, key) in enumerate(zip(sig.input_names, sig.key[1])):
+        if key[0] == "tensor":
+            inputs.append({"name": name, "kind": "tensor", "shape": list(key[1]), "dtype": key[2].removeprefix("torch.")})
+        else:
+            value = encode_constant(leaves[i]) if leaves is not None else encode_key_constant(key[1])
+            inputs.append({"name": name, "kind": "constant", **value})
+    outputs = [
+        {"kind": "constant", **encode_constant(o.value)} if isinstance(o, Constant) else {"kind": "env", "name": o}
+        for o in sig.outputs
+    ]
+    return {
+        "inputs": inputs,
+        "in_spec": dump_spec(sig.in_spec),
+        "outputs": outputs,
+        "out_spec": dump_spec(sig.out_spec),
+        "timestep_input": graph.timestep_input,
+    }
+
+
+def _versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("onnx", "onnxscript", "onnxruntime"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            versions[name] = None
+    return versions
+
+
+def _manifest(graph: DiTGraph, report: Any, segments: list[dict[str, Any]], example_inputs: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "ditopt_version": ditopt.__version__,
+        "versions": _versions(),
+        "model_class": graph.model_class,
+        "structure_hash": graph.structure_hash(),
+        "signature": _signature(graph, example_inputs),
+        "segments": segments,
+        "plan": [stage.describe() for stage in graph.plan],
+        "notes": list(graph.notes),
+        "structure": graph.summary(),
+        "report": report.to_dict() if hasattr(report, "to_dict") else None,
+        # Filled by a TensorRT build: {segment name: {"file": "engines/<segment>.plan",
+        # "precision": ..., "gpu": ..., "compute_capability": ..., "tensorrt": ...,
+        # "onnx_sha256": the segment's sha256 it was built from}}.
+        "engines_dir": ENGINES_DIR,
+        "engines": {},
+    }
