@@ -78,7 +78,13 @@ def _batches(n: int, batch: int, g: torch.Generator):
 def train_diffusion(kind: str, iters: int, batch: int = 64, lr: float = 1e-3, warmup: int = 100,
                     ema_decay: float = 0.998, seed: int = 0, ckpt_every: int = 100,
                     label_dropout: float = 0.1, bf16: bool = True, threads: int = 1,
-                    max_shift: int = 0) -> None:
+                    max_shift: int = 0, stop_at: int | None = None) -> None:
+    """Train ``kind`` ("dit" or "flux") with a learning-rate schedule planned for ``iters`` steps.
+
+    ``stop_at`` ends the run early (after that many steps, with a checkpoint) without changing the
+    planned schedule, so ``--iters N --stop-at K`` reproduces exactly the checkpoint written at
+    step K of a full N-step run.
+    """
     torch.set_num_threads(threads)
     g = _seed_all(seed)
     images, labels = zdata.load_split("train")
@@ -136,7 +142,8 @@ def train_diffusion(kind: str, iters: int, batch: int = 64, lr: float = 1e-3, wa
     batches = _batches(n, batch, g)
     t_start = time.time()
     run_loss = 0.0
-    for step in range(iters):
+    last = iters if stop_at is None else min(iters, stop_at)
+    for step in range(last):
         idx = next(batches)
         x0 = zdata.random_shift(x_all[idx], max_shift, g) if max_shift else x_all[idx]
         y = labels[idx]
@@ -179,7 +186,7 @@ def train_diffusion(kind: str, iters: int, batch: int = 64, lr: float = 1e-3, wa
                   flush=True)
             history.append({"step": step + 1, "loss_avg20": run_loss / 20, "elapsed_s": round(el, 1)})
             run_loss = 0.0
-        if (step + 1) % ckpt_every == 0 or step + 1 == iters:
+        if (step + 1) % ckpt_every == 0 or step + 1 == last:
             tensors = _state(ema["model"], "model.")
             if embedder is not None:
                 tensors.update(_state(ema["embedder"], "embedder."))
@@ -252,12 +259,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--ckpt-every", type=int, default=100)
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="stop after this many steps (schedule still planned for --iters)")
     a = p.parse_args(argv)
     if a.kind == "classifier":
         print(json.dumps(train_classifier(epochs=a.epochs, seed=a.seed, threads=a.threads), indent=2))
     else:
         train_diffusion(a.kind, iters=a.iters or DEFAULT_ITERS[a.kind], batch=a.batch,
-                        lr=a.lr or 1e-3, seed=a.seed, threads=a.threads, ckpt_every=a.ckpt_every)
+                        lr=a.lr or 1e-3, seed=a.seed, threads=a.threads, ckpt_every=a.ckpt_every, stop_at=a.stop_at)
 
 
 DEFAULT_ITERS = {"dit": 900, "flux": 1050}

@@ -1,0 +1,158 @@
+"""ditopt.zoo: offline loading, deterministic sampling, the model= hook, classifier, errors."""
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+from ditopt import zoo
+from ditopt.zoo import models as zm
+
+STEPS = 3  # few scheduler steps keep the tests fast
+
+
+@pytest.fixture(scope="module", params=["dit-digits", "flux-digits"])
+def bundle(request):
+    torch.set_num_threads(2)
+    return zoo.load(request.param)
+
+
+class CountingWrapper(nn.Module):
+    """Forwards to the wrapped model, recording every call's keyword inputs."""
+
+    def __init__(self, inner, zero_output=False):
+        super().__init__()
+        self.inner = inner
+        self.calls = []
+        self.zero_output = zero_output
+
+    def forward(self, **kwargs):
+        assert kwargs.pop("return_dict") is False
+        self.calls.append({k: v.clone() for k, v in kwargs.items()})
+        out = self.inner(**kwargs, return_dict=False)
+        if self.zero_output:
+            return (torch.zeros_like(out[0]),)
+        return out
+
+
+def test_available_and_unknown_name():
+    assert zoo.available() == ["dit-digits", "flux-digits"]
+    with pytest.raises(zoo.UnknownModelError) as ei:
+        zoo.load("sdxl")
+    assert isinstance(ei.value, ValueError)
+    assert "dit-digits" in str(ei.value) and "flux-digits" in str(ei.value)
+
+
+def test_load_offline_exact_weights(bundle):
+    from diffusers import DiTTransformer2DModel, FluxTransformer2DModel
+
+    cls = DiTTransformer2DModel if bundle.kind == "dit" else FluxTransformer2DModel
+    assert isinstance(bundle.model, cls)
+    assert not bundle.model.training
+    assert all(p.dtype == torch.float32 for p in bundle.model.parameters())
+    shipped = load_file(str(zoo.WEIGHTS_DIR / f"{bundle.name}.safetensors"))
+    sd = bundle.model.state_dict()
+    for k, v in sd.items():
+        assert torch.equal(v, shipped["model." + k]), k
+    meta = json.loads((zoo.WEIGHTS_DIR / f"{bundle.name}.json").read_text())
+    assert meta["training"]["iters_done"] >= 100  # really trained, not a fresh init
+    assert bundle.num_classes == 10
+    if bundle.kind == "dit":
+        assert bundle.model.config.num_layers >= 8 and bundle.model.config.patch_size == 2
+        assert bundle.embedder is None and bundle.default_steps == 50
+    else:
+        assert bundle.model.config.num_layers == 2 and bundle.model.config.num_single_layers == 4
+        assert bundle.embedder.tokens.weight.shape[0] == 11  # 10 classes + learned null
+        assert torch.equal(bundle.embedder.tokens.weight, shipped["embedder.tokens.weight"])
+        assert bundle.default_steps == 28
+    assert bundle.default_guidance_scale == pytest.approx(4.0)
+
+
+def test_sample_deterministic_and_batching_independent(bundle):
+    classes, seeds = [3, 7, 3], [0, 1, 2]
+    a = bundle.sample(classes, seeds, steps=STEPS)
+    b = bundle.sample(classes, seeds, steps=STEPS)
+    assert a.shape == (3, 1, 32, 32) and a.dtype == torch.float32
+    assert a.min() >= 0.0 and a.max() <= 1.0
+    assert torch.equal(a, b)  # same call -> bitwise identical
+    # one sample per batch: same images up to GEMM blocking round-off
+    c = bundle.sample(classes, seeds, steps=STEPS, batch_size=1)
+    torch.testing.assert_close(c, a, atol=1e-4, rtol=0)
+    # sample 0 and 2 share the class but not the seed -> different images
+    assert (a[0] - a[2]).abs().max() > 0.05
+    # a sample does not depend on its batch neighbours
+    d = bundle.sample([3], [2], steps=STEPS)
+    torch.testing.assert_close(d[0], a[2], atol=1e-4, rtol=0)
+
+
+def test_model_argument_is_used(bundle):
+    w = CountingWrapper(bundle.model)
+    classes, seeds = [1, 5], [10, 11]
+    out = bundle.sample(classes, seeds, steps=STEPS, model=w)
+    ref = bundle.sample(classes, seeds, steps=STEPS)
+    assert torch.equal(out, ref)
+    assert len(w.calls) == STEPS
+    for call in w.calls:
+        assert call["hidden_states"].shape[0] == 4  # CFG batched: 2N
+        assert call["timestep"].shape == (4,)
+        if bundle.kind == "dit":
+            assert call["class_labels"].tolist() == [10, 10, 1, 5]  # null first, then classes
+        else:
+            emb_tok, emb_pool = bundle.embedder(torch.tensor([10, 10, 1, 5]))
+            assert torch.equal(call["encoder_hidden_states"], emb_tok)
+            assert torch.equal(call["pooled_projections"], emb_pool)
+            assert call["img_ids"].shape == (256, 3) and call["txt_ids"].dim() == 2
+    timesteps = [float(c["timestep"][0]) for c in w.calls]
+    assert timesteps == sorted(timesteps, reverse=True) and len(set(timesteps)) == STEPS
+    # a wrapper that changes the prediction changes the images
+    z = bundle.sample(classes, seeds, steps=STEPS, model=CountingWrapper(bundle.model, zero_output=True))
+    assert (z - ref).abs().max() > 0.05
+
+
+def test_make_inputs_match_sample(bundle):
+    inp = bundle.make_inputs(3)
+    out = bundle.model(**inp, return_dict=False)[0]
+    w = CountingWrapper(bundle.model)
+    bundle.sample([0, 1, 2], [0, 1, 2], steps=1, model=w)
+    call = w.calls[0]
+    assert set(inp) == set(call)
+    for k in inp:
+        assert inp[k].shape == call[k].shape and inp[k].dtype == call[k].dtype, k
+    assert out.shape == inp["hidden_states"].shape
+
+
+def test_guidance_changes_output(bundle):
+    a = bundle.sample([4], [0], steps=STEPS, guidance_scale=1.0)
+    b = bundle.sample([4], [0], steps=STEPS, guidance_scale=4.0)
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_pack_unpack_roundtrip():
+    x = torch.randn(2, 1, 32, 32)
+    p = zm.pack_latents(x)
+    assert p.shape == (2, 256, 4)
+    assert torch.equal(zm.unpack_latents(p), x)
+    # token (i, j) holds the 2x2 patch at rows 2i..2i+1, cols 2j..2j+1
+    assert torch.equal(p[0, 16 * 3 + 5], x[0, 0, 6:8, 10:12].reshape(4))
+    ids = zm.flux_img_ids()
+    assert ids[16 * 3 + 5].tolist() == [0.0, 3.0, 5.0]
+
+
+def test_heldout_split_and_classifier():
+    x, y = zoo.heldout_digits()
+    xt, yt = zoo.train_digits()
+    assert x.shape == (360, 1, 32, 32) and xt.shape == (1437, 1, 32, 32)
+    assert x.min() >= 0 and x.max() <= 1
+    assert torch.bincount(y).min() >= 35  # stratified: every class present
+    # held-out and train images are disjoint
+    flat_t = {tuple(v) for v in (xt.flatten(1) * 16).round().to(torch.int16).tolist()[:50]}
+    flat_h = {tuple(v) for v in (x.flatten(1) * 16).round().to(torch.int16).tolist()}
+    assert not flat_t & flat_h
+    clf = zoo.load_classifier()
+    with torch.no_grad():
+        logits = clf(x)
+        feats = clf.features(x)
+    assert logits.shape == (360, 10) and feats.shape == (360, 128)
+    assert float((logits.argmax(1) == y).float().mean()) >= 0.95
