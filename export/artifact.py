@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.fx as fx
 import torch.utils._pytree as pytree
 
 import ditopt
@@ -37,6 +38,8 @@ from .manifest import (
     encode_key_constant,
     tensor_entry,
 )
+
+aten = torch.ops.aten
 
 
 def export_artifact(
@@ -175,7 +178,7 @@ def _export_segment(seg: Segment, root: Path, opset: int | None) -> dict[str, An
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(seg.module, args, dynamo=True, opset_version=opset, verbose=False)
+            program = torch.onnx.export(_lower_for_onnx(seg.module), args, dynamo=True, opset_version=opset, verbose=False)
         _name_io(program.model, seg.inputs, seg.outputs)
         program.save(str(path), external_data=True)
     except ArtifactError:
@@ -198,6 +201,42 @@ def _export_segment(seg: Segment, root: Path, opset: int | None) -> dict[str, An
         "inputs": inputs,
         "outputs": outputs,
     }
+
+
+def _lower_for_onnx(module: fx.GraphModule) -> fx.GraphModule:
+    """Rewrite what torch's ONNX exporter lowers wrongly; the segment itself is left alone.
+
+    `squeeze(dim)` on a dimension that is not 1 is a no-op in PyTorch, but the exporter emits an
+    ONNX Squeeze on it, which onnxruntime rejects (PixArt's epilogue squeezes the token axis).
+    Such squeezes are dropped, or narrowed to the size-1 dimensions among those named.
+    """
+    squeezes = [
+        n for n in module.graph.nodes
+        if n.op == "call_function" and n.target in (aten.squeeze.dim, aten.squeeze.dims)
+    ]
+    plans = []
+    for node in squeezes:
+        val = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+        if not isinstance(val, torch.Tensor):
+            continue
+        dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
+        keep = [d for d in dims if val.shape[d] == 1]
+        if len(keep) != len(dims):
+            plans.append((node.name, keep))
+    if not plans:
+        return module
+    graph = fx.Graph()
+    out = graph.graph_copy(module.graph, {})
+    graph.output(out)
+    nodes = {n.name: n for n in graph.nodes}
+    for name, keep in plans:
+        node = nodes[name]
+        if keep:
+            node.target, node.args = aten.squeeze.dims, (node.args[0], keep)
+        else:
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+    return fx.GraphModule(module, graph)
 
 
 def _name_io(model: Any, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> None:

@@ -1,0 +1,224 @@
+"""Export: ONNX per segment + manifest, atomic writes, and onnxruntime parity with PyTorch."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+
+import pytest
+import torch
+import torch.utils._pytree as pytree
+from conftest import build_model, make_inputs
+
+import ditopt
+from ditopt.errors import ArtifactError, InputMismatchError
+from ditopt.export import export_artifact, load_artifact, read_manifest
+from ditopt.export.artifact import _lower_for_onnx
+from ditopt.plan import RunSegments
+from ditopt.verify import relative_error, tensor_leaves
+
+PARITY = 1e-4
+
+
+@pytest.fixture(scope="module")
+def dit_artifact(tmp_path_factory):
+    """Tiny DiT through ditopt.optimize (so the manifest carries a report), tuple output."""
+    model = build_model("dit")
+    kwargs = {**make_inputs("dit", model), "return_dict": False}
+    optimized = ditopt.optimize(model, "identity", example_inputs=kwargs)
+    path = export_artifact(optimized, tmp_path_factory.mktemp("dit") / "artifact")
+    return model, optimized, path
+
+
+def _parity(model, runner, kwargs) -> float:
+    with torch.no_grad():
+        ref = model(**kwargs)
+    out = runner(**kwargs)
+    assert type(out) is type(ref)
+    errors = [relative_error(o, r) for o, r in zip(tensor_leaves(out), tensor_leaves(ref), strict=True)]
+    return max(errors)
+
+
+def test_dit_onnxruntime_parity(dit_artifact):
+    model, _, path = dit_artifact
+    runner = load_artifact(path)
+    # Values the export never saw (the trace used zeros; capture used seed 0).
+    kwargs = {**make_inputs("dit", model, seed=1), "return_dict": False}
+    kwargs["timestep"] = torch.tensor([137])
+    kwargs["class_labels"] = torch.tensor([3])
+    assert _parity(model, runner, kwargs) < PARITY
+
+
+@pytest.mark.parametrize("arch", ["flux", "sd3", "pixart", "wan", "plain"])
+def test_onnxruntime_parity(arch, tmp_path):
+    """Exported from a DiTGraph with the model's default return type (diffusers: an output
+    dataclass, rebuilt by the runner from the stored out spec)."""
+    model = build_model(arch)
+    graph = ditopt.capture(model, make_inputs(arch, model))
+    runner = load_artifact(export_artifact(graph, tmp_path / "artifact"))
+    assert _parity(model, runner, make_inputs(arch, model, seed=1)) < PARITY
+
+
+def test_manifest_describes_segments_signature_and_plan(dit_artifact):
+    _, optimized, path = dit_artifact
+    graph = optimized.programs[0]
+    manifest = read_manifest(path)
+    assert json.loads((path / "manifest.json").read_text()) == manifest
+
+    assert manifest["model_class"] == "DiTTransformer2DModel"
+    assert manifest["ditopt_version"] == ditopt.__version__
+    assert manifest["versions"]["torch"] == torch.__version__
+    assert manifest["structure_hash"] == graph.structure_hash()
+    assert [s["name"] for s in manifest["segments"]] == ["prologue", "block.0", "block.1", "epilogue"]
+    for entry, seg in zip(manifest["segments"], graph.segments):
+        assert entry["file"] == f"segments/{seg.name}.onnx" and (path / entry["file"]).is_file()
+        assert all((path / f).is_file() for f in entry["external_data"])
+        assert [i["name"] for i in entry["inputs"]] == list(seg.inputs)
+        assert [o["name"] for o in entry["outputs"]] == list(seg.outputs)
+    assert manifest["segments"][0]["inputs"] == [{"name": "hidden_states", "shape": [1, 4, 8, 8], "dtype": "float32"}]
+    assert manifest["segments"][1]["outputs"][0]["shape"] == [1, 16, 32]  # 4x4 patches, 2 heads x 16
+
+    sig = manifest["signature"]
+    by_name = {i["name"]: i for i in sig["inputs"]}
+    assert by_name["hidden_states"] == {"name": "hidden_states", "kind": "tensor", "shape": [1, 4, 8, 8], "dtype": "float32"}
+    assert by_name["timestep"]["dtype"] == "int64"
+    assert by_name["return_dict"] == {"name": "return_dict", "kind": "constant", "type": "bool", "value": False}
+    assert pytree.treespec_loads(sig["in_spec"]) == graph.signature.in_spec
+    assert pytree.treespec_loads(sig["out_spec"]) == graph.signature.out_spec
+    assert sig["outputs"] == [{"kind": "env", "name": graph.signature.outputs[0]}]
+
+    assert manifest["plan"] == [stage.describe() for stage in graph.plan]
+    assert manifest["report"]["profile"]["name"] == "identity"
+    assert manifest["engines"] == {}
+    assert not list(path.parent.glob(".artifact.*"))  # no temp or backup directories left
+
+
+def test_refuses_to_overwrite_without_force(dit_artifact, tmp_path):
+    _, optimized, path = dit_artifact
+    target = tmp_path / "artifact"
+    shutil.copytree(path, target)
+    (target / "marker").write_text("old")
+    with pytest.raises(ArtifactError, match="force"):
+        export_artifact(optimized, target)
+    assert (target / "marker").is_file()
+
+    export_artifact(optimized, target, force=True)
+    assert not (target / "marker").exists()
+    assert read_manifest(target)["segments"][0]["name"] == "prologue"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["artifact"]
+
+
+def test_force_never_deletes_a_foreign_directory(dit_artifact, tmp_path):
+    _, optimized, _ = dit_artifact
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.jpg").write_text("x")
+    with pytest.raises(ArtifactError, match="not a ditopt artifact"):
+        export_artifact(optimized, tmp_path / "photos", force=True)
+    assert (tmp_path / "photos" / "cat.jpg").is_file()
+
+
+def _fail_on_call(monkeypatch, n: int) -> None:
+    real = torch.onnx.export
+    calls = {"n": 0}
+
+    def export(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise RuntimeError("simulated exporter failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", export)
+
+
+def test_failure_midway_leaves_no_partial_artifact(dit_artifact, tmp_path, monkeypatch):
+    _, optimized, _ = dit_artifact
+    _fail_on_call(monkeypatch, 3)
+    with pytest.raises(ArtifactError, match="segment block.1.*simulated exporter failure"):
+        export_artifact(optimized, tmp_path / "artifact")
+    assert list(tmp_path.iterdir()) == []  # neither the target nor a temp directory
+
+
+def test_failed_forced_export_keeps_the_old_artifact(dit_artifact, tmp_path, monkeypatch):
+    _, optimized, path = dit_artifact
+    target = tmp_path / "artifact"
+    shutil.copytree(path, target)
+    before = (target / "manifest.json").read_text()
+    _fail_on_call(monkeypatch, 1)
+    with pytest.raises(ArtifactError):
+        export_artifact(optimized, target, force=True)
+    assert (target / "manifest.json").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["artifact"]
+
+
+def test_input_mismatch_names_input_and_shapes(dit_artifact):
+    model, _, path = dit_artifact
+    runner = load_artifact(path)
+    kwargs = {**make_inputs("dit", model, resolution=16), "return_dict": False}
+    with pytest.raises(InputMismatchError) as err:
+        runner(**kwargs)
+    message = str(err.value)
+    assert "'hidden_states'" in message and "(1, 4, 16, 16)" in message and "(1, 4, 8, 8)" in message
+    assert "Export again" in message
+
+    good = {**make_inputs("dit", model), "return_dict": False}
+    with pytest.raises(InputMismatchError, match="dtype"):
+        runner(**{**good, "hidden_states": good["hidden_states"].double()})
+    with pytest.raises(InputMismatchError, match="return_dict"):
+        runner(**{**good, "return_dict": True})
+    with pytest.raises(InputMismatchError, match="missing input 'class_labels'"):
+        runner(**{k: v for k, v in good.items() if k != "class_labels"})
+
+
+def test_loading_and_running_never_unpickle(dit_artifact, monkeypatch):
+    model, _, path = dit_artifact
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("artifact loading must not unpickle")
+
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, forbidden)
+    monkeypatch.setattr(torch, "load", forbidden)
+    runner = load_artifact(path)
+    runner(**{**make_inputs("dit", model), "return_dict": False})
+
+
+class _OpaqueCache(RunSegments):
+    kind = "opaque-cache"
+    exportable = False
+
+
+def test_non_exportable_stage_is_named(dit_artifact, tmp_path):
+    _, optimized, _ = dit_artifact
+    graph = optimized.programs[0]
+    graph = graph.evolve(plan=(*graph.plan[:1], _OpaqueCache(("block.0", "block.1")), graph.plan[-1]))
+    with pytest.raises(ArtifactError, match="_OpaqueCache"):
+        export_artifact(graph, tmp_path / "artifact")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_runner_refuses_stage_kinds_it_cannot_run(dit_artifact, tmp_path):
+    _, _, path = dit_artifact
+    target = tmp_path / "artifact"
+    shutil.copytree(path, target)
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["plan"][1] = {"kind": "first-block-cache", "segments": ["block.0", "block.1"]}
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="stage kind 'first-block-cache' has no ONNX runtime support yet"):
+        load_artifact(target)
+
+
+def test_lowering_drops_squeeze_of_non_unit_dims():
+    """PixArt's epilogue squeezes its 64-token axis: a no-op in PyTorch, an error in ONNX."""
+
+    class Squeezes(torch.nn.Module):
+        def forward(self, x):
+            return x.squeeze(1) + 1, x.squeeze(2), x.squeeze((1, 2))
+
+    gm = torch.export.export(Squeezes(), (torch.randn(2, 3, 1),)).module()
+    lowered = _lower_for_onnx(gm)
+    squeezes = [n for n in lowered.graph.nodes if "squeeze" in str(n.target)]
+    assert [n.args[1] for n in squeezes] == [2, [2]]  # size-1 dims stay squeezed
+    x = torch.randn(2, 3, 1)
+    assert all(torch.equal(a, b) for a, b in zip(lowered(x), gm(x)))
+    assert _lower_for_onnx(lowered) is lowered  # nothing left to rewrite
