@@ -289,7 +289,7 @@ def neighborhood_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         l_img = l_p.index_select(1, idx)
 
     if n_text == 0:
-        return o_img.reshape(B, Hh, N, D)
+        return o_img.reshape(B, Hh, N, D).contiguous()
 
     out = q.new_empty(B, Hh, N, D)
     # image queries x text keys, merged through the log-sum-exps
