@@ -12,6 +12,21 @@ Artifact layout::
     segments/<name>.onnx.data weights stored as ONNX external data
     engines/<name>.plan       (later) TensorRT engines, listed in manifest["engines"][<name>]
                               with precision, GPU and the sha256 of the ONNX file built from
+
+manifest.json (format "ditopt-artifact", format_version 1)::
+
+    ditopt_version, versions{python, torch, onnx, onnxscript, onnxruntime}, model_class,
+    structure_hash (DiTGraph.structure_hash of the exported program),
+    signature{inputs: [{name, kind: "tensor", shape, dtype} | {name, kind: "constant", type,
+              value (JSON) or repr}], in_spec, out_spec (treespec_dumps strings),
+              outputs: [{kind: "env", name} | {kind: "constant", type, value}], timestep_input},
+    segments: [{name, kind, block, file, external_data, sha256, opset,
+                inputs/outputs: [{name, shape, dtype}]}]   in execution order,
+    plan: [stage.describe()], notes, structure (DiTGraph.summary()),
+    report (OptimizationReport.to_dict() or null), engines_dir, engines {}
+
+The runner rebuilds diffusers output dataclasses from out_spec (importing only `diffusers.*`
+modules a spec names); an out_spec naming a type it cannot load degrades to a tuple.
 """
 
 from .artifact import export_artifact

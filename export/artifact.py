@@ -67,6 +67,7 @@ def export_artifact(
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the artifact is not
         (tmp / SEGMENTS_DIR).mkdir()
         segments = [_export_segment(seg, tmp, opset) for seg in graph.segments]
         manifest = _manifest(graph, report, segments, example_inputs)
@@ -108,6 +109,12 @@ def _check_exportable(graph: DiTGraph) -> None:
         missing = [n for n in stage.segment_names() if n not in names]
         if missing:
             raise ArtifactError(f"plan stage {stage.kind!r} names segments the graph does not have: {missing}")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _check_target(target: Path, force: bool) -> None:
@@ -293,18 +300,18 @@ def _opset_of(path: Path) -> int | None:
 # -- manifest -------------------------------------------------------------------------------------
 def _signature(graph: DiTGraph, example_inputs: dict[str, Any] | None) -> dict[str, Any]:
     sig = graph.signature
-    leaves: list[Any] | None = None
+    leaves: list[Any] = []
     if example_inputs is not None:
         leaves, _ = pytree.tree_flatten(((), dict(example_inputs)))
-        if len(leaves) != len(sig.input_names):
-            leaves = None
     inputs = []
     for i, (name, key) in enumerate(zip(sig.input_names, sig.key[1])):
         if key[0] == "tensor":
             inputs.append({"name": name, "kind": "tensor", "shape": list(key[1]), "dtype": key[2].removeprefix("torch.")})
-        else:
-            value = encode_constant(leaves[i]) if leaves is not None else encode_key_constant(key[1])
-            inputs.append({"name": name, "kind": "constant", **value})
+            continue
+        # The key holds the constant's repr; the example's value keeps its exact type when it is that constant.
+        leaf_matches = i < len(leaves) and not isinstance(leaves[i], torch.Tensor) and repr(leaves[i]) == key[1]
+        value = encode_constant(leaves[i]) if leaf_matches else encode_key_constant(key[1])
+        inputs.append({"name": name, "kind": "constant", **value})
     outputs = [
         {"kind": "constant", **encode_constant(o.value)} if isinstance(o, Constant) else {"kind": "env", "name": o}
         for o in sig.outputs
