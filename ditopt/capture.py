@@ -521,7 +521,7 @@ def _capture_kwargs(model: nn.Module, kwargs: dict[str, Any]) -> DiTGraph:
     _annotate(segments, infos)
 
     timestep = next((n for n in TIMESTEP_NAMES if n in signature.input_names), None)
-    return DiTGraph(
+    graph = DiTGraph(
         model_class=type(model).__name__,
         signature=signature,
         segments=tuple(segments),
@@ -533,6 +533,8 @@ def _capture_kwargs(model: nn.Module, kwargs: dict[str, Any]) -> DiTGraph:
         param_count=sum(p.numel() for p in model.parameters()),
         meta={"block_modules": tuple(blocks)},
     )
+    graph.meta["capture_hash"] = graph.structure_hash()
+    return graph
 
 
 def _annotate(segments: list[Segment], infos: list[BlockInfo]) -> None:

@@ -19,7 +19,7 @@ from .inputs import synthesize_inputs
 from .profiles import Profile, load_profile
 from .registry import PassContext, get_pass
 from .runtime import OptimizedDiT
-from .verify import Verification, verify_per_call
+from .verify import Verification, psnr, verify_end_to_end, verify_per_call
 
 
 @dataclass
@@ -44,6 +44,7 @@ class OptimizationReport:
     passes: list[PassRecord] = field(default_factory=list)
     verification: list[dict[str, Any]] = field(default_factory=list)
     environment: dict[str, Any] = field(default_factory=dict)
+    retries: list[dict[str, Any]] = field(default_factory=list)  # end-to-end checks that missed and were tightened
 
     @property
     def passed(self) -> bool:
@@ -58,6 +59,7 @@ class OptimizationReport:
             "graph_hash": self.graph_hash,
             "passes": [p.to_dict() for p in self.passes],
             "verification": self.verification,
+            "retries": self.retries,
             "structure": self.structure,
             "environment": self.environment,
         }
@@ -78,6 +80,7 @@ def apply_passes(
     verify_with: tuple[nn.Module, dict[str, Any]] | None = None,
     records: list[PassRecord] | None = None,
     skip: set[int] = frozenset(),  # type: ignore[assignment]
+    resolved: dict[int, tuple[str, Any]] | None = None,
 ) -> tuple[DiTGraph, set[int]]:
     """Apply the profile's passes in order. With `verify_with`, node-level passes are checked
     per call against the original and rolled back when over budget; returns the rolled-back
@@ -86,8 +89,11 @@ def apply_passes(
     for i, entry in enumerate(profile.passes):
         if i in skip:
             continue
-        spec = get_pass(entry.name)
-        result = spec.apply(graph, entry.config, ctx)
+        name, config = resolved.get(i, (entry.name, entry.config)) if resolved is not None else (entry.name, entry.config)
+        spec = get_pass(name)
+        result = spec.apply(graph, config, ctx)
+        if result.replay is not None and resolved is not None and i not in resolved:
+            resolved[i] = result.replay
         verification: Verification | None = None
         applied = True
         if verify_with is not None and result.modified and spec.level == "node" and profile.verify.enabled:
@@ -104,8 +110,8 @@ def apply_passes(
         if records is not None:
             records.append(
                 PassRecord(
-                    name=entry.name,
-                    config=entry.config.model_dump(mode="json"),
+                    name=name,
+                    config=config.model_dump(mode="json"),
                     modified=result.modified,
                     applied=applied,
                     report=result.report,
@@ -121,15 +127,20 @@ def optimize(
     *,
     example_inputs: dict[str, Any] | None = None,
     calibration: Callable[[nn.Module], Any] | None = None,
+    validation: Callable[[nn.Module], Any] | None = None,
     stats: Any = None,
     num_steps: int | None = None,
+    progress: bool = False,
+    max_retries: int = 2,
 ) -> OptimizedDiT:
     """Optimize `model` with `profile` and return a drop-in module.
 
     `example_inputs` (keyword arguments of one forward call) are required for non-diffusers
-    models. `calibration(model)` runs the user's own sampling loop with the model it is given;
-    it is needed when the profile's passes read calibration statistics (or pass `stats`).
-    The user's model is never modified.
+    models. `calibration(model)` runs the user's own sampling loop with the model it is given
+    and returns the final samples; it is needed when the profile's passes read calibration
+    statistics (or pass `stats` from an earlier run). `validation(model)` samples held-out
+    seeds for the end-to-end check (default: the calibration function). The user's model is
+    never modified.
     """
     prof = load_profile(profile)
     kwargs = dict(example_inputs) if example_inputs is not None else synthesize_inputs(model)
@@ -137,22 +148,56 @@ def optimize(
     graph = capture(model, kwargs)
 
     needs = sorted({n for e in prof.passes for n in get_pass(e.name).needs})
-    if needs and stats is None:
+    if stats is not None:
+        stats.check_graph(graph)
+    elif needs:
         if calibration is None:
             raise CalibrationError(
                 f"profile {prof.name!r} has passes that need calibration statistics ({', '.join(needs)}); "
-                "pass calibration=fn where fn(model) runs your sampling loop with the model it is given, "
-                "or stats=... from an earlier calibration"
+                "pass calibration=fn where fn(model) runs your sampling loop with the model it is given "
+                "and returns the samples, or stats=... from an earlier calibration"
             )
         from .calibration import calibrate
 
-        stats = calibrate(model, graph, needs, calibration)
+        stats = calibrate(model, graph, needs, calibration, progress=progress)
     if stats is not None and num_steps is None:
-        num_steps = getattr(stats, "num_steps", None)
+        num_steps = stats.num_steps
 
     ctx = PassContext(model=model, stats=stats, budget=prof.budget, num_steps=num_steps)
-    records: list[PassRecord] = []
-    optimized_graph, rolled_back = apply_passes(graph, prof, ctx, verify_with=(model, kwargs), records=records)
+    reference = getattr(stats, "reference_samples", None)
+    if calibration is not None and reference is None and prof.budget.min_psnr_db is not None:
+        with torch.no_grad():
+            reference = calibration(model)
+    if calibration is not None and isinstance(reference, torch.Tensor):
+        ctx.extras["evaluate"] = _evaluator(model, calibration, reference, num_steps)
+
+    plan_level = any(get_pass(e.name).level == "plan" for e in prof.passes)
+    check_end_to_end = plan_level and prof.budget.min_psnr_db is not None and (validation or calibration) is not None
+    validation_fn = validation or calibration
+    validation_reference = None
+    if check_end_to_end:
+        with torch.no_grad():
+            validation_reference = validation_fn(model) if validation is not None else reference
+
+    attempts: list[dict[str, Any]] = []
+    for attempt in range(max_retries + 1):
+        records: list[PassRecord] = []
+        resolved: dict[int, tuple[str, Any]] = {}
+        optimized_graph, rolled_back = apply_passes(
+            graph, prof, ctx, verify_with=(model, kwargs), records=records, resolved=resolved
+        )
+        optimized = _runtime(model, prof, ctx, kwargs, optimized_graph, rolled_back, resolved, num_steps)
+        if not check_end_to_end:
+            break
+        with torch.no_grad():
+            end_to_end = verify_end_to_end(validation_fn, validation_reference, optimized, prof.budget.min_psnr_db)
+        end_to_end.details.append({"attempt": attempt, "held_out": validation is not None})
+        attempts.append(end_to_end.to_dict())
+        if end_to_end.passed or attempt == max_retries:
+            break
+        # Missed on held-out inputs: ask the search for the shortfall plus a margin, and retry.
+        shortfall = prof.budget.min_psnr_db - (end_to_end.psnr_db or 0.0)
+        ctx.extras["psnr_tighten_db"] = ctx.extras.get("psnr_tighten_db", 0.0) + shortfall + 1.0
 
     report = OptimizationReport(
         profile=prof.dump(),
@@ -168,10 +213,41 @@ def optimize(
             timesteps=prof.verify.timesteps, seed=prof.verify.seed,
         )
         report.verification.append(final.to_dict())
+    if attempts:
+        report.verification.append(attempts[-1])
+        report.retries = attempts[:-1]
+    optimized.report = report
+    optimized.stats = stats
+    return optimized
 
+
+def _runtime(model, prof, ctx, kwargs, graph, rolled_back, resolved, num_steps) -> OptimizedDiT:
     def build(call_kwargs: dict[str, Any]) -> DiTGraph:
-        fresh = capture(model, call_kwargs)
-        replayed, _ = apply_passes(fresh, prof, ctx, skip=rolled_back)
+        replayed, _ = apply_passes(capture(model, call_kwargs), prof, ctx, skip=rolled_back, resolved=dict(resolved))
         return replayed
 
-    return OptimizedDiT(model, build, first=(kwargs, optimized_graph), num_steps=num_steps, report=report)
+    return OptimizedDiT(model, build, first=(kwargs, graph), num_steps=num_steps)
+
+
+def _evaluator(model: nn.Module, sample_fn: Callable, reference: torch.Tensor, num_steps: int | None) -> Callable[[DiTGraph], float]:
+    """PSNR of `sample_fn` run with a candidate graph's plan against the reference samples.
+    The candidate's plan is moved onto graphs captured at the sampling shape (same segment
+    names), so one capture per shape serves every candidate."""
+    captured: dict[tuple, DiTGraph] = {}
+
+    def evaluate(candidate: DiTGraph) -> float:
+        from .capture import call_key
+
+        def build(call_kwargs: dict[str, Any]) -> DiTGraph:
+            key = call_key(call_kwargs)
+            if key not in captured:
+                captured[key] = capture(model, call_kwargs)
+            base = captured[key]
+            return base.evolve(plan=candidate.plan)
+
+        runner = OptimizedDiT(model, build, num_steps=num_steps)
+        with torch.no_grad():
+            samples = sample_fn(runner)
+        return psnr(samples, reference)
+
+    return evaluate

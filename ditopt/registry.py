@@ -43,6 +43,9 @@ class PassResult:
     graph: "DiTGraph"
     modified: bool
     report: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable: what changed, predicted saving
+    # A pass that searched (e.g. over a budget) names the concrete pass and config it chose, so
+    # that replaying the profile on a new input shape repeats the choice instead of the search.
+    replay: tuple[str, PassConfig] | None = None
 
 
 @dataclass(frozen=True)

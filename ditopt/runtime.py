@@ -7,10 +7,10 @@ steps. How calls map to steps (documented in docs/design.md):
 * A call with the same timestep as the previous call is the next CFG branch of the same step
   (CFG run as two calls); each branch gets its own state. With CFG batched into one call, both
   branches are rows of the same tensors and share one state slot.
-* A call with a smaller timestep is the next step. A call with a larger timestep, or one past
-  the calibrated number of steps, starts a new generation and clears all state. `reset()` (or
-  `with model.generation():`) starts one explicitly; models without a timestep input count
-  every call as a step and rely on `reset()`.
+* A call with a smaller timestep is the next step. A call with a larger timestep starts a new
+  generation and clears all state. `reset()` (or `with model.generation():`) starts one
+  explicitly. Models without a timestep input count every call as a step; a generation then
+  ends after the calibrated number of steps, or at `reset()`.
 
 One program (captured graph + rewritten plan) is kept per input shape signature: a new batch
 size or resolution is captured again from the original model and the same passes are replayed.
@@ -52,7 +52,8 @@ class StepTracker:
             self.branch += 1
         else:
             new_generation = timestep is not None and last is not None and timestep > last
-            if not new_generation and self.num_steps is not None and self.step + 1 >= self.num_steps:
+            # Without a timestep, a generation is `num_steps` calls long (when known).
+            if timestep is None and self.num_steps is not None and self.step + 1 >= self.num_steps:
                 new_generation = True
             if new_generation:
                 self.reset()
@@ -106,6 +107,7 @@ class OptimizedDiT(nn.Module):
         self._max_programs = max_programs
         self.tracker = StepTracker(num_steps)
         self.report = report
+        self.stats: Any = None  # calibration statistics, when the profile used them
         self.last_record: dict[str, Any] = {}
         if first is not None:
             kwargs, graph = first

@@ -1,0 +1,215 @@
+"""Calibration: run the user's own sampling loop on an instrumented model and keep frozen,
+serialisable statistics of the trajectory.
+
+`calibrate(model, graph, needs, fn)` wraps the captured graph in a runtime whose plan records,
+per step and CFG branch, what the requested collectors need; `fn(instrumented)` is the user's
+sampling code (for the zoo: `lambda m: bundle.sample(classes, seeds, model=m)`). What `fn`
+returns (final samples) is kept as the reference for end-to-end checks.
+
+Stats are stamped with the graph's structure hash and the number of steps, saved as one
+safetensors file (tensors + JSON metadata, no pickle), and reused when the hash matches.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..errors import CalibrationError
+from ..graph import DiTGraph
+from ..io import atomic_write_bytes
+from ..plan import RunSegments, Stage, StepContext
+from ..runtime import OptimizedDiT
+from .streams import SpanIO, span_io
+
+STATS_VERSION = 1
+SKETCH_SIZE = 2048  # residual elements kept per block and step: enough to estimate norms of differences
+
+
+@dataclass
+class CalibStats:
+    """Statistics of one calibration run. Tensors are indexed [trajectory, step, ...]."""
+
+    graph_hash: str
+    model_class: str
+    num_steps: int
+    timesteps: list[float]
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    reference_samples: torch.Tensor | None = None
+
+    def require(self, name: str) -> torch.Tensor:
+        if name not in self.tensors:
+            raise CalibrationError(f"calibration stats have no {name!r}; re-run calibration with the collector that provides it")
+        return self.tensors[name]
+
+    def check_graph(self, graph: DiTGraph) -> None:
+        if graph.meta.get("capture_hash", graph.structure_hash()) != self.graph_hash:
+            raise CalibrationError(
+                f"calibration stats were collected on graph {self.graph_hash}, not on this model's graph "
+                f"{graph.meta.get('capture_hash', graph.structure_hash())}: re-run calibration for this model and input shape"
+            )
+
+    def save(self, path: str | Path) -> Path:
+        from safetensors.torch import save
+
+        tensors = {k: v.contiguous() for k, v in self.tensors.items()}
+        if self.reference_samples is not None:
+            tensors["reference_samples"] = self.reference_samples.contiguous()
+        header = {
+            "version": STATS_VERSION,
+            "graph_hash": self.graph_hash,
+            "model_class": self.model_class,
+            "num_steps": self.num_steps,
+            "timesteps": self.timesteps,
+            "meta": self.meta,
+        }
+        return atomic_write_bytes(path, save(tensors, metadata={"ditopt": json.dumps(header)}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CalibStats":
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise CalibrationError(f"no calibration stats at {path}")
+        with safe_open(str(path), framework="pt") as f:
+            header = json.loads((f.metadata() or {}).get("ditopt", "{}"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if header.get("version") != STATS_VERSION:
+            raise CalibrationError(f"{path}: stats version {header.get('version')} is not {STATS_VERSION}; re-run calibration")
+        ref = tensors.pop("reference_samples", None)
+        return cls(header["graph_hash"], header["model_class"], header["num_steps"], header["timesteps"], tensors, header["meta"], ref)
+
+
+class TrajectoryRecorder(Stage):
+    """Runs the blocks one by one and records, per call, what the caching passes need:
+    a fixed random sketch of each block's residual on the image stream and its norm."""
+
+    kind = "calibration-recorder"
+
+    def __init__(self, io: SpanIO, block_names: tuple[str, ...], sink: "Recording") -> None:
+        self.io, self.block_names, self.sink = io, block_names, sink
+
+    def segment_names(self) -> tuple[str, ...]:
+        return self.block_names
+
+    def run(self, graph: DiTGraph, env: dict[str, Any], ctx: StepContext) -> None:
+        stream_in = self.io.primary_input
+        residuals = []
+        for name in self.block_names:
+            seg = graph.segment(name)
+            before = env[stream_in] if stream_in in env else None
+            seg.run(env)
+            # The primary stream's name changes block to block: follow the block's own pairing.
+            out_name = self.sink.block_stream[name]
+            after = env[out_name]
+            residuals.append(self.sink.sketch(after - before) if before is not None else None)
+            stream_in = out_name
+        self.sink.add(ctx, residuals)
+        ctx.record.setdefault("computed", []).extend(self.block_names)
+
+
+class Recording:
+    """Host-side store filled during calibration."""
+
+    def __init__(self, graph: DiTGraph, seed: int = 0) -> None:
+        self.block_stream: dict[str, str] = {}
+        prev = span_io(graph, (graph.block_segments[0].name,)).primary_input
+        for seg in graph.block_segments:
+            io = span_io(graph, (seg.name,))
+            self.block_stream[seg.name] = io.primary_output
+            prev = io.primary_output
+        del prev
+        self.seed = seed
+        self.index: torch.Tensor | None = None
+        self.calls: list[dict[str, Any]] = []
+
+    def sketch(self, residual: torch.Tensor) -> torch.Tensor:
+        flat = residual.detach().float().reshape(residual.shape[0], -1)
+        if self.index is None:
+            gen = torch.Generator().manual_seed(self.seed)
+            k = min(SKETCH_SIZE, flat.shape[1])
+            self.index = torch.randperm(flat.shape[1], generator=gen)[:k].sort().values
+        return flat[:, self.index.to(flat.device)].cpu()
+
+    def add(self, ctx: StepContext, residuals: list[torch.Tensor]) -> None:
+        self.calls.append(
+            {"generation": ctx.generation, "step": ctx.step, "branch": ctx.branch, "timestep": ctx.timestep, "res": torch.stack(residuals, 1)}
+        )
+
+
+def _instrumented(model: nn.Module, graph: DiTGraph, recording: Recording) -> OptimizedDiT:
+    from ..capture import capture
+
+    def instrument(g: DiTGraph) -> DiTGraph:
+        blocks = tuple(s.name for s in g.block_segments)
+        io = span_io(g, blocks)
+        recorder = TrajectoryRecorder(io, blocks, recording)
+        plan = (RunSegments((g.prologue.name,)), recorder, RunSegments((g.epilogue.name,)))
+        return g.evolve(plan=plan)
+
+    def build(kwargs: dict[str, Any]) -> DiTGraph:
+        return instrument(capture(model, kwargs))
+
+    return OptimizedDiT(model, build)
+
+
+def calibrate(
+    model: nn.Module,
+    graph: DiTGraph,
+    needs: list[str] | tuple[str, ...],
+    fn: Callable[[nn.Module], Any],
+    *,
+    progress: bool = True,
+) -> CalibStats:
+    """Run `fn` (the user's sampling loop) on an instrumented copy of the runtime and return stats.
+
+    Every collector named in `needs` is served by the trajectory recording; unknown names are
+    errors so a pass never silently runs without the statistics it asked for.
+    """
+    known = {"trajectory"}
+    unknown = sorted(set(needs) - known)
+    if unknown:
+        raise CalibrationError(f"no calibration collector for {', '.join(unknown)}; available: {', '.join(sorted(known))}")
+    recording = Recording(graph)
+    instrumented = _instrumented(model, graph, recording)
+    with torch.no_grad():
+        samples = fn(instrumented)
+    if not recording.calls:
+        raise CalibrationError("the calibration function never called the model it was given; it must sample with that model")
+    return _summarise(graph, recording, samples)
+
+
+def _summarise(graph: DiTGraph, recording: Recording, samples: Any) -> CalibStats:
+    calls = recording.calls
+    steps = max(c["step"] for c in calls) + 1
+    # One trajectory per (generation, branch, row): rows of a batched call are separate trajectories.
+    trajectories: dict[tuple[int, int], dict[int, torch.Tensor]] = {}
+    timesteps: dict[int, float] = {}
+    for c in calls:
+        trajectories.setdefault((c["generation"], c["branch"]), {})[c["step"]] = c["res"]
+        if c["timestep"] is not None:
+            timesteps.setdefault(c["step"], c["timestep"])
+    complete = [t for t in trajectories.values() if len(t) == steps]
+    if not complete:
+        raise CalibrationError("no complete sampling trajectory was recorded: the calibration function must run whole generations")
+    # [trajectories, steps, blocks, sketch]; rows of a batch become trajectories too.
+    stacked = torch.cat([torch.stack([t[s] for s in range(steps)], 0).transpose(0, 1) for t in complete], 0)
+    norms = stacked.norm(dim=-1)
+    tensors = {"block_residual_sketch": stacked.half(), "block_residual_norm": norms}
+    reference = samples.detach().cpu() if isinstance(samples, torch.Tensor) else None
+    return CalibStats(
+        graph_hash=graph.meta.get("capture_hash", graph.structure_hash()),
+        model_class=graph.model_class,
+        num_steps=steps,
+        timesteps=[timesteps.get(s, float("nan")) for s in range(steps)],
+        tensors=tensors,
+        meta={"trajectories": int(stacked.shape[0]), "blocks": [s.name for s in graph.block_segments], "sketch": int(stacked.shape[-1])},
+        reference_samples=reference,
+    )

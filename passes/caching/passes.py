@@ -1,0 +1,353 @@
+"""The caching passes: each rewrites the plan, replacing block stages with CachedSpan stages."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, Union
+
+from pydantic import Field
+
+from ditopt.errors import CalibrationError, InvalidProfileError
+from ditopt.graph import DiTGraph
+from ditopt.plan import RunSegments, Stage
+from ditopt.registry import PassConfig, PassContext, PassResult, register_pass
+
+from .schedule import forecast_errors, greedy_schedule, periodic_schedule, smallest_passing, span_residual_sketch
+from .stage import CachedSpan, ConfidenceGate, ProbeGate, StaticSchedule
+
+Auto = Literal["auto"]
+
+
+# --------------------------------------------------------------------------------------------
+# Plan surgery shared by the passes
+# --------------------------------------------------------------------------------------------
+def _block_names(graph: DiTGraph) -> list[str]:
+    return [s.name for s in graph.block_segments]
+
+
+def _plan_blocks_are_plain(graph: DiTGraph) -> bool:
+    names = set(_block_names(graph))
+    for stage in graph.plan:
+        if names & set(stage.segment_names()) and not isinstance(stage, RunSegments):
+            return False
+    return True
+
+
+def replace_blocks(graph: DiTGraph, stages: list[Stage]) -> DiTGraph:
+    """New plan: prologue stages, `stages` in place of all block stages, epilogue stages."""
+    names = set(_block_names(graph))
+    before, after, seen_block = [], [], False
+    for stage in graph.plan:
+        if names & set(stage.segment_names()):
+            seen_block = True
+            continue
+        (after if seen_block else before).append(stage)
+    return graph.evolve(plan=tuple(before) + tuple(stages) + tuple(after))
+
+
+def _require_plain(graph: DiTGraph, name: str) -> None:
+    if not _plan_blocks_are_plain(graph):
+        raise InvalidProfileError(f"pass {name!r}: the blocks are already cached by an earlier pass; use one caching pass per profile")
+
+
+def _steps_and_times(ctx: PassContext, name: str) -> tuple[int, tuple[float, ...]]:
+    stats = ctx.stats
+    if stats is not None:
+        return stats.num_steps, tuple(stats.timesteps)
+    if ctx.num_steps is None:
+        raise CalibrationError(f"pass {name!r} needs the number of sampling steps: pass num_steps=... or calibrate")
+    return ctx.num_steps, ()
+
+
+def _span(graph: DiTGraph, start: int, end: int | None) -> tuple[str, ...]:
+    names = _block_names(graph)
+    end = len(names) if end is None else end
+    if not (0 <= start < end <= len(names)):
+        raise InvalidProfileError(f"block span [{start}, {end}) is outside the model's {len(names)} blocks")
+    return tuple(names[start:end])
+
+
+def _report(stages: list[CachedSpan], graph: DiTGraph, steps: int) -> dict[str, Any]:
+    """Predicted saving: block evaluations per generation, with and without caching."""
+    total = len(_block_names(graph)) * steps
+    computed = total
+    for st in stages:
+        if isinstance(st.policy, StaticSchedule):
+            computed -= len(st.blocks) * (steps - sum(st.policy.compute))
+    return {
+        "stages": [st.describe() for st in stages],
+        "block_evaluations": computed,
+        "block_evaluations_uncached": total,
+        "predicted_block_saving": round(1 - computed / total, 4) if total else 0.0,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Residual cache (FORA) and Δ-DiT
+# --------------------------------------------------------------------------------------------
+class ResidualCacheConfig(PassConfig):
+    """Reuse (order 0) or forecast the residual of blocks [start, end) on a periodic schedule."""
+
+    start: int = Field(0, ge=0)
+    end: int | None = Field(None, ge=1)
+    interval: int = Field(2, ge=1, description="compute every N-th step after warm-up")
+    warmup: int = Field(2, ge=1)
+    order: int = Field(0, ge=0, le=2)
+    phase: Literal["all", "early", "late"] = "all"
+    phase_boundary: float = Field(0.5, gt=0, lt=1, description="fraction of steps where 'early' ends")
+
+
+@register_pass("residual_cache", ResidualCacheConfig, level="plan")
+def residual_cache(graph: DiTGraph, config: ResidualCacheConfig, ctx: PassContext) -> PassResult:
+    """FORA / Δ-Cache: reuse a block span's residual on a periodic schedule."""
+    _require_plain(graph, "residual_cache")
+    steps, times = _steps_and_times(ctx, "residual_cache")
+    boundary = int(round(config.phase_boundary * steps))
+    phase = {"all": None, "early": (0, boundary), "late": (boundary, steps)}[config.phase]
+    mask = periodic_schedule(steps, config.interval, config.warmup, phase)
+    span = _span(graph, config.start, config.end)
+    names = _block_names(graph)
+    stage = CachedSpan(span, StaticSchedule(tuple(mask), times), config.order, key="residual_cache")
+    stages: list[Stage] = [RunSegments((n,)) for n in names if names.index(n) < names.index(span[0])]
+    stages += [stage] + [RunSegments((n,)) for n in names if names.index(n) > names.index(span[-1])]
+    return PassResult(replace_blocks(graph, stages), True, _report([stage], graph, steps))
+
+
+class DeltaCacheConfig(PassConfig):
+    """Δ-DiT: cache rear blocks early in sampling and front blocks late; split and phase
+    boundary chosen from calibration unless given."""
+
+    interval: int = Field(2, ge=1)
+    warmup: int = Field(2, ge=1)
+    order: int = Field(0, ge=0, le=2)
+    split: int | None = Field(None, ge=1, description="first block of the rear span (default: middle)")
+    boundary: int | None = Field(None, ge=1, description="first step of the late phase (default: from stats)")
+
+
+@register_pass("delta_cache", DeltaCacheConfig, needs=("trajectory",), level="plan")
+def delta_cache(graph: DiTGraph, config: DeltaCacheConfig, ctx: PassContext) -> PassResult:
+    """Δ-DiT: rear span cached in the early phase, front span in the late phase."""
+    _require_plain(graph, "delta_cache")
+    if ctx.stats is None:
+        raise CalibrationError("delta_cache needs calibration statistics (calibration=fn)")
+    names = _block_names(graph)
+    if len(names) < 2:
+        return PassResult(graph, False, {"skipped": "a single block cannot be split into front and rear spans"})
+    split = config.split or len(names) // 2
+    steps, times = ctx.stats.num_steps, list(ctx.stats.timesteps)
+    boundary = config.boundary
+    if boundary is None:
+        # Where the front span's residual starts to change less than the rear span's: from
+        # there on the front (outline) is settled and can be cached instead of the rear.
+        front = _relative_changes(span_residual_sketch(ctx.stats, 0, split - 1))
+        rear = _relative_changes(span_residual_sketch(ctx.stats, split, len(names) - 1))
+        boundary = next((s for s in range(config.warmup, steps) if front[s] < rear[s]), steps // 2)
+    boundary = max(config.warmup, min(boundary, steps - 1))
+    rear_mask = periodic_schedule(steps, config.interval, config.warmup, (0, boundary))
+    front_mask = periodic_schedule(steps, config.interval, config.warmup, (boundary, steps))
+    front_stage = CachedSpan(tuple(names[:split]), StaticSchedule(tuple(front_mask), tuple(times)), config.order, key="delta_front")
+    rear_stage = CachedSpan(tuple(names[split:]), StaticSchedule(tuple(rear_mask), tuple(times)), config.order, key="delta_rear")
+    report = _report([front_stage, rear_stage], graph, steps)
+    report.update({"split": split, "boundary": boundary})
+    return PassResult(replace_blocks(graph, [front_stage, rear_stage]), True, report)
+
+
+def _relative_changes(residual) -> list[float]:
+    diffs = (residual[:, 1:] - residual[:, :-1]).norm(dim=-1) / residual[:, 1:].norm(dim=-1).clamp_min(1e-12)
+    return [math.inf] + diffs.mean(0).tolist()
+
+
+# --------------------------------------------------------------------------------------------
+# TaylorSeer (periodic forecasting) and the calibrated static schedule
+# --------------------------------------------------------------------------------------------
+class TaylorForecastConfig(PassConfig):
+    """TaylorSeer: full compute on warm-up steps and every N-th step, Taylor forecast between."""
+
+    order: int = Field(2, ge=0, le=2)
+    interval: int = Field(4, ge=1)
+    warmup: int = Field(3, ge=1)
+
+
+@register_pass("taylor_forecast", TaylorForecastConfig, level="plan")
+def taylor_forecast(graph: DiTGraph, config: TaylorForecastConfig, ctx: PassContext) -> PassResult:
+    """TaylorSeer: forecast all blocks' residual by Taylor expansion between full steps."""
+    _require_plain(graph, "taylor_forecast")
+    steps, times = _steps_and_times(ctx, "taylor_forecast")
+    mask = periodic_schedule(steps, config.interval, config.warmup)
+    stage = CachedSpan(tuple(_block_names(graph)), StaticSchedule(tuple(mask), times), config.order, key="taylor")
+    return PassResult(replace_blocks(graph, [stage]), True, _report([stage], graph, steps))
+
+
+class CalibratedScheduleConfig(PassConfig):
+    """Static schedule chosen from calibration: the fewest computed steps whose sampled PSNR on
+    the calibration inputs meets the profile's budget (plus a margin)."""
+
+    order: Union[int, Auto] = Field("auto", description="Taylor order 0..2, or 'auto' to search all")
+    computed_steps: int | None = Field(None, ge=1, description="fix the number of computed steps (no search)")
+    compute_steps: tuple[int, ...] | None = Field(None, description="explicit computed steps (replay)")
+    warmup: int = Field(1, ge=1)
+    margin_db: float = Field(1.0, ge=0, description="PSNR margin over the budget on calibration inputs")
+    on_mismatch: Literal["rederive", "error"] = "rederive"
+
+
+def _schedule_stage(graph: DiTGraph, mask: list[bool], times: tuple[float, ...], order: int, on_mismatch: str) -> CachedSpan:
+    return CachedSpan(tuple(_block_names(graph)), StaticSchedule(tuple(mask), times, on_mismatch), order, key="schedule")
+
+
+@register_pass("calibrated_schedule", CalibratedScheduleConfig, needs=("trajectory",), level="plan")
+def calibrated_schedule(graph: DiTGraph, config: CalibratedScheduleConfig, ctx: PassContext) -> PassResult:
+    """Calibrated static schedule with Taylor forecasting, searched against the PSNR budget."""
+    _require_plain(graph, "calibrated_schedule")
+    stats = ctx.stats
+    if stats is None:
+        raise CalibrationError("calibrated_schedule needs calibration statistics (calibration=fn)")
+    steps, times = stats.num_steps, tuple(stats.timesteps)
+    residual = span_residual_sketch(stats, 0, len(_block_names(graph)) - 1)
+    t_axis = [t if not math.isnan(t) else float(i) for i, t in enumerate(times)]
+
+    def make(order: int, mask: list[bool]) -> DiTGraph:
+        return replace_blocks(graph, [_schedule_stage(graph, mask, times, order, config.on_mismatch)])
+
+    def finish(order: int, mask: list[bool], extra: dict[str, Any]) -> PassResult:
+        stage = _schedule_stage(graph, mask, times, order, config.on_mismatch)
+        report = _report([stage], graph, steps)
+        report["predicted_forecast_error"] = float(forecast_errors(residual, t_axis, mask, order).mean())
+        report.update(extra)
+        replay = CalibratedScheduleConfig(
+            order=order, compute_steps=tuple(i for i, c in enumerate(mask) if c), warmup=config.warmup,
+            margin_db=config.margin_db, on_mismatch=config.on_mismatch,
+        )
+        return PassResult(replace_blocks(graph, [stage]), True, report, replay=("calibrated_schedule", replay))
+
+    if config.compute_steps is not None:
+        if config.order == "auto":
+            raise InvalidProfileError("calibrated_schedule: compute_steps needs a concrete order")
+        mask = [i in set(config.compute_steps) for i in range(steps)]
+        return finish(int(config.order), mask, {})
+    orders = [0, 1, 2] if config.order == "auto" else [int(config.order)]
+    if config.computed_steps is not None:
+        order = orders[-1]
+        return finish(order, greedy_schedule(residual, t_axis, config.computed_steps, order, config.warmup), {})
+
+    evaluate = ctx.extras.get("evaluate")
+    budget = getattr(ctx.budget, "min_psnr_db", None)
+    if evaluate is None or budget is None:
+        raise CalibrationError(
+            "calibrated_schedule without computed_steps searches against the profile's PSNR budget: "
+            "it needs budget.min_psnr_db and a calibration function that returns the final samples"
+        )
+    target = budget + config.margin_db + ctx.extras.get("psnr_tighten_db", 0.0)
+    trials: list[dict[str, Any]] = []
+    best: tuple[int, int, list[bool], float] | None = None
+    for order in orders:
+        memo: dict[int, float] = {}
+
+        def psnr_for(k: int, order: int = order, memo: dict[int, float] = memo) -> float:
+            if k not in memo:
+                mask = greedy_schedule(residual, t_axis, k, order, config.warmup)
+                memo[k] = evaluate(make(order, mask))
+                trials.append({"order": order, "computed_steps": k, "psnr_db": memo[k]})
+            return memo[k]
+
+        hi = steps if best is None else min(steps, best[1])
+        k = smallest_passing(config.warmup + 1, hi, lambda k: psnr_for(k) >= target)
+        if k is not None and (best is None or k < best[1]):
+            best = (order, k, greedy_schedule(residual, t_axis, k, order, config.warmup), memo[k])
+    if best is None:
+        return PassResult(graph, False, {"skipped": f"no schedule reaches {target:.1f} dB on the calibration inputs", "trials": trials})
+    order, k, mask, value = best
+    return finish(order, mask, {"target_psnr_db": target, "predicted_psnr_db": value, "computed_steps": k, "trials": trials})
+
+
+# --------------------------------------------------------------------------------------------
+# Probe-gated cache (FirstBlockCache / DBCache) and confidence-gated forecasting
+# --------------------------------------------------------------------------------------------
+class ProbeCacheConfig(PassConfig):
+    """Compute the first `probe_blocks` blocks every step; skip the rest while the probe's
+    relative L1 change since the last full step stays under `threshold` ('auto': calibrated
+    against the budget)."""
+
+    probe_blocks: int = Field(1, ge=1)
+    threshold: Union[float, Auto] = "auto"
+    warmup: int = Field(2, ge=1)
+    max_cached: int = Field(4, ge=1)
+    order: int = Field(0, ge=0, le=2)
+    margin_db: float = Field(1.0, ge=0)
+
+
+class ConfidenceForecastConfig(PassConfig):
+    """Compute block 0 every step and compare it with its own Taylor forecast; forecast the rest
+    while the relative error stays under `threshold` ('auto': calibrated against the budget)."""
+
+    threshold: Union[float, Auto] = "auto"
+    order: int = Field(2, ge=1, le=2)
+    warmup: int = Field(3, ge=1)
+    max_cached: int = Field(6, ge=1)
+    margin_db: float = Field(1.0, ge=0)
+
+
+def _gated(graph: DiTGraph, probe_blocks: int, policy: Any, order: int, key: str) -> tuple[DiTGraph, CachedSpan]:
+    names = _block_names(graph)
+    stage = CachedSpan(tuple(names[probe_blocks:]), policy, order, probe=tuple(names[:probe_blocks]), key=key)
+    return replace_blocks(graph, [stage]), stage
+
+
+def _threshold_search(make_graph, ctx: PassContext, margin_db: float, name: str) -> tuple[float, dict[str, Any]]:
+    """Largest threshold (on a log grid) whose sampled PSNR on the calibration inputs meets the budget."""
+    evaluate = ctx.extras.get("evaluate")
+    budget = getattr(ctx.budget, "min_psnr_db", None)
+    if evaluate is None or budget is None:
+        raise CalibrationError(f"{name} with threshold='auto' needs budget.min_psnr_db and a calibration function that returns samples")
+    target = budget + margin_db + ctx.extras.get("psnr_tighten_db", 0.0)
+    grid = [0.005 * (2 ** (i / 2)) for i in range(13)]  # 0.005 .. 0.32
+    trials = []
+    memo: dict[int, float] = {}
+
+    def ok(i: int) -> bool:
+        if i not in memo:
+            memo[i] = evaluate(make_graph(grid[i]))
+            trials.append({"threshold": grid[i], "psnr_db": memo[i]})
+        return memo[i] >= target
+
+    # Largest passing index = smallest passing index of the reversed grid.
+    j = smallest_passing(0, len(grid) - 1, lambda j: ok(len(grid) - 1 - j))
+    chosen = grid[0] if j is None else grid[len(grid) - 1 - j]
+    return chosen, {"target_psnr_db": target, "trials": trials, "threshold_met_budget": j is not None}
+
+
+@register_pass("probe_cache", ProbeCacheConfig, needs=(), level="plan")
+def probe_cache(graph: DiTGraph, config: ProbeCacheConfig, ctx: PassContext) -> PassResult:
+    """FirstBlockCache / DBCache: probe-gated reuse of the blocks after the probe."""
+    _require_plain(graph, "probe_cache")
+    if config.probe_blocks >= len(graph.block_segments):
+        return PassResult(graph, False, {"skipped": "the probe would cover every block"})
+
+    def make(threshold: float) -> DiTGraph:
+        return _gated(graph, config.probe_blocks, ProbeGate(threshold, config.warmup, config.max_cached), config.order, "probe")[0]
+
+    extra: dict[str, Any] = {}
+    threshold = config.threshold
+    if threshold == "auto":
+        threshold, extra = _threshold_search(make, ctx, config.margin_db, "probe_cache")
+    new, stage = _gated(graph, config.probe_blocks, ProbeGate(float(threshold), config.warmup, config.max_cached), config.order, "probe")
+    replay = config.model_copy(update={"threshold": float(threshold)})
+    return PassResult(new, True, {"stages": [stage.describe()], **extra}, replay=("probe_cache", replay))
+
+
+@register_pass("confidence_forecast", ConfidenceForecastConfig, needs=(), level="plan")
+def confidence_forecast(graph: DiTGraph, config: ConfidenceForecastConfig, ctx: PassContext) -> PassResult:
+    """CG-Taylor / FoCa: forecast the rest only while block 0 agrees with its own forecast."""
+    _require_plain(graph, "confidence_forecast")
+    if len(graph.block_segments) < 2:
+        return PassResult(graph, False, {"skipped": "needs at least two blocks"})
+
+    def make(threshold: float) -> DiTGraph:
+        return _gated(graph, 1, ConfidenceGate(threshold, config.warmup, config.max_cached), config.order, "confidence")[0]
+
+    extra: dict[str, Any] = {}
+    threshold = config.threshold
+    if threshold == "auto":
+        threshold, extra = _threshold_search(make, ctx, config.margin_db, "confidence_forecast")
+    new, stage = _gated(graph, 1, ConfidenceGate(float(threshold), config.warmup, config.max_cached), config.order, "confidence")
+    replay = config.model_copy(update={"threshold": float(threshold)})
+    return PassResult(new, True, {"stages": [stage.describe()], **extra}, replay=("confidence_forecast", replay))

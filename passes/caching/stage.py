@@ -1,0 +1,219 @@
+"""Feature caching across denoising steps: reuse or forecast what a run of blocks adds.
+
+One stage, `CachedSpan`, replaces a contiguous run of block stages in the plan. On a step it
+either computes the blocks (and refreshes its cache) or predicts their effect:
+
+    out = in + R̂(t)          for each stream the span updates (image, and text in MMDiT),
+
+where R̂ is the span's residual from the last computed step (order 0: FORA, Δ-DiT, DBCache) or
+a Taylor forecast from the last computed steps' finite differences in the timestep (TaylorSeer
+orders 1 and 2). Which steps compute is decided on the host, between segments:
+
+* `StaticSchedule`: a fixed per-step mask (calibrated or periodic); no probe at all, so it is
+  what exported engines run. Sampling with another step count re-derives the mask from the
+  calibrated timesteps, or fails with a clear error.
+* `ProbeGate` (FirstBlockCache / DBCache): the first `probe` blocks always compute; the rest is
+  skipped while the probe residual's relative L1 change since the last full step stays under
+  a threshold.
+* `ConfidenceGate` (CG-Taylor / FoCa): the first block always computes and is compared with its
+  own forecast; the rest is forecast only while that error stays under a threshold.
+
+All cross-step values live in `ctx.state`, which the runtime keeps per CFG branch and clears per
+generation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ditopt.calibration.streams import SpanIO, span_io
+from ditopt.errors import CalibrationError
+from ditopt.graph import DiTGraph
+from ditopt.plan import RunSegments, Stage, StepContext
+
+
+# --------------------------------------------------------------------------------------------
+# Taylor forecasting
+# --------------------------------------------------------------------------------------------
+class TaylorCache:
+    """Finite-difference Taylor factors of a list of tensors, in timestep units."""
+
+    def __init__(self, order: int) -> None:
+        self.order = order
+        self.factors: list[list[torch.Tensor]] = []  # factors[i] = i-th derivative estimates
+        self.t: float | None = None
+
+    def update(self, values: list[torch.Tensor], t: float) -> None:
+        new = [list(values)]
+        if self.factors and self.t is not None and t != self.t:
+            dt = t - self.t
+            for i in range(min(self.order, len(self.factors))):
+                new.append([(a - b) / dt for a, b in zip(new[i], self.factors[i])])
+        self.factors, self.t = new, t
+
+    def predict(self, t: float) -> list[torch.Tensor]:
+        if self.t is None:
+            raise RuntimeError("forecast requested before any computed step")
+        dt = t - self.t
+        out = [f.clone() for f in self.factors[0]]
+        for i in range(1, len(self.factors)):
+            coef = dt**i / math.factorial(i)
+            for o, f in zip(out, self.factors[i]):
+                o.add_(f, alpha=coef)
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Decisions
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StaticSchedule:
+    compute: tuple[bool, ...]  # per calibrated step: True computes the span
+    timesteps: tuple[float, ...] = ()  # calibrated timesteps (empty: match by step index only)
+    on_mismatch: str = "rederive"  # or "error"
+
+    def describe(self) -> dict[str, Any]:
+        return {"policy": "static", "compute_steps": [i for i, c in enumerate(self.compute) if c], "steps": len(self.compute)}
+
+
+@dataclass(frozen=True)
+class ProbeGate:
+    threshold: float
+    warmup: int = 2
+    max_cached: int = 4  # consecutive skipped steps before a forced full step
+
+    def describe(self) -> dict[str, Any]:
+        return {"policy": "probe", "threshold": self.threshold, "warmup": self.warmup, "max_cached": self.max_cached}
+
+
+@dataclass(frozen=True)
+class ConfidenceGate:
+    threshold: float
+    warmup: int = 2
+    max_cached: int = 4
+
+    def describe(self) -> dict[str, Any]:
+        return {"policy": "confidence", "threshold": self.threshold, "warmup": self.warmup, "max_cached": self.max_cached}
+
+
+def rederived_compute(schedule: StaticSchedule, step: int, t: float | None, history: list[float]) -> bool:
+    """Decide for a run whose timesteps differ from the calibrated ones: compute when the
+    trajectory has passed a calibrated compute point since the last computed step."""
+    if t is None or not schedule.timesteps:
+        raise CalibrationError("cannot re-derive the cache schedule without timesteps; re-calibrate for this step count")
+    warmup = next((i for i, c in enumerate(schedule.compute) if not c), len(schedule.compute))
+    if step == 0 or len(history) < warmup:
+        return True
+    last = history[-1]
+    points = [ts for ts, c in zip(schedule.timesteps, schedule.compute) if c]
+    lo, hi = min(t, last), max(t, last)
+    return any(lo <= p < hi for p in points) or t <= min(schedule.timesteps) and schedule.compute[-1]
+
+
+def cached_span_io(graph: DiTGraph, names: tuple[str, ...]) -> SpanIO:
+    """span_io, memoised on the graph for these exact segment modules."""
+    key = (names, tuple(id(graph.segment(n).module) for n in names))
+    memo = graph.meta.setdefault("_span_io", {})
+    if key not in memo:
+        memo[key] = span_io(graph, names)
+    return memo[key]
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------
+@dataclass
+class CachedSpan(Stage):
+    """Compute or predict a contiguous run of blocks (see module docstring)."""
+
+    blocks: tuple[str, ...]  # the span's block segments, in order
+    policy: Any  # StaticSchedule | ProbeGate | ConfidenceGate
+    order: int = 0
+    probe: tuple[str, ...] = ()  # blocks before the span that always run and feed the gate
+    key: str = "cache"
+    kind = "cached-span"
+    exportable = True
+
+    def segment_names(self) -> tuple[str, ...]:
+        return self.probe + self.blocks
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "segments": list(self.blocks), "probe": list(self.probe), "order": self.order, **self.policy.describe()}
+
+    def io(self, graph: DiTGraph) -> SpanIO:
+        return cached_span_io(graph, self.blocks)
+
+    # -- one call ------------------------------------------------------------------------------
+    def run(self, graph: DiTGraph, env: dict[str, Any], ctx: StepContext) -> None:
+        state = ctx.state.setdefault(self.key, {"taylor": TaylorCache(self.order), "cached_run": 0, "history": []})
+        t = ctx.timestep if ctx.timestep is not None else float(ctx.step)
+        io = self.io(graph)
+        if self.probe:
+            RunSegments(self.probe).run(graph, env, ctx)
+        compute = self._decide(graph, env, ctx, state, t, io)
+        if compute:
+            before = [env[i] for i, _ in io.pairs]
+            RunSegments(self.blocks).run(graph, env, ctx)
+            values = [env[o] - b for (_, o), b in zip(io.pairs, before)] + [env[o] for o in io.unpaired]
+            state["taylor"].update(values, t)
+            state["cached_run"] = 0
+            state["history"].append(t)
+        else:
+            predicted = state["taylor"].predict(t)
+            for k, (i, o) in enumerate(io.pairs):
+                env[o] = env[i] + predicted[k]
+            for k, o in enumerate(io.unpaired):
+                env[o] = predicted[len(io.pairs) + k]
+            state["cached_run"] += 1
+            ctx.record.setdefault("cached", []).extend(self.blocks)
+
+    def _decide(self, graph: DiTGraph, env: dict[str, Any], ctx: StepContext, state: dict, t: float, io: SpanIO) -> bool:
+        policy = self.policy
+        first = state["taylor"].t is None
+        if isinstance(policy, StaticSchedule):
+            if first:
+                return True
+            steps = len(policy.compute)
+            matches = ctx.step < steps and (
+                not policy.timesteps or ctx.timestep is None
+                or math.isclose(policy.timesteps[ctx.step], ctx.timestep, rel_tol=1e-5, abs_tol=1e-6)
+            )
+            if matches:
+                return policy.compute[ctx.step]
+            if policy.on_mismatch == "error":
+                expected = policy.timesteps[ctx.step] if ctx.step < steps else "none"
+                raise CalibrationError(
+                    f"step {ctx.step} has timestep {ctx.timestep}, but the cache schedule was calibrated for "
+                    f"{steps} steps (timestep {expected} here): re-run calibration for this step count, "
+                    "or use on_mismatch='rederive'"
+                )
+            return rederived_compute(policy, ctx.step, ctx.timestep, state["history"])
+
+        probe = self._probe_residual(graph, env, io)
+        compute = first or ctx.step < policy.warmup or state["cached_run"] >= policy.max_cached
+        if not compute and isinstance(policy, ProbeGate):
+            ref = state["probe_ref"]
+            change = float((probe - ref).abs().mean() / ref.abs().mean().clamp_min(1e-12))
+            ctx.record["probe_change"] = change
+            compute = change >= policy.threshold
+        elif not compute and isinstance(policy, ConfidenceGate):
+            forecast = state["probe_taylor"].predict(t)[0]
+            err = float((probe - forecast).norm() / probe.norm().clamp_min(1e-12))
+            ctx.record["probe_error"] = err
+            compute = err >= policy.threshold
+        elif not isinstance(policy, (ProbeGate, ConfidenceGate)):
+            raise TypeError(f"unknown cache policy {policy!r}")
+        if compute:
+            state["probe_ref"] = probe
+            state.setdefault("probe_taylor", TaylorCache(max(self.order, 1))).update([probe], t)
+        return compute
+
+    def _probe_residual(self, graph: DiTGraph, env: dict[str, Any], io: SpanIO) -> torch.Tensor:
+        """What the probe blocks added to the image stream on this step."""
+        if not self.probe:
+            raise ValueError(f"{type(self.policy).__name__} needs probe blocks")
+        return env[io.primary_input] - env[cached_span_io(graph, self.probe).primary_input]

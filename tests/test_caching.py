@@ -1,0 +1,164 @@
+"""Caching passes: plan before/after, numerics computable by hand, CFG state, schedule
+re-derivation, stats round-trip, and the budget search."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from toy_models import AffineDiT, euler_sampler, toy_inputs
+
+import ditopt
+from ditopt.calibration import CalibStats, calibrate
+from ditopt.errors import CalibrationError, InvalidProfileError
+from ditopt.plan import RunSegments
+from ditopt.passes.caching import CachedSpan, StaticSchedule
+
+TIMES = [4.0, 3.0, 2.0, 1.0]
+
+
+def _profile(**pass_cfg):
+    return {"name": "t", "budget": {"max_rel_err": 1e-5}, "passes": [pass_cfg]}
+
+
+def _opt(model, pass_cfg, **kw):
+    return ditopt.optimize(model, _profile(**pass_cfg), example_inputs=toy_inputs(), **kw)
+
+
+def _call(opt, x, t):
+    with torch.no_grad():
+        return opt(x=x, timestep=torch.full((x.shape[0],), t))
+
+
+def test_plan_before_and_after():
+    model = AffineDiT(depth=3).eval()
+    plain = ditopt.optimize(model, "identity", example_inputs=toy_inputs())
+    assert [type(s) for s in plain.programs[0].plan] == [RunSegments] * 5
+    cached = _opt(model, dict(name="residual_cache", interval=2, warmup=1), num_steps=4)
+    plan = cached.programs[0].plan
+    assert [type(s) for s in plan] == [RunSegments, CachedSpan, RunSegments]
+    assert plan[1].blocks == ("block.0", "block.1", "block.2")
+    assert plan[1].policy.compute == (True, False, True, False)
+    # The segments themselves are untouched: a caching pass only rewrites the schedule.
+    assert [s.module.code for s in cached.programs[0].segments] == [s.module.code for s in plain.programs[0].segments]
+    assert cached.report.passes[0].report["block_evaluations"] == 6
+
+
+def test_residual_reuse_by_hand():
+    model = AffineDiT(depth=3, scale=2.0).eval()
+    opt = _opt(model, dict(name="residual_cache", interval=2, warmup=1), num_steps=4)
+    W = model.total_w()
+    xs = [torch.full((1, 4, 8), v) for v in (1.0, 2.0, 3.0, 4.0)]
+    outs = [_call(opt, x, t) for x, t in zip(xs, TIMES)]
+    assert torch.allclose(outs[0], 8 * xs[0] + 4 * W)  # computed
+    assert torch.allclose(outs[1], xs[1] + 7 * xs[0] + 4 * W)  # reuses step 0's residual 7x0 + 4W
+    assert torch.allclose(outs[2], 8 * xs[2] + 2 * W)  # computed
+    assert torch.allclose(outs[3], xs[3] + 7 * xs[2] + 2 * W)
+    assert opt.last_record["cached"] == ["block.0", "block.1", "block.2"]
+
+
+def test_taylor_order1_is_exact_on_linear_residual():
+    model = AffineDiT(depth=2, scale=1.0).eval()  # residual t * W: linear in t
+    opt = _opt(model, dict(name="taylor_forecast", order=1, interval=3, warmup=2), num_steps=4)
+    W = model.total_w()
+    x = torch.zeros(1, 4, 8)
+    outs = [_call(opt, x, t) for t in TIMES]
+    for out, t in zip(outs, TIMES):
+        assert torch.allclose(out, t * W, atol=1e-5)
+    assert "cached" in opt.last_record  # step 3 was forecast, and still exact
+    order0 = _opt(model, dict(name="taylor_forecast", order=0, interval=3, warmup=2), num_steps=4)
+    outs0 = [_call(order0, x, t) for t in TIMES]
+    assert torch.allclose(outs0[2], 3 * W)  # order 0 reuses step 1's residual
+
+
+def test_cfg_split_and_batched_states_are_separate():
+    model = AffineDiT(depth=3, scale=2.0).eval()
+    W = model.total_w()
+    a, b, c, d = (torch.full((1, 4, 8), v) for v in (1.0, 10.0, 3.0, 5.0))
+    opt = _opt(model, dict(name="residual_cache", interval=2, warmup=1), num_steps=4)
+    _call(opt, a, 4.0), _call(opt, b, 4.0)  # step 0: both branches computed
+    assert torch.allclose(_call(opt, c, 3.0), c + 7 * a + 4 * W)
+    assert torch.allclose(_call(opt, d, 3.0), d + 7 * b + 4 * W)
+    batched = _opt(model, dict(name="residual_cache", interval=2, warmup=1), num_steps=4)
+    _call(batched, torch.cat([a, b]), 4.0)
+    out = _call(batched, torch.cat([c, d]), 3.0)
+    assert torch.allclose(out, torch.cat([c + 7 * a, d + 7 * b]) + 4 * W)
+
+
+def test_gated_caches_fire_only_when_allowed():
+    model = AffineDiT(depth=3, scale=1.0).eval()
+    x = torch.ones(1, 4, 8)
+    ref = [model(x=x, timestep=torch.tensor([t])) for t in TIMES]
+    for name in ("probe_cache", "confidence_forecast"):
+        never = _opt(model, dict(name=name, threshold=0.0, warmup=1))
+        outs = [_call(never, x, t) for t in TIMES]
+        assert all(torch.allclose(o, r) for o, r in zip(outs, ref)), name
+        assert "cached" not in never.last_record
+        always = _opt(model, dict(name=name, threshold=1e9, warmup=1, max_cached=8))
+        [_call(always, x, t) for t in TIMES]
+        assert always.last_record["cached"] == ["block.1", "block.2"], name
+
+
+def test_passes_that_must_not_fire():
+    model = AffineDiT(depth=1).eval()
+    opt = _opt(model, dict(name="probe_cache", threshold=0.1))
+    assert opt.report.passes[0].modified is False
+    assert all(isinstance(s, RunSegments) for s in opt.programs[0].plan)
+    with pytest.raises(InvalidProfileError):
+        ditopt.load_profile({"name": "x", "passes": [{"name": "residual_cache", "interval": 0}]})
+    with pytest.raises(CalibrationError):
+        _opt(AffineDiT().eval(), dict(name="taylor_forecast"))  # no step count, no stats
+
+
+def _sampler(steps: int):
+    x0 = torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(0))
+    return euler_sampler(x0, [1.0 - i / steps for i in range(steps)])
+
+
+def test_stats_round_trip(tmp_path):
+    model = AffineDiT(depth=3, scale=1.0).eval()
+    graph = ditopt.capture(model, toy_inputs())
+    stats = calibrate(model, graph, ["trajectory"], _sampler(6))
+    assert stats.num_steps == 6 and stats.timesteps[0] == 1.0
+    path = stats.save(tmp_path / "stats.safetensors")
+    loaded = CalibStats.load(path)
+    assert loaded.graph_hash == stats.graph_hash and loaded.timesteps == stats.timesteps
+    for k, v in stats.tensors.items():
+        assert torch.equal(loaded.tensors[k], v)
+    assert torch.equal(loaded.reference_samples, stats.reference_samples)
+    loaded.check_graph(graph)
+    other = ditopt.capture(AffineDiT(depth=2).eval(), toy_inputs())
+    with pytest.raises(CalibrationError):
+        loaded.check_graph(other)
+
+
+def test_schedule_rederived_for_other_step_count():
+    model = AffineDiT(depth=2, scale=1.0).eval()
+    cfg = dict(name="calibrated_schedule", order=1, computed_steps=4, warmup=2)
+    opt = ditopt.optimize(model, _profile(**cfg), example_inputs=toy_inputs(batch=2), calibration=_sampler(8))
+    stage = opt.programs[0].plan[1]
+    assert sum(stage.policy.compute) == 4 and len(stage.policy.compute) == 8
+    # 16 steps instead of 8: re-derived from the calibrated timesteps, and still exact on a linear residual.
+    out = _sampler(16)(opt)
+    ref = _sampler(16)(model)
+    assert torch.allclose(out, ref, atol=1e-4)
+    strict = ditopt.optimize(
+        model, _profile(**cfg, on_mismatch="error"), example_inputs=toy_inputs(batch=2), calibration=_sampler(8)
+    )
+    with pytest.raises(CalibrationError, match="calibrated for 8 steps"):
+        _sampler(16)(strict)
+
+
+def test_budget_search_gets_gentler_when_budget_tightens():
+    model = AffineDiT(depth=3, scale=1.02).eval()
+    chosen = {}
+    for budget in (20.0, 45.0):
+        profile = {"name": "b", "budget": {"min_psnr_db": budget}, "passes": [{"name": "calibrated_schedule", "order": 0}]}
+        opt = ditopt.optimize(model, profile, example_inputs=toy_inputs(batch=2), calibration=_sampler(12), max_retries=0)
+        rep = opt.report.passes[0].report
+        chosen[budget] = rep["computed_steps"]
+        assert rep["predicted_psnr_db"] >= budget
+        e2e = opt.report.verification[-1]
+        assert e2e["kind"] == "end-to-end" and e2e["psnr_db"] >= budget
+    assert chosen[45.0] > chosen[20.0]
