@@ -119,13 +119,7 @@ class Recording:
     """Host-side store filled during calibration."""
 
     def __init__(self, graph: DiTGraph, seed: int = 0) -> None:
-        self.block_stream: dict[str, str] = {}
-        prev = span_io(graph, (graph.block_segments[0].name,)).primary_input
-        for seg in graph.block_segments:
-            io = span_io(graph, (seg.name,))
-            self.block_stream[seg.name] = io.primary_output
-            prev = io.primary_output
-        del prev
+        self.block_stream = {seg.name: span_io(graph, (seg.name,)).primary_output for seg in graph.block_segments}
         self.seed = seed
         self.index: torch.Tensor | None = None
         self.calls: list[dict[str, Any]] = []
@@ -144,20 +138,19 @@ class Recording:
         )
 
 
-def _instrumented(model: nn.Module, graph: DiTGraph, recording: Recording) -> OptimizedDiT:
-    from ..capture import capture
+class TrajectoryCollector:
+    """The built-in collector: block residual sketches per step and branch (caching passes)."""
 
-    def instrument(g: DiTGraph) -> DiTGraph:
+    name = "trajectory"
+
+    def __init__(self, graph: DiTGraph) -> None:
+        self.recording = Recording(graph)
+
+    def instrument(self, g: DiTGraph) -> DiTGraph:
         blocks = tuple(s.name for s in g.block_segments)
-        io = span_io(g, blocks)
-        recorder = TrajectoryRecorder(io, blocks, recording)
+        recorder = TrajectoryRecorder(span_io(g, blocks), blocks, self.recording)
         plan = (RunSegments((g.prologue.name,)), recorder, RunSegments((g.epilogue.name,)))
         return g.evolve(plan=plan)
-
-    def build(kwargs: dict[str, Any]) -> DiTGraph:
-        return instrument(capture(model, kwargs))
-
-    return OptimizedDiT(model, build)
 
 
 def calibrate(
@@ -168,22 +161,43 @@ def calibrate(
     *,
     progress: bool = True,
 ) -> CalibStats:
-    """Run `fn` (the user's sampling loop) on an instrumented copy of the runtime and return stats.
+    """Run `fn` (the user's sampling loop) on an instrumented runtime and return stats.
 
-    Every collector named in `needs` is served by the trajectory recording; unknown names are
-    errors so a pass never silently runs without the statistics it asked for.
+    The trajectory (step count, timesteps, block residual sketches) is always recorded. Other
+    names in `needs` are collectors registered by plugins (`ditopt.registry.register_collector`):
+    a factory `f(graph)` returning an object with `instrument(graph) -> graph` (add recording
+    stages or outputs; never change results) and `summarise() -> (tensors, meta)`.
     """
-    known = {"trajectory"}
-    unknown = sorted(set(needs) - known)
-    if unknown:
-        raise CalibrationError(f"no calibration collector for {', '.join(unknown)}; available: {', '.join(sorted(known))}")
-    recording = Recording(graph)
-    instrumented = _instrumented(model, graph, recording)
+    from ..capture import capture
+    from ..registry import get_collector
+
+    trajectory = TrajectoryCollector(graph)
+    extra = []
+    for name in needs:
+        if name == "trajectory":
+            continue
+        try:
+            extra.append(get_collector(name)(graph))
+        except Exception as exc:  # unknown collector: say which
+            raise CalibrationError(f"cannot set up calibration collector {name!r}: {exc}") from exc
+
+    def build(kwargs: dict[str, Any]) -> DiTGraph:
+        g = trajectory.instrument(capture(model, kwargs))
+        for collector in extra:
+            g = collector.instrument(g)
+        return g
+
+    instrumented = OptimizedDiT(model, build)
     with torch.no_grad():
         samples = fn(instrumented)
-    if not recording.calls:
+    if not trajectory.recording.calls:
         raise CalibrationError("the calibration function never called the model it was given; it must sample with that model")
-    return _summarise(graph, recording, samples)
+    stats = _summarise(graph, trajectory.recording, samples)
+    for collector in extra:
+        tensors, meta = collector.summarise()
+        stats.tensors.update(tensors)
+        stats.meta[collector.name] = meta
+    return stats
 
 
 def _summarise(graph: DiTGraph, recording: Recording, samples: Any) -> CalibStats:
