@@ -165,6 +165,11 @@ def bench_attention_cmd(
     _emit_json(result)
 
 
+from .demo import demo  # noqa: E402
+
+app.command()(demo)
+
+
 def main() -> None:
     try:
         app()

@@ -135,16 +135,11 @@ def read_scalar(t: Any) -> float | None:
 
 
 def psnr(samples: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0) -> float:
-    """Mean over samples of per-sample PSNR in dB (inf when identical)."""
-    diff = (samples.double() - reference.double()).flatten(1)
-    mse = diff.pow(2).mean(dim=1)
-    values = torch.where(mse == 0, torch.full_like(mse, math.inf), 10 * torch.log10(data_range**2 / mse))
-    if torch.isinf(values).all():
-        return math.inf
-    finite = values[torch.isfinite(values)]
-    # Identical samples count at a 100 dB cap so one exact sample cannot make the mean infinite.
-    capped = torch.cat([finite, torch.full((int(torch.isinf(values).sum()),), 100.0, dtype=values.dtype)])
-    return float(capped.mean())
+    """Mean per-sample PSNR (ditopt.metrics.psnr) for samples of any shape [N, ...]."""
+    from .metrics import psnr as image_psnr
+
+    n = samples.shape[0]
+    return image_psnr(samples.reshape(n, 1, 1, -1), reference.reshape(n, 1, 1, -1), data_range)
 
 
 def verify_end_to_end(
