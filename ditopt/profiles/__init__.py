@@ -94,7 +94,7 @@ def _validate(data: dict[str, Any], source: str) -> Profile:
     try:
         return Profile.model_validate(data)
     except UnknownPassError as exc:
-        raise InvalidProfileError(f"{source}: {exc}") from None
+        raise UnknownPassError(f"{source}: {exc}") from None
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or '(profile)'}: {err['msg']}" for err in exc.errors()
