@@ -23,6 +23,7 @@ Implementations:
 from __future__ import annotations
 
 import math
+import threading
 from functools import lru_cache
 from typing import Optional, Tuple
 
@@ -122,33 +123,41 @@ def neighborhood_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
 # Fast CPU path
 # --------------------------------------------------------------------------------------------
 #
-# Design (measured on the 2-core dev box, fp32, 1x4 heads x 64 dims, 8x8 tiles, r=1):
+# Design (measured on the 2-core dev box, fp32, 1x4 heads x 64 dims, 8x8 tiles, r=1; the box
+# was shared and loaded, so only numbers taken interleaved in one run are compared):
 #
-# * Inner kernel: ATen's CPU flash-attention (``_scaled_dot_product_flash_attention_for_cpu``),
-#   which accepts arbitrary (even overlapping, stride-0) strides for its batch / head / sequence
-#   dims without copying and returns the log-sum-exp.  Throughput on 64-query x 576-key problems
-#   is ~75-85 % of the dense 4096x4096 call (40-46 vs 55 GFLOP/s), much better than
-#   bmm + softmax + bmm on the same windows (3x slower: the score tensor round-trips memory)
-#   and than splitting the window into (2r+1) row segments merged by LSE (S=192: 35 GFLOP/s
-#   plus the merges).
-# * No per-layer gather of the (2r+1)^2 neighbourhood.  In tile-major order the (2r+1) key
-#   tiles of one tile row that a query tile needs are already ONE contiguous run of tokens, so
-#   only the row direction needs restructuring: K and V are copied once into a "band-stacked"
-#   layout K3[bh, ty, tx, dy] = K[bh, sy(ty)+dy, tx] (3x the size of K, one strided copy).  In
-#   K3 the whole (2r+1)x(2r+1) window of a query tile is one contiguous run of
-#   (2r+1)^2*t^2 tokens, and consecutive windows of a tile row are (2r+1)*t^2 tokens apart, so
-#   the window tensor is a zero-copy ``as_strided`` view with overlapping windows.
-# * Batch = (batch*heads*tile-rows) folded, Heads = windows of the row; the clamped window
-#   centre at the left/right edges (tiles sharing window 0 / the last window) is one more
-#   call with Heads = 2.  So the whole image runs in 2 attention calls, no wasted scores.
-# * Text tokens (MMDiT): image queries x text keys is one more flash call; the two partial
-#   results are merged exactly through their log-sum-exps.  Text queries run dense SDPA.
+# * Inner kernel: ATen's CPU flash attention (``_scaled_dot_product_flash_attention_for_cpu``),
+#   which accepts arbitrary (even overlapping) strides for its batch / head / sequence dims
+#   without copying, and returns the log-sum-exp.  On 64-query x 576-key problems it reaches
+#   ~75-85 % of the throughput of the dense 4096x4096 call; bmm + softmax + bmm on the same
+#   windows was 3x slower (the score tensor round-trips memory), and splitting the window into
+#   (2r+1) row segments merged by LSE ran at S=192 (less efficient) plus the merges.
+# * No per-layer (2r+1)^2 gather.  In tile-major order the tiles of one tile row are
+#   consecutive, so only the row direction is restructured: K and V are copied once into
+#   K3[bh, ty, p, dy] = K[bh, sy(ty)+dy, P[p]] (~3x the size of K; one ``index_select`` of
+#   whole 16 KiB tiles into a reused workspace).  Along the row, P is the column sequence
+#   padded with r "reflected" tiles on each side (see ``_column_sequence``): window sets are
+#   order-free, so even the clamped edge windows become plain sliding windows, and the
+#   window of query tile (ty, tx) is the contiguous run K3[bh, ty, tx : tx+2r+1].  The window
+#   tensor is a zero-copy ``as_strided`` view with overlapping windows.
+# * So the whole image is ONE flash call (Batch = batch*heads*tile rows, Heads = tiles of a
+#   row, L = t*t queries, S = (2r+1)^2*t*t keys) whose output already is the tile-major
+#   [B, heads, H*W, D] result: no wasted scores, no output concatenation.
+# * Few, large parallel regions matter on a shared box: with the default OpenMP spin-wait,
+#   an earlier version with 10 regions per call (band copies per row group, main + edge
+#   calls, concatenations) was 4x slower with 2 threads than with 1 under load (every region
+#   waits for a descheduled worker); the single-call version has 3 regions (2 gathers + the
+#   attention) and a reused workspace (fresh 3x-K buffers cost ~6000 page faults per call).
+# * Text tokens (MMDiT): image queries x text keys is one more flash call, merged exactly
+#   through the log-sum-exps (``lerp`` with ``sigmoid(lse_img - lse_txt)``); text queries run
+#   dense SDPA.
 # * Grids that are not a multiple of the tile: tokens are scattered into a padded full-tile
 #   buffer with one extra head dim; pad keys get -1e30 in that dim (q gets 1 there, q is
-#   pre-scaled), so they have zero weight without any attention mask.
-#
-# Measured numbers (interleaved, median; see benchmarks/bench_attention_kernels.py) are in
-# the module docstring of ditopt.kernels.bench.
+#   pre-scaled), so they have zero weight without an attention mask.
+# * FlexAttention (torch.compile, BLOCK_SIZE=64 block mask in tile-major order, exact) was
+#   also measured: 1 thread 48.9 ms vs 55.7 ms for an earlier two-call version of this path,
+#   dense 296 ms; compiling takes ~30 s per shape and needs a C++ toolchain, see the
+#   benchmark numbers in ditopt.kernels.bench for the comparison with the final version.
 
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
@@ -167,83 +176,90 @@ def _pad_index(H: int, W: int, tile: int) -> torch.Tensor:
     return ((ty * TW + tx) * tile + iy) * tile + ix
 
 
-def _split(T: int, radius: int):
-    """Per-axis plan: window size, #windows, and the tile ranges sharing the edge windows.
+@lru_cache(maxsize=64)
+def _column_sequence(T: int, radius: int) -> Tuple[int, Tuple[int, ...]]:
+    """Window size K and a tile sequence P (len T+K-1) with set(P[j:j+K]) == window of tile j.
 
-    Tiles [0, a) use window 0, tiles [a, a+nw) use window (tile-a), tiles [a+nw, T) use
-    window nw-1."""
-    Kw = min(2 * radius + 1, T)
-    nw = T - Kw + 1
-    a = min(radius, T - nw)
-    return Kw, nw, a, T - a - nw
-
-
-def _band_stack(xt: torch.Tensor, KY: int, nwy: int, ay: int, by: int) -> torch.Tensor:
-    """xt [BH, TH, TW, t2, Dp] -> K3 [BH, TH, TW, KY, t2, Dp] with K3[:, ty, :, dy] = xt[:, sy(ty)+dy]."""
-    BH, TH, TW, t2, Dp = xt.shape
-    u = xt.unfold(1, KY, 1).permute(0, 1, 2, 5, 3, 4)  # [BH, nwy, TW, KY, t2, Dp] (view)
-    out = xt.new_empty(BH, TH, TW, KY, t2, Dp)
-    out[:, ay:ay + nwy].copy_(u)
-    if ay:
-        out[:, :ay].copy_(u[:, :1].expand(BH, ay, TW, KY, t2, Dp))
-    if by:
-        out[:, ay + nwy:].copy_(u[:, nwy - 1:].expand(BH, by, TW, KY, t2, Dp))
-    return out
-
-
-def _image_neighborhood(qt, kt, vt, radius, scale):
-    """qt, kt, vt: [BH, TH, TW, t2, Dp] full tiles.  Returns (out [BH, TH*TW*t2, Dp], lse [BH, TH*TW*t2])."""
-    BH, TH, TW, t2, Dp = qt.shape
-    KY, nwy, ay, by = _split(TH, radius)
-    KX, nwx, ax, bx = _split(TW, radius)
-    K3 = _band_stack(kt, KY, nwy, ay, by)
-    V3 = _band_stack(vt, KY, nwy, ay, by)
-    R = BH * TH
-    S = KX * KY * t2                # keys per window
-    wstride = KY * t2 * Dp          # elements between consecutive windows of a row
-    rstride_k = TW * KY * t2 * Dp   # elements between tile rows in K3
-    rstride_q = TW * t2 * Dp
-    if not qt.is_contiguous():
-        qt = qt.contiguous()
-
-    def kv_win(n, first, step):
-        shape = (R, n, S, Dp)
-        strides = (rstride_k, step * wstride, Dp, 1)
-        off = first * wstride
-        return (K3.as_strided(shape, strides, K3.storage_offset() + off),
-                V3.as_strided(shape, strides, V3.storage_offset() + off))
-
-    def q_run(n, first_tile, ntiles, step_tiles):
-        return qt.as_strided((R, n, ntiles * t2, Dp), (rstride_q, step_tiles * t2 * Dp, Dp, 1),
-                             qt.storage_offset() + first_tile * t2 * Dp)
-
-    outs, lses = [], []
-    # main: tile ax+w uses window w
-    km, vm = kv_win(nwx, 0, 1)
-    om, lm = _flash(q_run(nwx, ax, 1, 1), km, vm, scale)
-    om, lm = om.reshape(R, nwx * t2, Dp), lm.reshape(R, nwx * t2)
-    ol = orr = ll = lr = None
-    if ax and ax == bx:  # both edge groups in one call
-        ke, ve = kv_win(2, 0, nwx - 1)
-        oe, le = _flash(q_run(2, 0, ax, ax + nwx), ke, ve, scale)
-        ol, orr = oe[:, 0], oe[:, 1]
-        ll, lr = le[:, 0], le[:, 1]
+    Window sets are order-free, so the clamped edge windows become plain sliding windows over
+    a sequence padded with r "reflected" tiles on each side:
+    ``P = [r+1 .. 2r] + [0 .. T-1] + [T-1-2r .. T-2-r]``  (T >= 2r+1), or the cyclic
+    ``[0 .. T-1] + [0 .. T-2]`` when the axis is shorter than the window."""
+    K, start = axis_window(T, radius)
+    if T >= 2 * radius + 1:
+        P = list(range(radius + 1, 2 * radius + 1)) + list(range(T)) + \
+            list(range(T - 1 - 2 * radius, T - 1 - radius))
     else:
-        if ax:
-            ke, ve = kv_win(1, 0, 1)
-            o, l = _flash(q_run(1, 0, ax, 1), ke, ve, scale)
-            ol, ll = o[:, 0], l[:, 0]
-        if bx:
-            ke, ve = kv_win(1, nwx - 1, 1)
-            o, l = _flash(q_run(1, ax + nwx, bx, 1), ke, ve, scale)
-            orr, lr = o[:, 0], l[:, 0]
-    for o, l in ((ol, ll), (om, lm), (orr, lr)):
-        if o is not None:
-            outs.append(o)
-            lses.append(l)
-    out = torch.cat(outs, 1) if len(outs) > 1 else outs[0]
-    lse = torch.cat(lses, 1) if len(lses) > 1 else lses[0]
-    return out.view(BH, TH * TW * t2, Dp), lse.view(BH, TH * TW * t2)
+        P = list(range(T)) + list(range(T - 1))
+    for j in range(T):  # cheap self-check, cached
+        s0 = int(start[j])
+        assert sorted(P[j:j + K]) == list(range(s0, s0 + K)), (T, radius, j)
+    return K, tuple(P)
+
+
+@lru_cache(maxsize=64)
+def _window_tile_index(TH: int, TW: int, radius: int) -> Tuple[torch.Tensor, int, int, int]:
+    """Flat tile indices of the band-stacked, column-reflected K layout (see the design note)."""
+    KY, sy = axis_window(TH, radius)
+    KX, P = _column_sequence(TW, radius)
+    rows = sy[:, None] + torch.arange(KY)[None, :]                      # [TH, KY]
+    cols = torch.tensor(P)                                              # [TW+KX-1]
+    idx = rows[:, None, :] * TW + cols[None, :, None]                   # [TH, TW+KX-1, KY]
+    return idx.reshape(-1), KY, KX, len(P)
+
+
+_workspace = threading.local()
+
+
+def _get_workspace(slot: int, numel: int, like: torch.Tensor) -> torch.Tensor:
+    """A per-thread scratch buffer that is reused across calls.
+
+    The band-stacked K/V copies are ~3x the size of K; allocating them fresh in every layer
+    costs a page fault per 4 KiB page (glibc returns big blocks to the OS on free), which on
+    the dev VM was ~6000 faults and tens of ms per call at 64x64 -- as much as the copy."""
+    bufs = getattr(_workspace, "bufs", None)
+    if bufs is None:
+        bufs = _workspace.bufs = {}
+    key = (slot, like.dtype, like.device)
+    buf = bufs.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(numel, dtype=like.dtype, device=like.device)
+        bufs[key] = buf
+    return buf[:numel]
+
+
+def clear_workspace() -> None:
+    """Free the scratch buffers cached by the fast CPU path in this thread."""
+    _workspace.bufs = {}
+
+
+def _stack_tiles(xt: torch.Tensor, idx: torch.Tensor, slot: int) -> torch.Tensor:
+    """One gather of whole tiles: xt [BH, T, t2, Dp] -> [BH, len(idx), t2, Dp] (workspace)."""
+    BH, _, t2, Dp = xt.shape
+    n = idx.numel()
+    if xt.device.type == "cpu" and not torch.compiler.is_compiling():
+        out = _get_workspace(slot, BH * n * t2 * Dp, xt).view(BH, n, t2, Dp)
+        return torch.index_select(xt, 1, idx, out=out)
+    return torch.index_select(xt, 1, idx)
+
+
+def _image_neighborhood(qt, kt, vt, radius, scale, need_lse=True):
+    """qt, kt, vt: [BH, TH, TW, t2, Dp] full tiles.
+
+    Returns (out [BH, TH*TW*t2, Dp], lse [BH, TH*TW*t2] or None).  ONE flash-attention call:
+    Batch = (bh, tile row), Heads = tiles of the row, keys = a sliding window over the
+    band-stacked, column-reflected copy of K/V."""
+    BH, TH, TW, t2, Dp = qt.shape
+    idx, KY, KX, LP = _window_tile_index(TH, TW, radius)
+    idx = idx.to(qt.device)
+    K3 = _stack_tiles(kt.reshape(BH, TH * TW, t2, Dp), idx, 0)         # [BH, TH*LP*KY, t2, Dp]
+    V3 = _stack_tiles(vt.reshape(BH, TH * TW, t2, Dp), idx, 1)
+    shape = (BH * TH, TW, KX * KY * t2, Dp)
+    strides = (LP * KY * t2 * Dp, KY * t2 * Dp, Dp, 1)
+    kw = K3.as_strided(shape, strides, K3.storage_offset())
+    vw = V3.as_strided(shape, strides, V3.storage_offset())
+    qw = qt.reshape(BH * TH, TW, t2, Dp)
+    out, lse = _flash(qw, kw, vw, scale)                                # [BH*TH, TW, t2, Dp]
+    return out.reshape(BH, TH * TW * t2, Dp), (lse.reshape(BH, TH * TW * t2) if need_lse else None)
 
 
 def neighborhood_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -269,7 +285,7 @@ def neighborhood_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         qt = qi.reshape(BH, TH, TW, t2, D)
         kt = ki.reshape(BH, TH, TW, t2, D)
         vt = vi.reshape(BH, TH, TW, t2, D)
-        o_img, l_img = _image_neighborhood(qt, kt, vt, radius, scale)
+        o_img, l_img = _image_neighborhood(qt, kt, vt, radius, scale, need_lse=n_text > 0)
     else:
         # scatter into padded full tiles with one extra head dim that masks the pad keys
         Np = TH * TW * t2
@@ -284,9 +300,10 @@ def neighborhood_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         kp[:, idx, D] = 0.0
         vp[:, idx, :D] = vi.reshape(BH, HW, D)
         shp = (BH, TH, TW, t2, D + 1)
-        o_p, l_p = _image_neighborhood(qp.view(shp), kp.view(shp), vp.view(shp), radius, 1.0)
+        o_p, l_p = _image_neighborhood(qp.view(shp), kp.view(shp), vp.view(shp), radius, 1.0,
+                                       need_lse=n_text > 0)
         o_img = o_p.index_select(1, idx)[..., :D]
-        l_img = l_p.index_select(1, idx)
+        l_img = l_p.index_select(1, idx) if n_text else None
 
     if n_text == 0:
         return o_img.reshape(B, Hh, N, D).contiguous()
@@ -296,10 +313,9 @@ def neighborhood_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     o_t, l_t = _flash(qi, k[:, :, :n_text], v[:, :, :n_text], scale)
     o_img = o_img.view(B, Hh, HW, D)
     l_img = l_img.view(B, Hh, HW)
-    l_tot = torch.logaddexp(l_img, l_t)
-    w_img = torch.exp(l_img - l_tot).unsqueeze(-1)
-    w_t = torch.exp(l_t - l_tot).unsqueeze(-1)
-    out[:, :, n_text:].copy_(torch.addcmul(o_img * w_img, o_t, w_t))
+    # o = (e^l_img o_img + e^l_t o_t) / (e^l_img + e^l_t) = lerp(o_t, o_img, sigmoid(l_img - l_t))
+    w = torch.sigmoid(l_img - l_t).unsqueeze(-1)
+    torch.lerp(o_t, o_img, w.to(o_t.dtype), out=out[:, :, n_text:])
     # text queries: dense over all keys
     out[:, :, :n_text] = F.scaled_dot_product_attention(q[:, :, :n_text], k, v, scale=scale)
     return out
