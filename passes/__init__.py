@@ -2,3 +2,4 @@
 the core finds this package through the `ditopt.plugins` entry point."""
 
 from . import caching  # noqa: F401
+from . import attention  # noqa: F401

@@ -1,0 +1,9 @@
+"""Attention substitution (issue #5): calibrated 2-D neighbourhood and PISA block-sparse
+attention. Importing registers the "attention" calibration collector and the passes
+`neighborhood_attention` and `block_sparse_attention`."""
+
+from . import collector, passes  # noqa: F401  (registers)
+from .collector import AttentionCollector, attention_heatmap
+from .masses import attention_masses
+
+__all__ = ["AttentionCollector", "attention_heatmap", "attention_masses"]

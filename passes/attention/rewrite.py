@@ -1,0 +1,90 @@
+"""Graph surgery shared by the attention substitutions: replace one block's
+`aten.scaled_dot_product_attention` node by a `ditopt::` kernel op that expects the kernels'
+token order (text prefix, image tokens tile-major), permuting q/k/v into that order and the
+result back inside the block (so every other node of the graph keeps its token order)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+from ditopt.graph import AttentionSite, DiTGraph
+
+from .collector import plain_sdpa, sdpa_scale, site_node
+from .masses import kernel_order
+
+aten = torch.ops.aten
+
+
+def substitutable(graph: DiTGraph, site: AttentionSite) -> str | None:
+    """Why `site` cannot be substituted, or None when it can."""
+    if site.kind == "cross":
+        return "cross-attention"
+    if graph.grid is None or len(graph.grid) != 2:
+        return "image tokens are not on a known 2-D grid"
+    h, w = graph.grid
+    if site.image_tokens != h * w or not (site.query_tokens == site.key_tokens == site.image_tokens + site.text_tokens):
+        return "token counts do not match the grid"
+    return None
+
+
+def substituted(graph: DiTGraph, block: int) -> dict[str, Any] | None:
+    """The substitution already made in this block's segment, if any."""
+    for node in graph.segment_for_block(block).module.graph.nodes:
+        sub = node.meta.get("ditopt", {}).get("substitution")
+        if sub:
+            return sub
+    return None
+
+
+def replace_attention(
+    graph: DiTGraph,
+    block: int,
+    site: AttentionSite,
+    op: Callable,
+    op_args: Callable[[int, float | None], tuple],
+    record: dict[str, Any],
+) -> DiTGraph | None:
+    """New graph with `site`'s sdpa node in `block` replaced by `op(q', k', v', *op_args(n_text,
+    scale))` on tokens in the kernels' order; None when the node is not a plain sdpa (masked,
+    causal, or already replaced)."""
+    seg = graph.segment_for_block(block)
+    gm = fx.GraphModule(seg.module, copy.deepcopy(seg.module.graph))
+    g = gm.graph
+    node = site_node(gm, site.node)
+    if node is None or not plain_sdpa(node):
+        return None
+    tile = record["tile"]
+    order = kernel_order(site.image_tokens, site.text_tokens, site.text_first, graph.grid, tile)
+    identity = bool(torch.equal(order, torch.arange(order.numel())))
+    q, k, v = node.args[:3]
+    with g.inserting_before(node):
+        if not identity:
+            inverse = torch.empty_like(order)
+            inverse[order] = torch.arange(order.numel())
+            base = f"_ditopt_token_order_{site.node}"
+            gm.register_buffer(base, order)
+            gm.register_buffer(base + "_inverse", inverse)
+            fwd, back = g.get_attr(base), g.get_attr(base + "_inverse")
+            q, k, v = (_index(g, x, fwd) for x in (q, k, v))
+        new = g.call_function(op, (q, k, v, *op_args(site.text_tokens, sdpa_scale(node))))
+        new.meta["val"] = node.meta.get("val")
+        out = new if identity else _index(g, new, back)
+    new.meta["ditopt"] = {**node.meta.get("ditopt", {}), "substitution": record}
+    if "nn_module_stack" in node.meta:
+        new.meta["nn_module_stack"] = node.meta["nn_module_stack"]
+    node.replace_all_uses_with(out)
+    g.erase_node(node)
+    g.lint()
+    gm.recompile()
+    return graph.with_segment(seg.replace_module(gm))
+
+
+def _index(g: fx.Graph, x: fx.Node, index: fx.Node) -> fx.Node:
+    node = g.call_function(aten.index_select.default, (x, 2, index))
+    if isinstance(x.meta.get("val"), torch.Tensor):
+        node.meta["val"] = x.meta["val"]
+    return node
