@@ -11,7 +11,7 @@ Importing this package registers the custom ops; it does not import triton.
 """
 from .layout import (inverse_tile_permutation, permute_from_tiles, permute_to_tiles, tile_grid,
                      tile_major_coords, tile_permutation)
-from .neighborhood import (neighborhood_attention_cpu, neighborhood_attention_reference, neighborhood_density,
+from .neighborhood import (clear_workspace, neighborhood_attention_cpu, neighborhood_attention_reference, neighborhood_density,
                            neighborhood_mask)
 from .block_sparse import (block_sparse_attention_cpu, block_sparse_attention_reference, block_stats,
                            select_blocks)
@@ -30,5 +30,5 @@ __all__ = [
     "neighborhood_attention", "neighborhood_attention_cpu", "neighborhood_attention_reference",
     "neighborhood_density", "neighborhood_mask",
     "block_sparse_attention", "block_sparse_attention_cpu", "block_sparse_attention_reference",
-    "block_stats", "select_blocks", "bench_attention",
+    "block_stats", "select_blocks", "bench_attention", "clear_workspace",
 ]

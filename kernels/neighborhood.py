@@ -154,10 +154,16 @@ def neighborhood_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
 # * Grids that are not a multiple of the tile: tokens are scattered into a padded full-tile
 #   buffer with one extra head dim; pad keys get -1e30 in that dim (q gets 1 there, q is
 #   pre-scaled), so they have zero weight without an attention mask.
-# * FlexAttention (torch.compile, BLOCK_SIZE=64 block mask in tile-major order, exact) was
-#   also measured: 1 thread 48.9 ms vs 55.7 ms for an earlier two-call version of this path,
-#   dense 296 ms; compiling takes ~30 s per shape and needs a C++ toolchain, see the
-#   benchmark numbers in ditopt.kernels.bench for the comparison with the final version.
+# * FlexAttention (torch.compile'd ``flex_attention``, BLOCK_SIZE=64 block mask in tile-major
+#   order, exact) measured against this final version, interleaved, same inputs, loaded box:
+#       grid     threads   dense SDPA   this path   flex (compiled)
+#       64x64       1        263.7 ms     41.9 ms     48.2 ms
+#       64x64       2        310.8 ms     65.8 ms     51.0 ms
+#       128x128     1      18929   ms    708   ms    677   ms
+#       128x128     2      11427   ms    616   ms    544   ms
+#   i.e. the same speed within the noise (flex ~10-20 % ahead with 2 threads under load, this
+#   path ahead with 1 thread).  Flex needs torch.compile (20-35 s per new shape, a C++
+#   toolchain, Inductor's CPU template); this path needs nothing, so it is the default.
 
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
