@@ -17,7 +17,7 @@ class SpanIO:
     outputs: tuple[str, ...]  # values the span produces that are read after it
     pairs: tuple[tuple[str, str], ...]  # (input, output): output is the updated input stream
     unpaired: tuple[str, ...]  # outputs with no input of the same shape (forecast as values)
-    primary_input: str  # the image stream (the largest paired tensor)
+    primary_input: str  # the image stream (the largest paired tensor); "" when nothing is paired
     primary_output: str
 
 
@@ -71,16 +71,18 @@ def span_io(graph: DiTGraph, names: tuple[str, ...]) -> SpanIO:
             free.remove(match[0])
         else:
             unpaired.append(o)
-    if not pairs:
-        raise ValueError(f"span {names} has no output stream that replaces an input stream")
+    if not outputs:
+        raise ValueError(f"span {names} produces nothing that is read after it")
 
     def numel(name: str) -> int:
         n = 1
-        for d in shapes[name]:
+        for d in shapes.get(name, ()):
             n *= d
         return n
 
-    primary = max(pairs, key=lambda p: numel(p[1]))
+    # A span that ends the model (e.g. blocks + epilogue) has no stream to pair: its output is
+    # forecast as a value, and there is no primary input.
+    primary = max(pairs, key=lambda p: numel(p[1])) if pairs else ("", unpaired[0])
     return SpanIO(tuple(inputs), tuple(outputs), tuple(pairs), tuple(unpaired), primary[0], primary[1])
 
 

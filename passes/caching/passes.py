@@ -12,7 +12,7 @@ from ditopt.graph import DiTGraph
 from ditopt.plan import RunSegments, Stage
 from ditopt.registry import PassConfig, PassContext, PassResult, register_pass
 
-from .schedule import forecast_errors, greedy_schedule, periodic_schedule, smallest_passing, span_residual_sketch
+from .schedule import forecast_errors, periodic_schedule, quantile_schedule, smallest_passing, span_residual_sketch, step_changes
 from .stage import CachedSpan, ConfidenceGate, ProbeGate, StaticSchedule
 
 Auto = Literal["auto"]
@@ -185,7 +185,8 @@ class CalibratedScheduleConfig(PassConfig):
     order: Union[int, Auto] = Field("auto", description="Taylor order 0..2, or 'auto' to search all")
     computed_steps: int | None = Field(None, ge=1, description="fix the number of computed steps (no search)")
     compute_steps: tuple[int, ...] | None = Field(None, description="explicit computed steps (replay)")
-    warmup: int = Field(1, ge=1)
+    warmup: int = Field(2, ge=1)
+    alpha: Union[float, Auto] = Field("auto", description="0: even spacing; 1: spacing by residual change; 'auto' searches both")
     margin_db: float = Field(1.0, ge=0, description="PSNR margin over the budget on calibration inputs")
     on_mismatch: Literal["rederive", "error"] = "rederive"
 
@@ -224,10 +225,11 @@ def calibrated_schedule(graph: DiTGraph, config: CalibratedScheduleConfig, ctx: 
             raise InvalidProfileError("calibrated_schedule: compute_steps needs a concrete order")
         mask = [i in set(config.compute_steps) for i in range(steps)]
         return finish(int(config.order), mask, {})
-    orders = [0, 1, 2] if config.order == "auto" else [int(config.order)]
+    orders = [1, 2] if config.order == "auto" else [int(config.order)]
+    changes = step_changes(residual)
     if config.computed_steps is not None:
-        order = orders[-1]
-        return finish(order, greedy_schedule(residual, t_axis, config.computed_steps, order, config.warmup), {})
+        mask = quantile_schedule(changes, config.computed_steps, config.warmup, config.alpha if config.alpha != "auto" else 0.0)
+        return finish(orders[-1], mask, {})
 
     evaluate = ctx.extras.get("evaluate")
     budget = getattr(ctx.budget, "min_psnr_db", None)
@@ -237,26 +239,30 @@ def calibrated_schedule(graph: DiTGraph, config: CalibratedScheduleConfig, ctx: 
             "it needs budget.min_psnr_db and a calibration function that returns the final samples"
         )
     target = budget + config.margin_db + ctx.extras.get("psnr_tighten_db", 0.0)
+    alphas = [0.0, 1.0] if config.alpha == "auto" else [float(config.alpha)]
     trials: list[dict[str, Any]] = []
-    best: tuple[int, int, list[bool], float] | None = None
+    best: tuple[int, float, int, list[bool], float] | None = None
     for order in orders:
-        memo: dict[int, float] = {}
+        for alpha in alphas:
+            memo: dict[int, float] = {}
 
-        def psnr_for(k: int, order: int = order, memo: dict[int, float] = memo) -> float:
-            if k not in memo:
-                mask = greedy_schedule(residual, t_axis, k, order, config.warmup)
-                memo[k] = evaluate(make(order, mask))
-                trials.append({"order": order, "computed_steps": k, "psnr_db": memo[k]})
-            return memo[k]
+            def psnr_for(k: int, order: int = order, alpha: float = alpha, memo: dict[int, float] = memo) -> float:
+                if k not in memo:
+                    memo[k] = evaluate(make(order, quantile_schedule(changes, k, config.warmup, alpha)))
+                    trials.append({"order": order, "alpha": alpha, "computed_steps": k, "psnr_db": memo[k]})
+                return memo[k]
 
-        hi = steps if best is None else min(steps, best[1])
-        k = smallest_passing(config.warmup + 1, hi, lambda k: psnr_for(k) >= target)
-        if k is not None and (best is None or k < best[1]):
-            best = (order, k, greedy_schedule(residual, t_axis, k, order, config.warmup), memo[k])
+            # Only fewer computed steps than the best so far can win: search below it.
+            hi = steps if best is None else best[2] - 1
+            if hi < config.warmup + 1:
+                continue
+            k = smallest_passing(config.warmup + 1, hi, lambda k: psnr_for(k) >= target)
+            if k is not None:
+                best = (order, alpha, k, quantile_schedule(changes, k, config.warmup, alpha), memo[k])
     if best is None:
         return PassResult(graph, False, {"skipped": f"no schedule reaches {target:.1f} dB on the calibration inputs", "trials": trials})
-    order, k, mask, value = best
-    return finish(order, mask, {"target_psnr_db": target, "predicted_psnr_db": value, "computed_steps": k, "trials": trials})
+    order, alpha, k, mask, value = best
+    return finish(order, mask, {"target_psnr_db": target, "predicted_psnr_db": value, "computed_steps": k, "alpha": alpha, "trials": trials})
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,10 +1,14 @@
 """Choosing which steps compute, from calibration statistics.
 
-The calibration run recorded a fixed random sketch of every block's residual at every step, so
-the error of forecasting a span's residual from any set of computed steps can be simulated
-offline (teacher-forced): no extra model call. A greedy pass adds, one at a time, the step
-whose forecast error is largest; the budget search then bisects on the number of computed
-steps with end-to-end sampling on the calibration inputs.
+The calibration run recorded a fixed random sketch of every block's residual at every step.
+From it: how fast the residual moves at each step (computed steps are spaced evenly in
+cumulative change), and the teacher-forced forecast error of any schedule (reported as a
+prediction). The budget search then bisects on the number of computed steps with end-to-end
+sampling on the calibration inputs.
+
+A greedy placement (add the step with the largest offline forecast error) was tried first and
+dropped: it produced isolated adjacent computed pairs whose finite differences are noisy, and
+measured PSNR with Taylor order 1-2 came out far below evenly spaced schedules.
 """
 
 from __future__ import annotations
@@ -48,18 +52,38 @@ def forecast_errors(residual: torch.Tensor, times: list[float], compute: list[bo
     return errors
 
 
-def greedy_schedule(residual: torch.Tensor, times: list[float], computed: int, order: int, warmup: int = 1) -> list[bool]:
-    """Computed-step mask with `computed` True entries: warm-up steps, then repeatedly the step
-    with the largest forecast error."""
-    steps = residual.shape[1]
+def step_changes(residual: torch.Tensor) -> list[float]:
+    """Mean relative change of the residual from the previous step (step 0: the largest seen)."""
+    diffs = (residual[:, 1:] - residual[:, :-1]).norm(dim=-1) / residual[:, 1:].norm(dim=-1).clamp_min(1e-12)
+    changes = diffs.mean(0).tolist()
+    return [max(changes, default=1.0)] + changes
+
+
+def quantile_schedule(changes: list[float], computed: int, warmup: int, alpha: float) -> list[bool]:
+    """Computed steps spaced evenly in cumulative change^alpha: alpha 0 is a uniform interval,
+    alpha 1 computes more often where the residual moves fast. Even spacing keeps Taylor
+    finite differences well conditioned (an isolated pair of adjacent computed steps does not)."""
+    steps = len(changes)
     computed = max(1, min(computed, steps))
-    mask = [s < min(warmup, computed) for s in range(steps)]
-    while sum(mask) < computed:
-        errors = forecast_errors(residual, times, mask, order)
-        worst = int(errors.argmax())
-        if errors[worst] <= 0:
-            break
-        mask[worst] = True
+    warmup = min(warmup, computed)
+    mask = [s < warmup for s in range(steps)]
+    remaining = computed - warmup
+    if remaining <= 0:
+        return mask
+    weights = [max(c, 1e-6) ** alpha for c in changes[warmup:]]
+    total = sum(weights)
+    cumulative, acc = [], 0.0
+    for w in weights:
+        cumulative.append(acc / total)
+        acc += w
+    for j in range(remaining):
+        target = j / remaining
+        s = warmup + next(i for i, c in enumerate(cumulative + [2.0]) if c >= target - 1e-12)
+        while s < steps and mask[s]:
+            s += 1
+        if s >= steps:
+            s = next(i for i in range(steps) if not mask[i])
+        mask[s] = True
     return mask
 
 
