@@ -451,7 +451,8 @@ def _capture_kwargs(model: nn.Module, kwargs: dict[str, Any]) -> DiTGraph:
     except Exception as exc:  # torch.export raises many types; report them as one
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: {str(exc)[:500]}. "
-            "Check that example inputs match the forward signature."
+            "Check that example inputs match the forward signature; for inputs ditopt cannot synthesise "
+            "from the config, pass example_inputs={...}."
         ) from exc
     gm = exported.module()
     if any(n.target in SDPA_OPS for n in gm.graph.nodes if n.op == "call_function") is False:

@@ -165,3 +165,25 @@ def test_new_generation_detected_and_reset():
         assert torch.allclose(opt(x=c, timestep=torch.tensor([5.0])), 8 * c)
         with opt.generation():
             assert torch.allclose(opt(x=a, timestep=torch.tensor([1.0])), 8 * a)
+
+
+@pytest.mark.parametrize(
+    "name,config",
+    [
+        ("AuraFlowTransformer2DModel", dict(sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1, num_single_dit_layers=1,
+                                            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                            caption_projection_dim=16, out_channels=4, pos_embed_max_size=16)),
+        ("SanaTransformer2DModel", dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+                                        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16,
+                                        caption_channels=16, sample_size=8, patch_size=1)),
+    ],
+)
+def test_untested_diffusers_families_work_generically(name, config):
+    """Architectures with no adapter and no mention anywhere in ditopt: generic recovery only."""
+    import diffusers
+
+    torch.manual_seed(0)
+    model = getattr(diffusers, name)(**config).eval()
+    optimized = ditopt.optimize(model, "identity")
+    assert len(optimized.programs[0].blocks) == 2
+    assert optimized.report.passed
