@@ -9,18 +9,20 @@ and ``torch.compile`` keep each call as ONE opaque node:
 
 ``q, k, v``: ``[B, heads, N, D]``; result: contiguous ``[B, heads, N, D]`` with q's dtype.
 Dispatch: CPU tensors -> the PyTorch fast paths; CUDA tensors -> the Triton kernels; any
-other device -> the (masked dense) reference in the input dtype.  Forward / inference only
-(no autograd formula is registered).
+other device -> the (masked dense) reference in the input dtype.  The forward is the fast
+kernel; the backward (registered for distillation / fine-tuning use) recomputes through the
+dense masked formulation in the input dtype -- correct, but O(N^2) memory, not a fast path.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .block_sparse import block_sparse_attention_cpu, block_sparse_attention_reference
-from .neighborhood import neighborhood_attention_cpu, neighborhood_attention_reference
+from .neighborhood import neighborhood_attention_cpu, neighborhood_attention_reference, neighborhood_mask
 
 __all__ = ["neighborhood_attention", "block_sparse_attention"]
 
@@ -70,3 +72,34 @@ def _block_sparse_attention_cuda(q, k, v, block_size=64, rho=0.25, n_text=0, inc
 def _block_sparse_attention_fake(q, k, v, block_size=64, rho=0.25, n_text=0, include_diagonal=True,
                                  scale=None, eps=1e-6, compensate=True):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def _save_qkv(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:3])
+    ctx.cfg = tuple(inputs[3:])
+
+
+def _neighborhood_backward(ctx, grad):
+    q, k, v = ctx.saved_tensors
+    height, width, tile, radius, n_text, scale = ctx.cfg
+    mask = neighborhood_mask(height, width, tile, radius, n_text, device=q.device)
+    with torch.enable_grad():
+        qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
+        o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale)
+        gq, gk, gv = torch.autograd.grad(o, (qq, kk, vv), grad)
+    return gq, gk, gv, None, None, None, None, None, None
+
+
+def _block_sparse_backward(ctx, grad):
+    q, k, v = ctx.saved_tensors
+    block_size, rho, n_text, include_diagonal, scale, eps, compensate = ctx.cfg
+    with torch.enable_grad():
+        qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
+        o = block_sparse_attention_reference(qq, kk, vv, block_size, rho, n_text, include_diagonal, scale, eps,
+                                             compensate, dtype=q.dtype)
+        gq, gk, gv = torch.autograd.grad(o, (qq, kk, vv), grad)
+    return gq, gk, gv, None, None, None, None, None, None, None
+
+
+neighborhood_attention.register_autograd(_neighborhood_backward, setup_context=_save_qkv)
+block_sparse_attention.register_autograd(_block_sparse_backward, setup_context=_save_qkv)

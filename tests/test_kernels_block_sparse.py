@@ -122,6 +122,15 @@ def test_custom_op_and_export():
     assert torch.allclose(block_sparse_attention(q, k, v, 16, 0.5, 3), block_sparse_attention_cpu(q, k, v, 16, 0.5, 3))
 
 
+def test_custom_op_backward_runs_and_matches_reference_grads():
+    q, k, v = (x.double().requires_grad_() for x in _qkv(1, 2, 2 + 64, 8, 12))
+    g = torch.randn(1, 2, 66, 8, dtype=torch.float64)
+    grads = torch.autograd.grad(block_sparse_attention(q, k, v, 16, 0.5, 2), (q, k, v), g)
+    ref = torch.autograd.grad(block_sparse_attention_reference(q, k, v, 16, 0.5, 2), (q, k, v), g)
+    for a, b in zip(grads, ref):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
 _TRITON_SCRIPT = textwrap.dedent("""
     import json, os
     assert os.environ.get("TRITON_INTERPRET") == "1"

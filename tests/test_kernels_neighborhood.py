@@ -143,6 +143,16 @@ def test_custom_op_dispatch_and_export():
     assert (ep.module()(q2, k2, v2).double() - 2 * ref).abs().max().item() < 2 * TOL
 
 
+def test_custom_op_backward_matches_reference_grads():
+    H, W, t, nt = 8, 12, 4, 2
+    q, k, v = (x.double().requires_grad_() for x in _qkv(1, 2, nt + H * W, 8, 11))
+    g = torch.randn(1, 2, nt + H * W, 8, dtype=torch.float64)
+    grads = torch.autograd.grad(neighborhood_attention(q, k, v, H, W, t, 1, nt), (q, k, v), g)
+    ref = torch.autograd.grad(neighborhood_attention_reference(q, k, v, H, W, t, 1, nt), (q, k, v), g)
+    for a, b in zip(grads, ref):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
 def test_bench_attention_contract():
     from ditopt.kernels.bench import bench_attention
     r = bench_attention(grid=(16, 16), heads=2, head_dim=16, tile=4, radius=1, repeats=1, warmup=0)
