@@ -64,7 +64,7 @@ def _substitute(graph: DiTGraph, config: Any, ctx: PassContext, pattern: str) ->
     for block, site in _sites(graph, config.blocks):
         flops = attention_flops(site)
         total_flops += flops
-        previous = substituted(graph, block)
+        previous = substituted(graph, block, site)
         if previous is not None:
             layers.append({"block": block, **previous, "note": "already substituted"})
             kept_flops += flops * previous["density"]

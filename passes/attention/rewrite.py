@@ -31,11 +31,11 @@ def substitutable(graph: DiTGraph, site: AttentionSite) -> str | None:
     return None
 
 
-def substituted(graph: DiTGraph, block: int) -> dict[str, Any] | None:
-    """The substitution already made in this block's segment, if any."""
+def substituted(graph: DiTGraph, block: int, site: AttentionSite) -> dict[str, Any] | None:
+    """The substitution already made for `site` in this block's segment, if any."""
     for node in graph.segment_for_block(block).module.graph.nodes:
         sub = node.meta.get("ditopt", {}).get("substitution")
-        if sub:
+        if sub and sub.get("site") == site.node:
             return sub
     return None
 
@@ -73,7 +73,7 @@ def replace_attention(
         new = g.call_function(op, (q, k, v, *op_args(site.text_tokens, sdpa_scale(node))))
         new.meta["val"] = node.meta.get("val")
         out = new if identity else _index(g, new, back)
-    new.meta["ditopt"] = {**node.meta.get("ditopt", {}), "substitution": record}
+    new.meta["ditopt"] = {**node.meta.get("ditopt", {}), "substitution": {**record, "site": site.node}}
     if "nn_module_stack" in node.meta:
         new.meta["nn_module_stack"] = node.meta["nn_module_stack"]
     node.replace_all_uses_with(out)

@@ -1,0 +1,259 @@
+"""Attention substitution: the calibration collector's mass numbers, and the neighbourhood /
+block-sparse passes (graph before and after, numerics against dense and masked-dense
+references, must-not-fire cases, idempotence)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.utils._pytree as pytree
+
+from conftest import build_model, make_inputs
+from ditopt.calibration import CalibStats, calibrate
+from ditopt.capture import capture
+from ditopt.kernels.layout import inverse_tile_permutation, tile_permutation
+from ditopt.kernels.neighborhood import neighborhood_mask
+from ditopt.registry import PassContext, get_pass
+from ditopt.passes.attention import attention_heatmap, attention_masses
+from ditopt.passes.attention.collector import RADII, RHOS
+from ditopt.passes.attention.rewrite import replace_attention
+
+# Ops by name: the OpOverload objects of custom ops can be re-created when their library reloads.
+SDPA = "aten.scaled_dot_product_attention.default"
+NEIGHBORHOOD = "ditopt.neighborhood_attention.default"
+BLOCK_SPARSE = "ditopt.block_sparse_attention.default"
+
+
+# -- collector: hand-constructed q/k -------------------------------------------------------------
+def test_uniform_attention_keeps_the_window_share():
+    # q = 0: every query spreads its mass evenly over all keys. On an 8x8 grid with 2x2 tiles
+    # (4x4 tiles), radius 1 is a clamped 3x3-tile window: 36 of 64 image keys for every query;
+    # radius >= 2 (5 > 4 tiles) is the whole grid. Text keys (4) always count as kept.
+    g = torch.Generator().manual_seed(0)
+    q = torch.zeros(1, 2, 68, 8)
+    k, v = torch.randn(1, 2, 68, 8, generator=g), torch.randn(1, 2, 68, 8, generator=g)
+    window, blocks = attention_masses(q, k, v, (8, 8), 2, RADII, RHOS, text_tokens=4)
+    assert torch.allclose(window, torch.tensor([40 / 68, 1.0, 1.0]).expand(2, 3), atol=1e-6)
+    # 16 key blocks of 4 tokens; rho 0.125 / 0.25 / 0.5 keep 2 / 4 / 8 blocks.
+    assert torch.allclose(blocks, torch.tensor([12 / 68, 20 / 68, 36 / 68]).expand(2, 3), atol=1e-6)
+
+
+def test_peaked_attention_is_kept_only_when_its_key_is_in_the_window():
+    # Every query attends (almost) only to the image token at grid (0, 0).
+    q = torch.ones(1, 1, 64, 4)
+    k = torch.zeros(1, 1, 64, 4)
+    k[0, 0, 0] = 40.0  # row-major token 0 = grid (0, 0)
+    v = torch.randn(1, 1, 64, 4)
+    pos = {int(p): i for i, p in enumerate(tile_permutation(8, 8, 2))}  # row-major -> tile-major position
+    near, far = pos[1 * 8 + 1], pos[7 * 8 + 7]
+    window, blocks = attention_masses(q, k, v, (8, 8), 2, (1,), (0.125,), query_rows=torch.tensor([near]))
+    assert window.item() == pytest.approx(1.0, abs=1e-6)
+    assert blocks.item() == pytest.approx(1.0, abs=1e-6)  # (1, 1) shares the (0, 0) block: the diagonal block is kept
+    window, _ = attention_masses(q, k, v, (8, 8), 2, (1,), (0.125,), query_rows=torch.tensor([far]))
+    assert window.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_text_last_order_is_handled():
+    # Same uniform case with text tokens after the image tokens.
+    q = torch.zeros(1, 1, 68, 8)
+    k = torch.randn(1, 1, 68, 8)
+    window, _ = attention_masses(q, k, k, (8, 8), 2, (1,), (0.5,), text_tokens=4, text_first=False)
+    assert window.item() == pytest.approx(40 / 68, abs=1e-6)
+
+
+# -- fixtures ---------------------------------------------------------------------------------------
+def tiny_dit():
+    """Diffusers DiT on an 8x8 patch grid (sample 16, patch 2), 2 blocks, 2 heads."""
+    import diffusers
+
+    torch.manual_seed(0)
+    model = diffusers.DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2,
+        sample_size=16, patch_size=2, num_embeds_ada_norm=10, norm_num_groups=1,
+    ).eval()
+    g = torch.Generator().manual_seed(1)
+    kwargs = {
+        "hidden_states": torch.randn(1, 4, 16, 16, generator=g),
+        "timestep": torch.tensor([500]),
+        "class_labels": torch.tensor([3]),
+    }
+    return model, kwargs
+
+
+def hand_stats(graph, mass: float | dict[int, float]) -> CalibStats:
+    """Calibration stats saying every head of block b keeps `mass[b]` at every radius / rho."""
+    blocks, heads = len(graph.blocks), max(s.heads for b in graph.blocks for s in b.attention)
+    tensors = {}
+    for tile in (2, 4, 8):
+        for key, n in (("window_mass", len(RADII)), ("block_mass", len(RHOS))):
+            t = torch.empty(3, blocks, heads, n)
+            for b in range(blocks):
+                t[:, b] = mass if isinstance(mass, float) else mass.get(b, 0.5)
+            tensors[f"attention.{key}_by_step.tile{tile}"] = t
+            tensors[f"attention.{key}.tile{tile}"] = t.mean(0)
+    return CalibStats(graph.structure_hash(), graph.model_class, 3, [0.0, 0.0, 0.0], tensors)
+
+
+def run_graph(graph, kwargs):
+    leaves, _ = pytree.tree_flatten(((), kwargs))
+    out = graph.collect_outputs(graph.run_segments(graph.bind(leaves)))
+    return out[0] if isinstance(out, (tuple, list)) else out.sample
+
+
+def reference(model, kwargs):
+    with torch.no_grad():
+        out = model(**kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out.sample
+
+
+def ops_in(segment):
+    return [str(n.target) for n in segment.module.graph.nodes if n.op == "call_function" and str(n.target) in (SDPA, NEIGHBORHOOD, BLOCK_SPARSE)]
+
+
+def apply(name, graph, stats, **config):
+    spec = get_pass(name)
+    return spec.apply(graph, spec.config(**config), PassContext(model=None, stats=stats))
+
+
+# -- pass: graph before / after -------------------------------------------------------------------
+def test_only_calibrated_local_blocks_are_rewritten():
+    model, kwargs = tiny_dit()
+    graph = capture(model, kwargs)
+    result = apply("neighborhood_attention", graph, hand_stats(graph, {1: 0.99}), tile=2, min_mass=0.95)
+    assert result.modified
+    assert ops_in(graph.segment_for_block(0)) == [SDPA] and ops_in(graph.segment_for_block(1)) == [SDPA]  # input untouched
+    assert ops_in(result.graph.segment_for_block(0)) == [SDPA]
+    assert ops_in(result.graph.segment_for_block(1)) == [NEIGHBORHOOD]
+    assert result.graph.segment_for_block(0).module is graph.segment_for_block(0).module
+    assert result.report["substituted"] == [1]
+    layer = result.report["layers"][0]
+    assert layer["radius"] == 1 and layer["tile"] == 2 and layer["density"] == pytest.approx(36 / 64)
+    assert result.report["dense"][0]["block"] == 0 and "broad" in result.report["dense"][0]["reason"]
+    assert result.report["predicted_attention_flop_saving"] == pytest.approx(0.5 * (1 - 36 / 64))
+
+
+def test_window_covering_the_grid_equals_dense():
+    model, kwargs = tiny_dit()
+    graph = capture(model, kwargs)
+    # 4x4 tiles on an 8x8 grid: 2x2 tiles, a radius-1 window is the whole grid.
+    result = apply("neighborhood_attention", graph, hand_stats(graph, 1.0), tile=4, radius=1)
+    assert result.report["substituted"] == [0, 1]
+    torch.testing.assert_close(run_graph(result.graph, kwargs), reference(model, kwargs), atol=1e-5, rtol=1e-5)
+
+
+def test_local_window_matches_masked_dense_attention(monkeypatch):
+    model, kwargs = tiny_dit()
+    graph = capture(model, kwargs)
+    result = apply("neighborhood_attention", graph, hand_stats(graph, 1.0), tile=2, radius=1)
+    assert result.report["substituted"] == [0, 1]
+    out = run_graph(result.graph, kwargs)
+    # Reference: the original model with every attention masked to the same window, in row-major order.
+    inv = inverse_tile_permutation(8, 8, 2)
+    mask = neighborhood_mask(8, 8, 2, 1)[inv][:, inv]
+    dense_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def masked(q, k, v, *args, **kw):
+        return dense_sdpa(q, k, v, attn_mask=mask)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", masked)
+    expected = reference(model, kwargs)
+    monkeypatch.undo()
+    dense = reference(model, kwargs)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert (out - dense).abs().max() > 1e-4  # the window is genuinely local
+
+
+def test_joint_attention_keeps_text_global():
+    model = build_model("flux")
+    kwargs = make_inputs("flux", model, resolution=8)
+    graph = capture(model, kwargs)
+    assert graph.grid == (8, 8) and all(s.kind == "joint" for b in graph.blocks for s in b.attention)
+    result = apply("neighborhood_attention", graph, hand_stats(graph, 1.0), tile=4, radius=1)
+    assert len(result.report["substituted"]) == len(graph.blocks)
+    assert all(l["kind"] == "joint" for l in result.report["layers"])
+    torch.testing.assert_close(run_graph(result.graph, kwargs), reference(model, kwargs), atol=1e-5, rtol=1e-5)
+
+
+def test_block_sparse_with_every_block_kept_equals_dense():
+    model, kwargs = tiny_dit()
+    graph = capture(model, kwargs)
+    result = apply("block_sparse_attention", graph, hand_stats(graph, 1.0), tile=2, rho=0.5)
+    assert [ops_in(s) for s in result.graph.block_segments] == [[BLOCK_SPARSE], [BLOCK_SPARSE]]
+    assert result.report["layers"][0]["density"] == pytest.approx(0.5)
+    out = run_graph(result.graph, kwargs)
+    assert (out - reference(model, kwargs)).abs().max() > 0  # it does drop blocks ...
+    # ... and with rho = 1 every block is computed exactly: dense attention.
+    g = graph
+    for b in graph.blocks:
+        record = {"pattern": "block_sparse", "tile": 2, "rho": 1.0, "density": 1.0}
+        g = replace_attention(g, b.index, b.attention[0], torch.ops.ditopt.block_sparse_attention.default, lambda n, s: (4, 1.0, n, True, s, 1e-6, True), record)
+    torch.testing.assert_close(run_graph(g, kwargs), reference(model, kwargs), atol=1e-5, rtol=1e-5)
+
+
+# -- must not fire ----------------------------------------------------------------------------------
+def test_broad_attention_stays_dense():
+    model, kwargs = tiny_dit()
+    graph = capture(model, kwargs)
+    for name in ("neighborhood_attention", "block_sparse_attention"):
+        result = apply(name, graph, hand_stats(graph, 0.6), tile=2)
+        assert not result.modified and result.report["substituted"] == []
+        assert all(ops_in(s) == [SDPA] for s in result.graph.block_segments)
+
+
+def test_cross_attention_is_never_substituted():
+    model = build_model("pixart")
+    kwargs = make_inputs("pixart", model, resolution=16)
+    graph = capture(model, kwargs)
+    result = apply("neighborhood_attention", graph, hand_stats(graph, 1.0), tile=2, radius=1)
+    kinds = {d["kind"] for d in result.report["dense"]}
+    assert kinds == {"cross"} and len(result.report["substituted"]) == len(graph.blocks)
+    for seg in result.graph.block_segments:
+        assert sorted(ops_in(seg)) == sorted([NEIGHBORHOOD, SDPA])  # self replaced, cross kept
+
+
+def test_without_a_2d_grid_nothing_fires():
+    model, kwargs = tiny_dit()
+    graph = capture(model, kwargs).evolve(grid=None)
+    result = apply("neighborhood_attention", graph, hand_stats(graph, 1.0), tile=2, radius=1)
+    assert not result.modified and all("grid" in d["reason"] for d in result.report["dense"])
+
+
+def test_applying_twice_changes_nothing_more():
+    model, kwargs = tiny_dit()
+    graph = capture(model, kwargs)
+    stats = hand_stats(graph, 1.0)
+    once = apply("neighborhood_attention", graph, stats, tile=2, radius=1)
+    twice = apply("neighborhood_attention", once.graph, stats, tile=2, radius=1)
+    assert not twice.modified
+    assert [s.module.code for s in twice.graph.segments] == [s.module.code for s in once.graph.segments]
+    assert twice.report["substituted"] == once.report["substituted"]
+    other = apply("block_sparse_attention", once.graph, stats, tile=2)
+    assert not other.modified  # an attention already substituted is left alone
+
+
+# -- collector on a real calibration run ----------------------------------------------------------
+def test_collector_over_a_sampling_loop(tmp_path):
+    model, kwargs = tiny_dit()
+    graph = capture(model, kwargs)
+
+    def sample(m):
+        x = kwargs["hidden_states"].clone()
+        for t in (900, 600, 300):
+            out = m(hidden_states=x, timestep=torch.tensor([t]), class_labels=kwargs["class_labels"])
+            x = x - 0.1 * (out[0] if isinstance(out, (tuple, list)) else out.sample)[:, :4]
+        return x
+
+    stats = calibrate(model, graph, ["attention"], sample)
+    meta = stats.meta["attention"]
+    assert meta["tiles"] == [2, 4] and meta["blocks"] == [0, 1] and meta["step_buckets"] == [[0, 1], [1, 2], [2, 3]]
+    window = stats.tensors["attention.window_mass.tile2"]
+    assert window.shape == (2, 2, 3) and stats.tensors["attention.window_mass_by_step.tile2"].shape == (3, 2, 2, 3)
+    assert stats.tensors["attention.block_mass.tile2"].shape == (2, 2, 3)
+    assert ((window > 0) & (window <= 1 + 1e-6)).all()
+    assert (window[..., 1:] >= window[..., :1] - 1e-6).all()  # larger windows keep more
+    assert torch.allclose(stats.tensors["attention.window_mass.tile4"], torch.ones(2, 2, 3))  # window = whole grid
+    # Recording does not change results: the calibration's samples equal the plain model's.
+    with torch.no_grad():
+        torch.testing.assert_close(stats.reference_samples, sample(model))
+    png = attention_heatmap(stats, tmp_path / "heat.png")
+    assert (tmp_path / "heat.png").stat().st_size > 1000 and png.endswith(".png")
