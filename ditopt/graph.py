@@ -72,7 +72,7 @@ class Segment:
     """A pure piece of the graph: `outputs = module(*inputs)` over the value environment."""
 
     name: str
-    kind: str  # "prologue" | "block" | "epilogue"
+    kind: str  # "prologue" | "block" | "epilogue" | "variant"
     block: int | None
     module: fx.GraphModule
     inputs: tuple[str, ...]
@@ -132,11 +132,22 @@ class DiTGraph:
     # -- access -----------------------------------------------------------------------------
     @property
     def prologue(self) -> Segment:
-        return self.segments[0]
+        return next(s for s in self.segments if s.kind == "prologue")
 
     @property
     def epilogue(self) -> Segment:
-        return self.segments[-1]
+        return next(s for s in self.segments if s.kind == "epilogue")
+
+    @property
+    def main_segments(self) -> tuple[Segment, ...]:
+        """Prologue, blocks, epilogue: one full forward. Passes may add `variant` segments
+        (alternative versions of a block that a stage runs instead, e.g. a forecast step)."""
+        return tuple(s for s in self.segments if s.kind != "variant")
+
+    def with_variant(self, new: Segment) -> "DiTGraph":
+        """Add or replace a variant segment."""
+        kept = tuple(s for s in self.segments if s.name != new.name)
+        return self.evolve(segments=kept + (new,))
 
     @property
     def block_segments(self) -> tuple[Segment, ...]:
@@ -170,8 +181,8 @@ class DiTGraph:
         return pytree.tree_unflatten(flat, self.signature.out_spec)
 
     def run_segments(self, env: dict[str, Any]) -> dict[str, Any]:
-        """Run every segment once, ignoring the plan (a full, uncached forward)."""
-        for seg in self.segments:
+        """Run every main segment once, ignoring the plan (a full, uncached forward)."""
+        for seg in self.main_segments:
             seg.run(env)
         return env
 

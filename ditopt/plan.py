@@ -62,4 +62,4 @@ class RunSegments(Stage):
 
 
 def default_plan(graph: "DiTGraph") -> tuple[Stage, ...]:
-    return tuple(RunSegments((seg.name,)) for seg in graph.segments)
+    return tuple(RunSegments((seg.name,)) for seg in graph.main_segments)

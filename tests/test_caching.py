@@ -60,14 +60,14 @@ def test_residual_reuse_by_hand():
 
 def test_taylor_order1_is_exact_on_linear_residual():
     model = AffineDiT(depth=2, scale=1.0).eval()  # residual t * W: linear in t
-    opt = _opt(model, dict(name="taylor_forecast", order=1, interval=3, warmup=2), num_steps=4)
+    opt = _opt(model, dict(name="taylor_forecast", order=1, interval=3, warmup=2, target="residual"), num_steps=4)
     W = model.total_w()
     x = torch.zeros(1, 4, 8)
     outs = [_call(opt, x, t) for t in TIMES]
     for out, t in zip(outs, TIMES):
         assert torch.allclose(out, t * W, atol=1e-5)
     assert "cached" in opt.last_record  # step 3 was forecast, and still exact
-    order0 = _opt(model, dict(name="taylor_forecast", order=0, interval=3, warmup=2), num_steps=4)
+    order0 = _opt(model, dict(name="taylor_forecast", order=0, interval=3, warmup=2, target="residual"), num_steps=4)
     outs0 = [_call(order0, x, t) for t in TIMES]
     assert torch.allclose(outs0[2], 3 * W)  # order 0 reuses step 1's residual
 
@@ -162,3 +162,52 @@ def test_budget_search_gets_gentler_when_budget_tightens():
         e2e = opt.report.verification[-1]
         assert e2e["kind"] == "end-to-end" and float(e2e["psnr_db"]) >= budget
     assert chosen[45.0] > chosen[20.0]
+
+
+def test_feature_forecast_recomputes_gate_by_hand():
+    """TaylorSeer target='features': on a forecast step each block adds gate(t_now) * F(t_computed)."""
+    from conftest import build_model, make_inputs
+
+    model = build_model("plain")
+    kw = make_inputs("plain", model)
+    opt = ditopt.optimize(
+        model, _profile(name="taylor_forecast", order=0, interval=2, warmup=1, target="features"), example_inputs=kw, num_steps=2
+    )
+    program = opt.programs[0]
+    forecast = program.segment("block.0:forecast").module.graph
+    targets = {n.target for n in forecast.nodes if n.op == "call_function"}
+    assert torch.ops.aten.scaled_dot_product_attention.default not in targets  # attention dropped
+    assert torch.ops.aten.linear.default in targets  # adaLN modulation still computed
+    plain_targets = {n.target for n in program.segment("block.0").module.graph.nodes if n.op == "call_function"}
+    assert torch.ops.aten.scaled_dot_product_attention.default in plain_targets  # original untouched
+
+    recorded = {}
+    hooks = [
+        m.register_forward_hook(lambda mod, inp, out, key=(i, part): recorded.__setitem__(key, out))
+        for i, blk in enumerate(model.blocks) for part, m in (("attn", blk.attn), ("mlp", blk.mlp))
+    ]
+    x0, x1 = kw["x"], kw["x"] * 0.5 + 0.1
+    t0, t1 = torch.tensor([500.0]), torch.tensor([480.0])
+    with torch.no_grad():
+        model(x0, t0, kw["y"])  # fills `recorded` with the step-0 features
+        for h in hooks:
+            h.remove()
+        opt(x=x0, t=t0, y=kw["y"])
+        out = opt(x=x1, t=t1, y=kw["y"])  # forecast step
+        # By hand: prologue at t1, then per block x += gate(t1) * F(t0), then the final layer at t1.
+        h = model.x_embedder(x1).flatten(2).transpose(1, 2) + model.pos_embed[:, :16]
+        c = model.t_embedder(t1) + model.y_embedder(kw["y"])
+        for i, blk in enumerate(model.blocks):
+            _, _, gate_msa, _, _, gate_mlp = blk.adaLN_modulation(c).chunk(6, dim=1)
+            h = h + gate_msa.unsqueeze(1) * recorded[(i, "attn")]
+            h = h + gate_mlp.unsqueeze(1) * recorded[(i, "mlp")]
+        expected = model.unpatchify(model.final_layer(h, c), 4, 4)
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert opt.last_record["cached"] == ["block.0", "block.1", "block.2"]
+
+
+def test_feature_forecast_does_not_fire_without_projections():
+    model = AffineDiT(depth=2).eval()  # blocks without attention-output / FFN projections
+    opt = _opt(model, dict(name="taylor_forecast", target="features"), num_steps=4)
+    assert opt.report.passes[0].modified is False
+    assert "no attention-output" in opt.report.passes[0].report["skipped"]

@@ -50,7 +50,7 @@ def span_io(graph: DiTGraph, names: tuple[str, ...]) -> SpanIO:
                 inputs.append(i)
     needed_after: set[str] = set()
     after = False
-    for s in graph.segments:
+    for s in graph.main_segments:
         if s.name in inside:
             after = True
             continue

@@ -21,14 +21,14 @@ from .rewrite import replace_attention, substitutable, substituted
 
 class NeighborhoodAttentionConfig(PassConfig):
     radius: int | Literal["auto"] = Field("auto", description="window radius in tiles; auto: smallest calibrated radius keeping min_mass")
-    tile: int = Field(8, ge=1, description="tile edge in tokens (the kernels' tile-major layout)")
+    tile: int | Literal["auto"] = Field("auto", description="tile edge in tokens (the kernels' tile-major layout); auto: see auto_tile")
     min_mass: float = Field(0.95, ge=0.0, le=1.0, description="a layer stays dense when its calibrated mass in the window is below this")
     blocks: tuple[int, ...] | None = Field(None, description="restrict to these block indices (default: all)")
 
 
 class BlockSparseAttentionConfig(PassConfig):
     rho: float | Literal["auto"] = Field("auto", description="fraction of key blocks kept; auto: smallest calibrated rho keeping min_mass")
-    tile: int = Field(8, ge=1, description="tile edge in tokens; the block size is tile*tile")
+    tile: int | Literal["auto"] = Field("auto", description="tile edge in tokens; the block size is tile*tile; auto: see auto_tile")
     min_mass: float = Field(0.95, ge=0.0, le=1.0, description="a layer stays dense when its calibrated top-rho mass is below this")
     compensate: bool = Field(True, description="first-order compensation for the skipped blocks (PISA)")
     blocks: tuple[int, ...] | None = None
@@ -96,9 +96,17 @@ def _substitute(graph: DiTGraph, config: Any, ctx: PassContext, pattern: str) ->
     return PassResult(graph, modified, report)
 
 
+def auto_tile(grid: tuple[int, int]) -> int:
+    """The largest of 8, 4, 2 that leaves at least 4 tiles per axis (so that a radius-1 window
+    skips something); 8 is the kernels' fast size (64-token blocks)."""
+    return next((t for t in (8, 4) if min(grid) >= 4 * t), 2)
+
+
 def _choose(graph: DiTGraph, site: AttentionSite, block: int, config: Any, ctx: PassContext, pattern: str):
     h, w = graph.grid
-    tile = config.tile
+    tile = auto_tile(graph.grid) if config.tile == "auto" else config.tile
+    if tile < 1:
+        return f"tile {tile} is not a positive size"
     if pattern == "neighborhood":
         masses = calibrated_mass(ctx, block, tile, "window_mass")
         candidates = RADII if config.radius == "auto" else (config.radius,)

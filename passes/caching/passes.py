@@ -13,6 +13,7 @@ from ditopt.plan import RunSegments, Stage
 from ditopt.registry import PassConfig, PassContext, PassResult, register_pass
 
 from .schedule import forecast_errors, periodic_schedule, quantile_schedule, smallest_passing, span_residual_sketch, step_changes
+from .features import FeatureForecast, NoFeaturesError, add_feature_variants
 from .stage import CachedSpan, ConfidenceGate, ProbeGate, StaticSchedule
 
 Auto = Literal["auto"]
@@ -161,11 +162,14 @@ def _relative_changes(residual) -> list[float]:
 # TaylorSeer (periodic forecasting) and the calibrated static schedule
 # --------------------------------------------------------------------------------------------
 class TaylorForecastConfig(PassConfig):
-    """TaylorSeer: full compute on warm-up steps and every N-th step, Taylor forecast between."""
+    """TaylorSeer: full compute on warm-up steps and every N-th step, Taylor forecast between;
+    `target="features"` forecasts each block's pre-gate attention/FFN outputs and recomputes the
+    adaLN gate (as the paper), `"residual"` forecasts what the whole block stack adds."""
 
     order: int = Field(2, ge=0, le=2)
     interval: int = Field(4, ge=1)
     warmup: int = Field(3, ge=1)
+    target: Literal["features", "residual"] = "features"
 
 
 @register_pass("taylor_forecast", TaylorForecastConfig, level="plan")
@@ -174,8 +178,11 @@ def taylor_forecast(graph: DiTGraph, config: TaylorForecastConfig, ctx: PassCont
     _require_plain(graph, "taylor_forecast")
     steps, times = _steps_and_times(ctx, "taylor_forecast")
     mask = periodic_schedule(steps, config.interval, config.warmup)
-    stage = CachedSpan(tuple(_block_names(graph)), StaticSchedule(tuple(mask), times), config.order, key="taylor")
-    return PassResult(replace_blocks(graph, [stage]), True, _report([stage], graph, steps))
+    try:
+        new, stage = forecast_plan(graph, StaticSchedule(tuple(mask), times), config.order, config.target)
+    except NoFeaturesError as exc:
+        return PassResult(graph, False, {"skipped": str(exc)})
+    return PassResult(new, True, _report([stage], graph, steps))
 
 
 class CalibratedScheduleConfig(PassConfig):
@@ -189,10 +196,19 @@ class CalibratedScheduleConfig(PassConfig):
     alpha: Union[float, Auto] = Field("auto", description="0: even spacing; 1: spacing by residual change; 'auto' searches both")
     margin_db: float = Field(1.0, ge=0, description="PSNR margin over the budget on calibration inputs")
     on_mismatch: Literal["rederive", "error"] = "rederive"
+    target: Literal["features", "residual"] = "residual"
 
 
-def _schedule_stage(graph: DiTGraph, mask: list[bool], times: tuple[float, ...], order: int, on_mismatch: str) -> CachedSpan:
-    return CachedSpan(tuple(_block_names(graph)), StaticSchedule(tuple(mask), times, on_mismatch), order, key="schedule")
+def forecast_plan(graph: DiTGraph, policy: StaticSchedule, order: int, target: str) -> tuple[DiTGraph, Stage]:
+    """All blocks under one static schedule, forecasting either the stack's residual or each
+    block's pre-gate features."""
+    blocks = tuple(_block_names(graph))
+    if target == "features":
+        with_variants, features = add_feature_variants(graph, blocks)
+        stage: Stage = FeatureForecast(blocks, {k: tuple(v) for k, v in features.items()}, policy, order)
+        return replace_blocks(with_variants, [stage]), stage
+    stage = CachedSpan(blocks, policy, order, key="schedule")
+    return replace_blocks(graph, [stage]), stage
 
 
 @register_pass("calibrated_schedule", CalibratedScheduleConfig, needs=("trajectory",), level="plan")
@@ -207,18 +223,15 @@ def calibrated_schedule(graph: DiTGraph, config: CalibratedScheduleConfig, ctx: 
     t_axis = [t if not math.isnan(t) else float(i) for i, t in enumerate(times)]
 
     def make(order: int, mask: list[bool]) -> DiTGraph:
-        return replace_blocks(graph, [_schedule_stage(graph, mask, times, order, config.on_mismatch)])
+        return forecast_plan(graph, StaticSchedule(tuple(mask), times, config.on_mismatch), order, config.target)[0]
 
     def finish(order: int, mask: list[bool], extra: dict[str, Any]) -> PassResult:
-        stage = _schedule_stage(graph, mask, times, order, config.on_mismatch)
+        new, stage = forecast_plan(graph, StaticSchedule(tuple(mask), times, config.on_mismatch), order, config.target)
         report = _report([stage], graph, steps)
         report["predicted_forecast_error"] = float(forecast_errors(residual, t_axis, mask, order).mean())
         report.update(extra)
-        replay = CalibratedScheduleConfig(
-            order=order, compute_steps=tuple(i for i, c in enumerate(mask) if c), warmup=config.warmup,
-            margin_db=config.margin_db, on_mismatch=config.on_mismatch,
-        )
-        return PassResult(replace_blocks(graph, [stage]), True, report, replay=("calibrated_schedule", replay))
+        replay = config.model_copy(update={"order": order, "compute_steps": tuple(i for i, c in enumerate(mask) if c)})
+        return PassResult(new, True, report, replay=("calibrated_schedule", replay))
 
     if config.compute_steps is not None:
         if config.order == "auto":

@@ -123,6 +123,26 @@ def cached_span_io(graph: DiTGraph, names: tuple[str, ...]) -> SpanIO:
     return memo[key]
 
 
+def static_decision(policy: StaticSchedule, ctx: StepContext, state: dict) -> bool:
+    """The calibrated mask when this run's timesteps match the calibration; otherwise
+    re-derived from the calibrated timesteps, or a clear error."""
+    steps = len(policy.compute)
+    matches = ctx.step < steps and (
+        not policy.timesteps or ctx.timestep is None
+        or math.isclose(policy.timesteps[ctx.step], ctx.timestep, rel_tol=1e-5, abs_tol=1e-6)
+    )
+    if matches:
+        return policy.compute[ctx.step]
+    if policy.on_mismatch == "error":
+        expected = policy.timesteps[ctx.step] if ctx.step < steps else "none"
+        raise CalibrationError(
+            f"step {ctx.step} has timestep {ctx.timestep}, but the cache schedule was calibrated for "
+            f"{steps} steps (timestep {expected} here): re-run calibration for this step count, "
+            "or use on_mismatch='rederive'"
+        )
+    return rederived_compute(policy, ctx.step, ctx.timestep, state["history"])
+
+
 # --------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------
@@ -175,23 +195,7 @@ class CachedSpan(Stage):
         policy = self.policy
         first = state["taylor"].t is None
         if isinstance(policy, StaticSchedule):
-            if first:
-                return True
-            steps = len(policy.compute)
-            matches = ctx.step < steps and (
-                not policy.timesteps or ctx.timestep is None
-                or math.isclose(policy.timesteps[ctx.step], ctx.timestep, rel_tol=1e-5, abs_tol=1e-6)
-            )
-            if matches:
-                return policy.compute[ctx.step]
-            if policy.on_mismatch == "error":
-                expected = policy.timesteps[ctx.step] if ctx.step < steps else "none"
-                raise CalibrationError(
-                    f"step {ctx.step} has timestep {ctx.timestep}, but the cache schedule was calibrated for "
-                    f"{steps} steps (timestep {expected} here): re-run calibration for this step count, "
-                    "or use on_mismatch='rederive'"
-                )
-            return rederived_compute(policy, ctx.step, ctx.timestep, state["history"])
+            return True if first else static_decision(policy, ctx, state)
 
         probe = self._probe_residual(graph, env, io)
         compute = first or ctx.step < policy.warmup or state["cached_run"] >= policy.max_cached
