@@ -257,3 +257,32 @@ def test_collector_over_a_sampling_loop(tmp_path):
         torch.testing.assert_close(stats.reference_samples, sample(model))
     png = attention_heatmap(stats, tmp_path / "heat.png")
     assert (tmp_path / "heat.png").stat().st_size > 1000 and png.endswith(".png")
+
+
+@pytest.mark.parametrize("arch", ["dit", "flux"])
+def test_reordering_tokens_once_matches_permuting_per_layer(arch):
+    if arch == "dit":
+        model, kwargs = tiny_dit()
+    else:
+        model = build_model("flux")
+        kwargs = make_inputs("flux", model, resolution=8)
+    graph = capture(model, kwargs)
+    stats = hand_stats(graph, 1.0)
+    once = apply("neighborhood_attention", graph, stats, tile=2, radius=1, reorder="once")
+    per_layer = apply("neighborhood_attention", graph, stats, tile=2, radius=1, reorder="per_layer")
+    assert once.report["token_order"]["tile"] == 2 and "row-major" in per_layer.report["token_order"]
+    if arch == "flux":  # RoPE tables move with the tokens
+        assert {"to_10", "to_11"} <= set(once.report["token_order"]["prologue_outputs"])
+
+    def gathers(result):
+        return [sum("index_select" in str(n.target) for n in s.module.graph.nodes) for s in result.graph.block_segments]
+
+    assert set(gathers(once)) == {0} and set(gathers(per_layer)) == {4}  # q, k, v in; result out
+    torch.testing.assert_close(run_graph(once.graph, kwargs), run_graph(per_layer.graph, kwargs), atol=1e-6, rtol=1e-6)
+    # A later substitution with another tile composes its own order with the tile-major one it finds.
+    first = apply("neighborhood_attention", graph, stats, tile=2, radius=1, reorder="once", blocks=(0,))
+    mixed = apply("block_sparse_attention", first.graph, stats, tile=4, rho=0.5, blocks=(1,))
+    plain = apply("neighborhood_attention", graph, stats, tile=2, radius=1, reorder="per_layer", blocks=(0,))
+    plain = apply("block_sparse_attention", plain.graph, stats, tile=4, rho=0.5, reorder="per_layer", blocks=(1,))
+    assert mixed.report["substituted"] == [1] and mixed.report["token_order"]["tile"] == 2
+    torch.testing.assert_close(run_graph(mixed.graph, kwargs), run_graph(plain.graph, kwargs), atol=1e-5, rtol=1e-5)

@@ -17,9 +17,11 @@ from ditopt.registry import PassConfig, PassContext, PassResult, register_pass
 
 from .collector import RADII, RHOS, measurable_sites
 from .rewrite import replace_attention, substitutable, substituted
+from .token_order import reorder_tokens_once
 
 
 class NeighborhoodAttentionConfig(PassConfig):
+    reorder: Literal["once", "per_layer"] = Field("once", description="tile-major token order: once after the prologue (falls back to per layer when unsupported), or permute q/k/v inside each substituted attention")
     radius: int | Literal["auto"] = Field("auto", description="window radius in tiles; auto: smallest calibrated radius keeping min_mass")
     tile: int | Literal["auto"] = Field("auto", description="tile edge in tokens (the kernels' tile-major layout); auto: see auto_tile")
     min_mass: float = Field(0.95, ge=0.0, le=1.0, description="a layer stays dense when its calibrated mass in the window is below this")
@@ -27,6 +29,7 @@ class NeighborhoodAttentionConfig(PassConfig):
 
 
 class BlockSparseAttentionConfig(PassConfig):
+    reorder: Literal["once", "per_layer"] = Field("once", description="tile-major token order: once after the prologue (falls back to per layer when unsupported), or permute q/k/v inside each substituted attention")
     rho: float | Literal["auto"] = Field("auto", description="fraction of key blocks kept; auto: smallest calibrated rho keeping min_mass")
     tile: int | Literal["auto"] = Field("auto", description="tile edge in tokens; the block size is tile*tile; auto: see auto_tile")
     min_mass: float = Field(0.95, ge=0.0, le=1.0, description="a layer stays dense when its calibrated top-rho mass is below this")
@@ -57,10 +60,11 @@ def _sites(graph: DiTGraph, blocks: tuple[int, ...] | None) -> list[tuple[int, A
 
 
 def _substitute(graph: DiTGraph, config: Any, ctx: PassContext, pattern: str) -> PassResult:
-    """Shared driver: per site, decide (calibration), rewrite, and report."""
+    """Shared driver: per site, decide from calibration; reorder tokens once when asked;
+    rewrite; report."""
+    original = graph
     measured = {b for b, _ in measurable_sites(graph)}
-    layers, dense, total_flops, kept_flops = [], [], 0.0, 0.0
-    modified = False
+    layers, dense, chosen, total_flops, kept_flops = [], [], [], 0.0, 0.0
     for block, site in _sites(graph, config.blocks):
         flops = attention_flops(site)
         total_flops += flops
@@ -71,18 +75,23 @@ def _substitute(graph: DiTGraph, config: Any, ctx: PassContext, pattern: str) ->
             continue
         reason = substitutable(graph, site) or (None if block in measured else "not the block's measured attention")
         choice = None if reason else _choose(graph, site, block, config, ctx, pattern)
-        if isinstance(choice, str):
-            reason, choice = choice, None
-        new = None
-        if choice is not None:
-            op, args, record = choice
-            new = replace_attention(graph, block, site, op, args, record)
-            reason = None if new is not None else "attention is masked, causal or has dropout"
-        if new is None:
-            dense.append({"block": block, "kind": site.kind, "reason": reason})
+        if isinstance(choice, str) or choice is None:
+            dense.append({"block": block, "kind": site.kind, "reason": reason or choice})
             kept_flops += flops
             continue
-        graph, modified = new, True
+        chosen.append((block, site, choice, flops))
+    token_order = graph.meta.get("token_order")
+    if chosen and config.reorder == "once" and token_order is None:
+        reordered, why = reorder_tokens_once(graph, chosen[0][2][2]["tile"])
+        token_order = reordered.meta["token_order"] if reordered is not None else {"unsupported": why}
+        graph = reordered if reordered is not None else graph
+    for block, site, (op, args, record), flops in chosen:
+        new = replace_attention(graph, block, site, op, args, record)
+        if new is None:
+            dense.append({"block": block, "kind": site.kind, "reason": "attention is masked, causal or has dropout"})
+            kept_flops += flops
+            continue
+        graph = new
         layers.append({"block": block, **record})
         kept_flops += flops * record["density"]
     report = {
@@ -90,10 +99,11 @@ def _substitute(graph: DiTGraph, config: Any, ctx: PassContext, pattern: str) ->
         "substituted": [l["block"] for l in layers],
         "layers": layers,
         "dense": dense,
+        "token_order": token_order or "row-major (permuted inside each substituted attention)",
         "attention_flops_per_row": total_flops,
         "predicted_attention_flop_saving": 0.0 if total_flops == 0 else 1.0 - kept_flops / total_flops,
     }
-    return PassResult(graph, modified, report)
+    return PassResult(graph, graph is not original, report)
 
 
 def auto_tile(grid: tuple[int, int]) -> int:

@@ -15,6 +15,7 @@ from ditopt.graph import AttentionSite, DiTGraph
 
 from .collector import plain_sdpa, sdpa_scale, site_node
 from .masses import kernel_order
+from .token_order import site_token_order
 
 aten = torch.ops.aten
 
@@ -58,7 +59,13 @@ def replace_attention(
     if node is None or not plain_sdpa(node):
         return None
     tile = record["tile"]
-    order = kernel_order(site.image_tokens, site.text_tokens, site.text_first, graph.grid, tile)
+    # Index from the site's current token order (row-major, or tile-major when the graph was
+    # reordered once) to the kernels' order.
+    needed = kernel_order(site.image_tokens, site.text_tokens, site.text_first, graph.grid, tile)
+    current = site_token_order(graph, site.image_tokens, site.text_tokens, site.text_first)
+    where = torch.empty_like(current)
+    where[current] = torch.arange(current.numel())
+    order = where[needed]
     identity = bool(torch.equal(order, torch.arange(order.numel())))
     q, k, v = node.args[:3]
     with g.inserting_before(node):
