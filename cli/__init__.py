@@ -176,3 +176,5 @@ def main() -> None:
     except DitoptError as exc:  # anything a command did not catch itself
         console.print(f"[bold red]error:[/] {exc}")
         sys.exit(exc.exit_code)
+
+from . import bench_models  # noqa: E402,F401  (registers `ditopt bench models`)

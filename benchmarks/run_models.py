@@ -1,0 +1,47 @@
+#!/usr/bin/env python
+"""Benchmark ditopt against peer caching methods on the trained zoo models.
+
+Same as `ditopt bench models`; see ditopt/bench/runner.py for what is measured and how.
+
+    python benchmarks/run_models.py --model dit-digits --model flux-digits --samples 32 --repeats 5
+    python benchmarks/run_models.py --quick --samples 2 --repeats 1   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ditopt.bench import method_names, run_models
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", action="append", help="zoo model (repeatable; default: dit-digits and flux-digits)")
+    p.add_argument("--methods", nargs="+", choices=method_names(), help="methods to compare (default: all)")
+    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    command = "python benchmarks/run_models.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    result = run_models(args.model or ["dit-digits", "flux-digits"], args.methods, samples=args.samples,
+                        repeats=args.repeats, batch=args.batch, threads=args.threads, quick=args.quick,
+                        steps=args.steps, out_dir=args.out, command=command.strip(), progress=not args.no_progress)
+    from ditopt.bench import markdown_table
+
+    for name, res in result["models"].items():
+        print(f"## {name} ({res['steps']} steps)\n")
+        print(markdown_table(res))
+    print(f"wrote {args.out}/models.json, models.md, models_pareto.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

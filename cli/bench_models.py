@@ -1,0 +1,51 @@
+"""`ditopt bench models`: ditopt's passes against peer caching methods on the trained zoo models
+(wall-clock, MACs, peak memory, quality), interleaved in one run. See ditopt.bench."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from . import bench_app, console
+
+
+@bench_app.command("models")
+def bench_models_cmd(
+    model: List[str] = typer.Option(["dit-digits", "flux-digits"], "--model", "-m", help="zoo model (repeatable)"),
+    method: Optional[List[str]] = typer.Option(None, "--methods", "--method",
+                                               help="method to compare (repeatable; default: all). Known: "
+                                                    "baseline, diffusers-fbc, diffusers-taylorseer, diffusers-magcache, "
+                                                    "diffusers-pab, diffusers-fastercache, cachedit-dbcache, "
+                                                    "cachedit-dbcache-taylorseer, ditopt-preset, ditopt-taylor, ditopt-residual"),
+    samples: int = typer.Option(32, "--samples", help="quality samples per setting (held-out seeds, classes cycling 0..9)"),
+    repeats: int = typer.Option(5, "--repeats", help="timed generations per setting (median reported)"),
+    batch: int = typer.Option(4, "--batch", help="samples per generation (timed batch)"),
+    threads: int = typer.Option(2, "--threads", help="torch.set_num_threads for the whole run"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="sampling steps (default: the model's; --quick: 8)"),
+    out: Path = typer.Option(Path("benchmarks/results"), "--out", help="output directory"),
+    quick: bool = typer.Option(False, "--quick", help="one setting per method and few steps (smoke test)"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Benchmark caching methods on the zoo models; writes models.json, models.md and models_pareto.png."""
+    from ditopt.bench import run_models, settings_for
+
+    methods = list(method) if method else None
+    try:
+        if methods:
+            settings_for(methods)
+    except ValueError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2)
+    command = "ditopt " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    result = run_models(list(model), methods, samples=samples, repeats=repeats, batch=batch, threads=threads,
+                        quick=quick, steps=steps, out_dir=out, command=command, progress=progress)
+    from ditopt.bench import markdown_table
+
+    for name, res in result["models"].items():
+        typer.echo(f"## {name} ({res['steps']} steps)\n")
+        typer.echo(markdown_table(res))
+    typer.echo(f"wrote {out / 'models.json'}, {out / 'models.md'}, {out / 'models_pareto.png'}")

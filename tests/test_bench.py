@@ -1,0 +1,115 @@
+"""The model benchmark harness: a tiny quick run checks the output format (JSON keys, markdown
+rows, PNG), the reference-vs-itself PSNR handling and the "no effect" marking. No timing asserts."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from ditopt.bench import METHODS, markdown_table, run_models, settings_for
+from ditopt.bench.methods import MethodSetting, Runner
+from ditopt.bench.report import TABLE_COLUMNS
+
+METHODS_UNDER_TEST = ["diffusers-taylorseer", "ditopt-residual"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    result = run_models(["dit-digits"], METHODS_UNDER_TEST, samples=2, repeats=1, batch=2, threads=1,
+                        quick=True, steps=4, out_dir=out, command="pytest quick", progress=False)
+    return result, out
+
+
+def test_outputs_written(quick_run):
+    result, out = quick_run
+    for name in ("models.json", "models.md", "models_pareto.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0
+    assert (out / "models_pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads((out / "models.json").read_text())  # strict JSON: no NaN/Infinity
+    assert data == json.loads(json.dumps(data, allow_nan=False))
+    for key in ("schema", "command", "date", "machine", "config", "models", "complete"):
+        assert key in data
+    assert data["complete"] is True and data["command"] == "pytest quick"
+    for key in ("cpu_model", "logical_cpus", "torch_threads", "torch"):
+        assert key in data["machine"]
+    assert data["machine"]["torch_threads"] == 1
+
+
+def test_rows_and_fields(quick_run):
+    result, out = quick_run
+    model = result["models"]["dit-digits"]
+    assert model["steps"] == 4
+    keys = [r["key"] for r in model["results"]]
+    assert keys[0] == "baseline[reference]"
+    assert {r["method"] for r in model["results"]} == {"baseline", *METHODS_UNDER_TEST}
+    for r in model["results"]:
+        assert r["status"] in ("reference", "ok", "no effect", "unsupported", "failed"), r
+        if r["status"] in ("unsupported", "failed"):
+            continue
+        assert len(r["timing"]["s_per_sample"]) == 1
+        assert r["timing"]["median_s_per_sample"] > 0
+        assert r["macs_per_sample"] > 0
+        assert r["peak_alloc_mib"] is None or r["peak_alloc_mib"] >= 0
+        for q in ("psnr_db", "ssim", "class_accuracy", "ffd", "identical_to_reference"):
+            assert q in r["quality"]
+    rows = {r["method"]: r for r in model["results"]}
+    # the peer (static TaylorSeer schedule, interval 2 after 3 warm-up steps) must take effect at 4 steps
+    peer = rows["diffusers-taylorseer"]
+    assert peer["status"] == "ok" and peer["mac_ratio"] < 1.0, peer
+    assert peer["quality"]["psnr_db"] is not None and math.isfinite(peer["quality"]["psnr_db"])
+    # ditopt's pass is measured like any other method; whether it saves MACs is reported, not assumed
+    assert rows["ditopt-residual"]["status"] in ("ok", "no effect")
+
+
+def test_reference_psnr_is_inf_handled(quick_run):
+    result, out = quick_run
+    base = result["models"]["dit-digits"]["results"][0]
+    assert base["status"] == "reference"
+    assert base["quality"]["psnr_db"] is None and base["quality"]["identical_to_reference"] is True
+    assert base["quality"]["ssim"] == pytest.approx(1.0)
+    assert base["speedup"] == pytest.approx(1.0) and base["mac_ratio"] == pytest.approx(1.0)
+    md = (out / "models.md").read_text()
+    assert "inf (identical)" in md
+
+
+def test_markdown_table_rows(quick_run):
+    result, out = quick_run
+    table = markdown_table(result["models"]["dit-digits"]).strip().splitlines()
+    assert table[0] == "| " + " | ".join(TABLE_COLUMNS) + " |"
+    body = table[2:]
+    assert len(body) == len(result["models"]["dit-digits"]["results"])
+    assert all(line.count("|") == len(TABLE_COLUMNS) + 1 for line in body)
+    md = (out / "models.md").read_text()
+    assert "## dit-digits" in md and "command: `pytest quick`" in md
+
+
+def test_no_effect_is_marked_not_dropped(tmp_path, monkeypatch):
+    """A 'peer' that changes nothing stays in the results, marked 'no effect'."""
+    import ditopt.bench.methods as methods
+
+    def build_noop(ctx, params):
+        return Runner(ctx.bundle.model, None, {})
+
+    monkeypatch.setitem(methods.METHODS, "noop-peer", {"family": "noop", "provider": "test", "build": build_noop,
+                                                       "settings": [("none", {})]})
+    result = run_models(["dit-digits"], ["noop-peer"], samples=2, repeats=1, batch=2, threads=1, quick=True, steps=2,
+                        progress=False)
+    rows = result["models"]["dit-digits"]["results"]
+    assert [r["status"] for r in rows] == ["reference", "no effect"]
+    assert "did not drop" in rows[1]["reason"]
+
+
+def test_settings_expand():
+    full = settings_for(list(METHODS))
+    assert full[0].method == "baseline"
+    for m in METHODS:
+        n = sum(1 for s in full if s.method == m)
+        assert n >= (1 if m == "baseline" else 3), m
+    quick = settings_for(list(METHODS), quick=True)
+    assert len(quick) == len(METHODS) and all(isinstance(s, MethodSetting) for s in quick)
+    with pytest.raises(ValueError):
+        settings_for(["no-such-method"])
