@@ -96,7 +96,12 @@ def main(argv=None) -> dict:
         print(name, json.dumps(r, indent=2), flush=True)
         if not a.no_grid:
             save_grid(imgs, classes, ROOT / "docs" / "images" / f"{name}-samples.png")
-    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+    out = Path(a.out)
+    if out.exists():  # keep results of models not evaluated in this run
+        old = json.loads(out.read_text()).get("models", {})
+        result["models"] = {**{k: v for k, v in old.items() if k not in result["models"]},
+                            **result["models"]}
+    out.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 

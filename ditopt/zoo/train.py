@@ -191,6 +191,8 @@ def train_diffusion(kind: str, iters: int, batch: int = 64, lr: float = 1e-3, wa
             if embedder is not None:
                 tensors.update(_state(ema["embedder"], "embedder."))
             meta["training"]["iters_done"] = step + 1
+            meta["training"]["reproduce"] = (f"python scripts/train_{name.replace('-', '_')}.py "
+                                             f"--iters {iters} --stop-at {step + 1}")
             meta["training"]["elapsed_s"] = round(time.time() - t_start, 1)
             meta["training"]["final_loss_avg100"] = sum(losses[-100:]) / len(losses[-100:])
             meta["training"]["loss_history"] = history
