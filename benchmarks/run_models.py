@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--calibration-samples", type=int, default=None,
+                   help="calibration and validation samples for ditopt presets / MagCache ratios (default 8; quick 2)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -33,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/run_models.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     result = run_models(args.model or ["dit-digits", "flux-digits"], args.methods, samples=args.samples,
                         repeats=args.repeats, batch=args.batch, threads=args.threads, quick=args.quick,
-                        steps=args.steps, out_dir=args.out, command=command.strip(), progress=not args.no_progress)
+                        steps=args.steps, calibration_samples=args.calibration_samples, out_dir=args.out, command=command.strip(), progress=not args.no_progress)
     from ditopt.bench import markdown_table
 
     for name, res in result["models"].items():

@@ -26,6 +26,8 @@ def bench_models_cmd(
     batch: int = typer.Option(4, "--batch", help="samples per generation (timed batch)"),
     threads: int = typer.Option(2, "--threads", help="torch.set_num_threads for the whole run"),
     steps: Optional[int] = typer.Option(None, "--steps", help="sampling steps (default: the model's; --quick: 8)"),
+    calibration_samples: Optional[int] = typer.Option(None, "--calibration-samples",
+                                                      help="calibration/validation samples for ditopt presets and MagCache ratios (default 8; --quick 2)"),
     out: Path = typer.Option(Path("benchmarks/results"), "--out", help="output directory"),
     quick: bool = typer.Option(False, "--quick", help="one setting per method and few steps (smoke test)"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
@@ -42,7 +44,7 @@ def bench_models_cmd(
         raise typer.Exit(2)
     command = "ditopt " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     result = run_models(list(model), methods, samples=samples, repeats=repeats, batch=batch, threads=threads,
-                        quick=quick, steps=steps, out_dir=out, command=command, progress=progress)
+                        quick=quick, steps=steps, calibration_samples=calibration_samples, out_dir=out, command=command, progress=progress)
     from ditopt.bench import markdown_table
 
     for name, res in result["models"].items():

@@ -374,7 +374,8 @@ def _specs() -> dict[str, dict[str, Any]]:
                                               S("N=3,o1", cache_interval=3, disable_cache_before_step=3, max_order=1),
                                               S("N=5,o1", cache_interval=5, disable_cache_before_step=3, max_order=1)]},
         "diffusers-magcache": {"family": "diffusers MagCache", "provider": "diffusers", "build": _build_magcache,
-                               "settings": [S("thr=0.02,k=2", threshold=0.02, max_skip_steps=2, retention_ratio=0.2),
+                               "settings": [S("thr=0.01,k=1", threshold=0.01, max_skip_steps=1, retention_ratio=0.2),
+                                            S("thr=0.03,k=2", threshold=0.03, max_skip_steps=2, retention_ratio=0.2),
                                             S("thr=0.06,k=3", threshold=0.06, max_skip_steps=3, retention_ratio=0.2),
                                             S("thr=0.15,k=4", threshold=0.15, max_skip_steps=4, retention_ratio=0.1)]},
         "diffusers-pab": {"family": "diffusers PyramidAttentionBroadcast", "provider": "diffusers", "build": _build_pab,
@@ -411,7 +412,7 @@ def _specs() -> dict[str, dict[str, Any]]:
 
 METHODS = _specs()
 # In --quick mode: one setting per method (index into the list above).
-QUICK_SETTING = {"diffusers-fbc": 1, "diffusers-magcache": 1, "cachedit-dbcache": 1,
+QUICK_SETTING = {"diffusers-fbc": 1, "diffusers-magcache": 2, "cachedit-dbcache": 1,
                  "cachedit-dbcache-taylorseer": 1, "ditopt-preset": 1}
 
 

@@ -53,15 +53,19 @@ class _Progress:
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self._p = None
+        self._plain: dict[Any, list] = {}  # not a terminal (nohup ... > log): one line per step
+        self._t0 = time.perf_counter()
 
     def __enter__(self) -> "_Progress":
         if self.enabled:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self._p = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                               TimeElapsedColumn(), console=Console(stderr=True), transient=False)
-            self._p.__enter__()
+            console = Console(stderr=True)
+            if console.is_terminal:
+                self._p = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                   TimeElapsedColumn(), console=console, transient=False)
+                self._p.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -69,11 +73,22 @@ class _Progress:
             self._p.__exit__(*exc)
 
     def task(self, description: str, total: int) -> Any:
-        return self._p.add_task(description, total=total) if self._p else None
+        if self._p is not None:
+            return self._p.add_task(description, total=total)
+        if self.enabled:
+            key = len(self._plain)
+            self._plain[key] = [0, total]
+            return key
+        return None
 
     def advance(self, task: Any, description: str | None = None) -> None:
         if self._p is not None and task is not None:
             self._p.update(task, advance=1, **({"description": description} if description else {}))
+        elif task is not None and task in self._plain:
+            done = self._plain[task]
+            done[0] += 1
+            print(f"[{time.perf_counter() - self._t0:7.1f}s] {done[0]}/{done[1]} {description or ''}",
+                  file=sys.stderr, flush=True)
 
     def log(self, msg: str) -> None:
         if self._p is not None:
