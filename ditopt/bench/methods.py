@@ -342,6 +342,8 @@ def _build_ditopt(ctx: BuildContext, params: dict[str, Any]) -> Runner:
             "config": p.get("config"),
             "predicted_block_saving": rep.get("predicted_block_saving"),
             "stages": rep.get("stages"),
+            # scalar search results (e.g. target / measured calibration PSNR), not the trial lists
+            "search": {k: v for k, v in rep.items() if isinstance(v, (int, float, str, bool)) and k != "predicted_block_saving"},
         })
     info["verification"] = [{k: v.get(k) for k in ("kind", "passed", "psnr_db", "max_rel_err") if k in v}
                             for v in report.get("verification", [])]
