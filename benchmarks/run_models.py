@@ -31,14 +31,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the other models already in OUT/models.json (run models at different times)")
     args = p.parse_args(argv)
     command = "python benchmarks/run_models.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     result = run_models(args.model or ["dit-digits", "flux-digits"], args.methods, samples=args.samples,
                         repeats=args.repeats, batch=args.batch, threads=args.threads, quick=args.quick,
-                        steps=args.steps, calibration_samples=args.calibration_samples, out_dir=args.out, command=command.strip(), progress=not args.no_progress)
+                        steps=args.steps, calibration_samples=args.calibration_samples, out_dir=args.out, command=command.strip(), progress=not args.no_progress,
+                        merge=args.merge)
     from ditopt.bench import markdown_table
 
-    for name, res in result["models"].items():
+    for name in args.model or ["dit-digits", "flux-digits"]:
+        res = result["models"][name]
         print(f"## {name} ({res['steps']} steps)\n")
         print(markdown_table(res))
     print(f"wrote {args.out}/models.json, models.md, models_pareto.png")

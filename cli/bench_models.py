@@ -31,6 +31,7 @@ def bench_models_cmd(
     out: Path = typer.Option(Path("benchmarks/results"), "--out", help="output directory"),
     quick: bool = typer.Option(False, "--quick", help="one setting per method and few steps (smoke test)"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    merge: bool = typer.Option(False, "--merge", help="keep other models already in OUT/models.json"),
 ) -> None:
     """Benchmark caching methods on the zoo models; writes models.json, models.md and models_pareto.png."""
     from ditopt.bench import run_models, settings_for
@@ -44,10 +45,12 @@ def bench_models_cmd(
         raise typer.Exit(2)
     command = "ditopt " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     result = run_models(list(model), methods, samples=samples, repeats=repeats, batch=batch, threads=threads,
-                        quick=quick, steps=steps, calibration_samples=calibration_samples, out_dir=out, command=command, progress=progress)
+                        quick=quick, steps=steps, calibration_samples=calibration_samples, out_dir=out, command=command, progress=progress,
+                        merge=merge)
     from ditopt.bench import markdown_table
 
-    for name, res in result["models"].items():
+    for name in model:
+        res = result["models"][name]
         typer.echo(f"## {name} ({res['steps']} steps)\n")
         typer.echo(markdown_table(res))
     typer.echo(f"wrote {out / 'models.json'}, {out / 'models.md'}, {out / 'models_pareto.png'}")

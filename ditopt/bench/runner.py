@@ -269,11 +269,14 @@ def _jsonable(x: Any) -> Any:
 def run_models(models: list[str], methods: list[str] | None = None, *, samples: int = 32, repeats: int = 5,
                batch: int = 4, threads: int = 2, quick: bool = False, steps: int | None = None,
                calibration_samples: int | None = None, out_dir: str | Path | None = None,
-               command: str | None = None, progress: bool = True,
+               command: str | None = None, progress: bool = True, merge: bool = False,
                on_model_done: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Benchmark ``methods`` on each zoo model; returns the results dict (see BENCHMARKS.md) and,
     with ``out_dir``, writes ``models.json``, ``models.md`` and ``models_pareto.png`` there after
-    every model (a run cut short still leaves the finished models on disk)."""
+    every model (a run cut short still leaves the finished models on disk).
+
+    With ``merge``, models already in ``out_dir/models.json`` that this run does not measure are
+    kept (each model records the command, date, configuration and load of its own run)."""
     methods = list(methods or DEFAULT_METHODS)
     settings_for(methods)  # validate names early
     if samples < 1 or repeats < 1 or batch < 1:
@@ -294,15 +297,29 @@ def run_models(models: list[str], methods: list[str] | None = None, *, samples: 
         "complete": False,
         "models": {},
     }
+    kept: dict[str, Any] = {}
+    if merge and out_dir is not None and (Path(out_dir) / "models.json").is_file():
+        import json
+
+        old = json.loads((Path(out_dir) / "models.json").read_text())
+        kept = {k: v for k, v in old.get("models", {}).items() if k not in models}
+        result["models"].update(kept)
+    wanted = list(kept) + list(models)
+    result["config"]["models"] = wanted
     t0 = time.perf_counter()
     try:
         with _Progress(progress) as prog:
             for name in models:
-                result["models"][name] = _bench_model(name, methods, samples=samples, repeats=repeats, batch=batch,
-                                                      quick=quick, steps=steps, calibration_samples=calibration_samples,
-                                                      progress=prog)
+                run_info = {"command": result["command"], "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                            "config": {k: v for k, v in result["config"].items() if k != "models"},
+                            "loadavg_at_start": _loadavg()}
+                res = _bench_model(name, methods, samples=samples, repeats=repeats, batch=batch,
+                                   quick=quick, steps=steps, calibration_samples=calibration_samples, progress=prog)
+                run_info["loadavg_at_end"] = _loadavg()
+                res["run"] = run_info
+                result["models"][name] = res
                 result["wall_s"] = round(time.perf_counter() - t0, 1)
-                result["complete"] = len(result["models"]) == len(models)
+                result["complete"] = all(m in result["models"] for m in wanted)
                 if out_dir is not None:
                     write_outputs(result, out_dir)
                 if on_model_done is not None:
