@@ -4,7 +4,7 @@ sampling trajectory, bucketed by step (first / middle / last third) so stability
 
 The block segments are made to also output their attention's q, k, v (an extra output never
 changes results); a stage at the end of the plan reads them on the host, subsamples query rows
-and batch rows, and accumulates the masses (`attention_masses`) per step.
+and batch rows, and accumulates the masses (`attention_masses`) per measured step (0, 1, 2, then every third).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ TILES = (2, 4, 8)
 BUCKETS = 3
 MAX_QUERIES = 256  # image query rows measured per call
 MAX_ROWS = 2  # batch rows measured per call
+STEP_STRIDE = 3  # measure steps 0, 1, 2 and then every third step: the pattern is stable across steps
 
 
 def site_node(gm: fx.GraphModule, name: str) -> fx.Node | None:
@@ -88,6 +89,7 @@ class AttentionCollector:
         self.scales: dict[int, float | None] = {}
         # per step: tile -> (window sums [blocks, heads, radii], block sums [blocks, heads, rhos], counts [blocks])
         self.sums: dict[int, dict[int, list[torch.Tensor]]] = {}
+        self.steps = 0
 
     def instrument(self, g: DiTGraph) -> DiTGraph:
         outputs: dict[int, tuple[str, str, str]] = {}
@@ -110,6 +112,9 @@ class AttentionCollector:
         return g.evolve(plan=tuple(g.plan) + (AttentionRecorder(self, outputs),))
 
     def add(self, step: int, block: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.steps = max(self.steps, step + 1)
+        if step >= STEP_STRIDE and step % STEP_STRIDE:
+            return
         site = self.sites[block]
         q, k, v = (x[:MAX_ROWS].detach().cpu() for x in (q, k, v))
         n_img = site.image_tokens
@@ -132,16 +137,20 @@ class AttentionCollector:
 
     def summarise(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors: dict[str, torch.Tensor] = {}
-        steps = max(self.sums) + 1 if self.sums else 0
+        steps = self.steps
         buckets = [(b * steps // BUCKETS, (b + 1) * steps // BUCKETS) for b in range(BUCKETS)] if steps >= BUCKETS else [(0, steps)]
         for tile in self.tiles:
             by_bucket = []
             for start, end in buckets:
                 parts = [self.sums[s][tile] for s in range(start, end) if s in self.sums]
+                if not parts:
+                    nan = torch.full((self.blocks, self.heads, len(RADII)), float("nan"))
+                    by_bucket.append((nan, torch.full((self.blocks, self.heads, len(RHOS)), float("nan")), torch.zeros(self.blocks)))
+                    continue
                 win = sum(p[0] for p in parts)
                 blk = sum(p[1] for p in parts)
-                cnt = sum(p[2] for p in parts).clamp(min=1e-12)
-                by_bucket.append((win / cnt[:, None, None], blk / cnt[:, None, None], cnt))
+                cnt = sum(p[2] for p in parts)
+                by_bucket.append((win / cnt.clamp(min=1e-12)[:, None, None], blk / cnt.clamp(min=1e-12)[:, None, None], cnt))
             window = torch.stack([b[0] for b in by_bucket])
             block = torch.stack([b[1] for b in by_bucket])
             weights = torch.stack([b[2] for b in by_bucket])[:, :, None, None]
@@ -149,7 +158,7 @@ class AttentionCollector:
             for key, t in (("window_mass", window), ("block_mass", block)):
                 t = t.masked_fill(uncalibrated[None, :, None, None], float("nan"))
                 tensors[f"attention.{key}_by_step.tile{tile}"] = t
-                tensors[f"attention.{key}.tile{tile}"] = (t * weights).sum(0) / weights.sum(0)
+                tensors[f"attention.{key}.tile{tile}"] = (t.nan_to_num() * weights).sum(0) / weights.sum(0)
         meta = {
             "grid": list(self.grid) if self.grid else None,
             "tiles": list(self.tiles),
@@ -176,14 +185,16 @@ def attention_heatmap(stats: Any, path: str, tile: int | None = None) -> str:
     import matplotlib.pyplot as plt
 
     meta = stats.meta["attention"]
-    tile = tile or (4 if 4 in meta["tiles"] else meta["tiles"][0])
+    from .passes import auto_tile
+
+    tile = tile or (auto_tile(meta["grid"]) if auto_tile(meta["grid"]) in meta["tiles"] else meta["tiles"][0])
     window = stats.tensors[f"attention.window_mass.tile{tile}"]
     block = stats.tensors[f"attention.block_mass.tile{tile}"]
     panels = [(f"window r={r}", window[..., i]) for i, r in enumerate(meta["radii"])]
     panels += [(f"top-rho {rho}", block[..., i]) for i, rho in enumerate(meta["rhos"])]
     fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels) + 1, 0.35 * window.shape[0] + 1.8), squeeze=False)
     for ax, (title, data) in zip(axes[0], panels):
-        im = ax.imshow(data.numpy(), vmin=0.5, vmax=1.0, cmap="viridis", aspect="auto")
+        im = ax.imshow(data.numpy(), vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("head")
     axes[0][0].set_ylabel("block")

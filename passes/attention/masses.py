@@ -48,7 +48,7 @@ def attention_masses(
     h, w = grid
     n_img = h * w
     order = kernel_order(n_img, text_tokens, text_first, grid, tile).to(q.device)
-    q, k, v = (x.double().index_select(2, order) for x in (q, k, v))
+    q, k, v = (x.float().index_select(2, order) for x in (q, k, v))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     rows = torch.arange(n_img) if query_rows is None else query_rows.cpu()
     q_img = q[:, :, text_tokens:]
@@ -68,4 +68,4 @@ def attention_masses(
         _, selected = select_blocks(q_img, kc, hm, block_size, rho, scale)  # [B, heads, nb, nb]
         keep = selected[:, :, query_block][..., key_block]  # [B, heads, rows, n_img]
         blocks.append((text_mass + (probs[..., text_tokens:] * keep).sum(-1)).mean(dim=(0, 2)))
-    return torch.stack(window, -1).float(), torch.stack(blocks, -1).float()
+    return torch.stack(window, -1), torch.stack(blocks, -1)
