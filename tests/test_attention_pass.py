@@ -286,3 +286,23 @@ def test_reordering_tokens_once_matches_permuting_per_layer(arch):
     plain = apply("block_sparse_attention", plain.graph, stats, tile=4, rho=0.5, reorder="per_layer", blocks=(1,))
     assert mixed.report["substituted"] == [1] and mixed.report["token_order"]["tile"] == 2
     torch.testing.assert_close(run_graph(mixed.graph, kwargs), run_graph(plain.graph, kwargs), atol=1e-5, rtol=1e-5)
+
+
+def test_preset_and_rollback_when_over_the_error_budget():
+    from ditopt import optimize
+    from ditopt.profiles import load_profile
+
+    preset = load_profile("balanced-attention")
+    assert [p.name for p in preset.passes] == ["neighborhood_attention"] and preset.passes[0].config.min_mass == 0.95
+    model, kwargs = tiny_dit()
+    graph = capture(model, kwargs)
+    profile = {
+        "name": "strict", "budget": {"max_rel_err": 1e-9},
+        "passes": [{"name": "neighborhood_attention", "tile": 2, "radius": 1}],
+    }
+    optimized = optimize(model, profile, example_inputs=kwargs, stats=hand_stats(graph, 1.0))
+    record = optimized.report.passes[0]
+    assert record.modified and not record.applied  # the optimizer verified it and rolled it back
+    assert record.verification["max_rel_err"] > 1e-9
+    with torch.no_grad():
+        torch.testing.assert_close(optimized(**kwargs)[0], reference(model, kwargs))
