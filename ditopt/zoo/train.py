@@ -55,14 +55,15 @@ def _state(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
     return {prefix + k: v.detach().float().contiguous().clone() for k, v in module.state_dict().items()}
 
 
-def _write(name: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    WEIGHTS_DIR.mkdir(parents=True, exist_ok=True)
-    tmp = WEIGHTS_DIR / f".{name}.safetensors.tmp"
+def _write(name: str, tensors: dict[str, torch.Tensor], meta: dict, out_dir: Path | None = None) -> None:
+    d = Path(out_dir) if out_dir else WEIGHTS_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / f".{name}.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"name": name})
-    tmp.replace(WEIGHTS_DIR / f"{name}.safetensors")
-    tmpj = WEIGHTS_DIR / f".{name}.json.tmp"
+    tmp.replace(d / f"{name}.safetensors")
+    tmpj = d / f".{name}.json.tmp"
     tmpj.write_text(json.dumps(meta, indent=2) + "\n")
-    tmpj.replace(WEIGHTS_DIR / f"{name}.json")
+    tmpj.replace(d / f"{name}.json")
 
 
 def _batches(n: int, batch: int, g: torch.Generator):
@@ -78,12 +79,20 @@ def _batches(n: int, batch: int, g: torch.Generator):
 def train_diffusion(kind: str, iters: int, batch: int = 64, lr: float = 1e-3, warmup: int = 100,
                     ema_decay: float = 0.998, seed: int = 0, ckpt_every: int = 100,
                     label_dropout: float = 0.1, bf16: bool = True, threads: int = 1,
-                    max_shift: int = 0, stop_at: int | None = None) -> None:
+                    max_shift: int = 0, stop_at: int | None = None, init: str | None = None,
+                    out_dir: str | None = None, dit_internal_dropout: bool = False) -> None:
     """Train ``kind`` ("dit" or "flux") with a learning-rate schedule planned for ``iters`` steps.
 
     ``stop_at`` ends the run early (after that many steps, with a checkpoint) without changing the
     planned schedule, so ``--iters N --stop-at K`` reproduces exactly the checkpoint written at
-    step K of a full N-step run.
+    step K of a full N-step run. ``init`` starts from the weights of a zoo safetensors file
+    (continued training); ``out_dir`` writes checkpoints there instead of the package.
+
+    DiT label dropout: diffusers' ``DiTTransformer2DModel`` gives *every block* its own
+    ``LabelEmbedding`` with ``class_dropout_prob=0.1``, so in train mode each block drops the label
+    independently and the all-blocks-null input used for CFG is (almost) never seen. Unless
+    ``dit_internal_dropout`` is set, that internal dropout is switched off and the label is dropped
+    to the null class (10) once per sample, consistently for all blocks.
     """
     torch.set_num_threads(threads)
     g = _seed_all(seed)
@@ -101,6 +110,12 @@ def train_diffusion(kind: str, iters: int, batch: int = 64, lr: float = 1e-3, wa
         sched = DDPMScheduler(num_train_timesteps=1000)
         alphas_cumprod = sched.alphas_cumprod.float()
         modules = nn.ModuleDict({"model": model})
+        if not dit_internal_dropout:
+            from diffusers.models.embeddings import LabelEmbedding
+
+            for m in model.modules():
+                if isinstance(m, LabelEmbedding):
+                    m.dropout_prob = 0.0  # table keeps its null row (built with p=0.1)
     elif kind == "flux":
         name = "flux-digits"
         model = zm.build_flux()
@@ -114,6 +129,13 @@ def train_diffusion(kind: str, iters: int, batch: int = 64, lr: float = 1e-3, wa
     else:
         raise ValueError(kind)
 
+    if init is not None:
+        from safetensors.torch import load_file
+
+        tensors = load_file(init)
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        if embedder is not None:
+            embedder.load_state_dict({k[9:]: v for k, v in tensors.items() if k.startswith("embedder.")})
     modules.train()
     ema = copy.deepcopy(modules).eval()
     for p in ema.parameters():
@@ -132,6 +154,8 @@ def train_diffusion(kind: str, iters: int, batch: int = 64, lr: float = 1e-3, wa
             "schedule": "linear warmup then cosine to 0.1*lr", "optimizer": "AdamW(0.9,0.99), wd 0",
             "ema_decay": ema_decay, "seed": seed, "label_dropout": label_dropout,
             "autocast": "cpu bfloat16" if bf16 else "none", "threads": threads, "max_shift": max_shift,
+            "init": init, "dit_label_dropout": ("diffusers per-block (independent)" if dit_internal_dropout
+                                                else "consistent, once per sample") if kind == "dit" else None,
         },
         "weights": "EMA",
     }
@@ -152,8 +176,9 @@ def train_diffusion(kind: str, iters: int, batch: int = 64, lr: float = 1e-3, wa
             pg["lr"] = _lr_at(step, lr, warmup, iters)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             if kind == "dit":
-                # DiT's own LabelEmbedding drops labels to the null class (10) with p=0.1 in train
-                # mode (diffusers' class_dropout_prob default), so no extra dropout here.
+                if not dit_internal_dropout:
+                    drop = torch.rand(batch, generator=g) < label_dropout
+                    y = torch.where(drop, torch.full_like(y, zm.NULL_CLASS), y)
                 t = torch.randint(0, 1000, (batch,), generator=g)
                 a = alphas_cumprod[t].view(-1, 1, 1, 1)
                 xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
@@ -196,7 +221,7 @@ def train_diffusion(kind: str, iters: int, batch: int = 64, lr: float = 1e-3, wa
             meta["training"]["elapsed_s"] = round(time.time() - t_start, 1)
             meta["training"]["final_loss_avg100"] = sum(losses[-100:]) / len(losses[-100:])
             meta["training"]["loss_history"] = history
-            _write(name, tensors, meta)
+            _write(name, tensors, meta, out_dir)
             print(f"[{name}] checkpoint at step {step + 1}", flush=True)
 
 
@@ -261,6 +286,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--ckpt-every", type=int, default=100)
+    p.add_argument("--init", default=None, help="start from this zoo safetensors file")
+    p.add_argument("--out-dir", default=None, help="write checkpoints here (default: the package)")
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--dit-internal-dropout", action="store_true",
+                   help="keep diffusers' per-block label dropout (stage 1 of dit-digits used it)")
     p.add_argument("--stop-at", type=int, default=None,
                    help="stop after this many steps (schedule still planned for --iters)")
     a = p.parse_args(argv)
@@ -268,7 +298,9 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(train_classifier(epochs=a.epochs, seed=a.seed, threads=a.threads), indent=2))
     else:
         train_diffusion(a.kind, iters=a.iters or DEFAULT_ITERS[a.kind], batch=a.batch,
-                        lr=a.lr or 1e-3, seed=a.seed, threads=a.threads, ckpt_every=a.ckpt_every, stop_at=a.stop_at)
+                        lr=a.lr or 1e-3, seed=a.seed, threads=a.threads, ckpt_every=a.ckpt_every, stop_at=a.stop_at,
+                        init=a.init, out_dir=a.out_dir, warmup=a.warmup,
+                        dit_internal_dropout=a.dit_internal_dropout)
 
 
 DEFAULT_ITERS = {"dit": 900, "flux": 1050}
