@@ -79,6 +79,25 @@ def _effect_summary(model: dict) -> list[str]:
     return out
 
 
+def _load_warning(result: dict) -> list[str]:
+    cpus = result["machine"].get("logical_cpus") or 1
+    loads = []
+    for model in result["models"].values():
+        run = model.get("run") or {}
+        loads += [x[0] for x in (run.get("loadavg_at_start"), run.get("loadavg_at_end")) if x]
+    if not loads or max(loads) <= cpus:
+        return []
+    return [f"**Shared machine.** The 1-minute load average during the runs was {min(loads):.1f} to {max(loads):.1f} on "
+            f"{cpus} logical CPUs (other engineers' jobs and model trainings ran at the same time). Absolute seconds "
+            "per sample are inflated by that and are not comparable to an idle machine; speedups compare settings "
+            "timed in the same interleaved rounds, which spreads the load over all of them, but they are noisier "
+            "than on an idle machine (the per-repeat times are in the JSON). MACs and quality do not depend on load.", ""]
+
+
+def _round(xs):
+    return None if xs is None else [round(x, 2) for x in xs]
+
+
 def render(result: dict, json_rel: str, png_rel: str) -> str:
     sys.path.insert(0, str(ROOT))
     from ditopt.bench.report import markdown_table
@@ -101,13 +120,14 @@ def render(result: dict, json_rel: str, png_rel: str) -> str:
         f"{m['platform']}",
         f"- software: Python {m['python']}, torch {m['torch']}, diffusers {m['diffusers']}, cache-dit {m['cache_dit']}, "
         f"ditopt {m.get('ditopt')}",
-        f"- load average at start {m.get('loadavg_at_start')}, at end {m.get('loadavg_at_end')} "
+        f"- load average at start {_round(m.get('loadavg_at_start'))}, at end {_round(m.get('loadavg_at_end'))} "
         "(the machine is shared; interleaving spreads that noise over all settings)",
         f"- quality samples per setting: {c['samples']}; timed batch: {c['batch']}; timed repeats: {c['repeats']} "
         f"(+1 warm-up); calibration/validation samples (ditopt presets, MagCache ratios): {c['calibration_samples']}; "
         f"quick mode: {c['quick']}",
         "",
         METHOD_NOTES,
+        *_load_warning(result),
         f"![speedup vs PSNR]({png_rel})",
         "",
     ]
@@ -119,6 +139,12 @@ def render(result: dict, json_rel: str, png_rel: str) -> str:
             "",
             (f"Weights: {json.dumps(w)}. " if w else "") + f"Wall time for this model: {model.get('wall_s')} s.",
             "",
+        ]
+        run = model.get("run")
+        if run:
+            lines += [f"Measured by `{run['command']}` at {run['date']} (UTC); load average at start "
+                      f"{_round(run.get('loadavg_at_start'))}, at end {_round(run.get('loadavg_at_end'))}.", ""]
+        lines += [
             markdown_table(model),
             "Best setting per method family with PSNR >= 30 dB (measured on the evaluation samples):",
             "",
