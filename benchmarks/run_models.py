@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--setting-index", type=int, default=None,
+                   help="run only this setting of every method (0 = gentlest; default: all settings)")
     p.add_argument("--merge", action="store_true",
                    help="keep the other models already in OUT/models.json (run models at different times)")
     args = p.parse_args(argv)
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run_models(args.model or ["dit-digits", "flux-digits"], args.methods, samples=args.samples,
                         repeats=args.repeats, batch=args.batch, threads=args.threads, quick=args.quick,
                         steps=args.steps, calibration_samples=args.calibration_samples, out_dir=args.out, command=command.strip(), progress=not args.no_progress,
-                        merge=args.merge)
+                        merge=args.merge, setting_index=args.setting_index)
     from ditopt.bench import markdown_table
 
     for name in args.model or ["dit-digits", "flux-digits"]:

@@ -32,6 +32,8 @@ def bench_models_cmd(
     quick: bool = typer.Option(False, "--quick", help="one setting per method and few steps (smoke test)"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     merge: bool = typer.Option(False, "--merge", help="keep other models already in OUT/models.json"),
+    setting_index: Optional[int] = typer.Option(None, "--setting-index",
+                                                help="run only this setting of every method (0 = gentlest)"),
 ) -> None:
     """Benchmark caching methods on the zoo models; writes models.json, models.md and models_pareto.png."""
     from ditopt.bench import run_models, settings_for
@@ -46,7 +48,7 @@ def bench_models_cmd(
     command = "ditopt " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     result = run_models(list(model), methods, samples=samples, repeats=repeats, batch=batch, threads=threads,
                         quick=quick, steps=steps, calibration_samples=calibration_samples, out_dir=out, command=command, progress=progress,
-                        merge=merge)
+                        merge=merge, setting_index=setting_index)
     from ditopt.bench import markdown_table
 
     for name in model:

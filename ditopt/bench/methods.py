@@ -422,8 +422,9 @@ def method_names() -> list[str]:
     return list(METHODS)
 
 
-def settings_for(methods: list[str], quick: bool = False) -> list[MethodSetting]:
-    """Expand method names into their settings; the baseline always comes first."""
+def settings_for(methods: list[str], quick: bool = False, setting_index: int | None = None) -> list[MethodSetting]:
+    """Expand method names into their settings; the baseline always comes first. ``setting_index``
+    keeps only that setting of every method (clamped to the method's list; 0 = gentlest)."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
@@ -432,7 +433,9 @@ def settings_for(methods: list[str], quick: bool = False) -> list[MethodSetting]
     for m in ordered:
         spec = METHODS[m]
         settings = spec["settings"]
-        if quick and len(settings) > 1:
+        if setting_index is not None and len(settings) > 1:
+            settings = [settings[max(0, min(setting_index, len(settings) - 1))]]
+        elif quick and len(settings) > 1:
             settings = [settings[QUICK_SETTING.get(m, 0)]]
         for label, params in settings:
             out.append(MethodSetting(m, spec["family"], spec["provider"], label, dict(params), spec["build"]))

@@ -100,7 +100,8 @@ def _chunks(xs: list[int], n: int) -> list[list[int]]:
 
 
 def _bench_model(name: str, methods: list[str], *, samples: int, repeats: int, batch: int, quick: bool,
-                 steps: int | None, calibration_samples: int, progress: _Progress) -> dict[str, Any]:
+                 steps: int | None, calibration_samples: int, progress: _Progress,
+                 setting_index: int | None = None) -> dict[str, Any]:
     from ditopt import metrics, zoo
 
     t_model = time.perf_counter()
@@ -113,7 +114,7 @@ def _bench_model(name: str, methods: list[str], *, samples: int, repeats: int, b
                        calibration_classes=[i % 10 for i in range(ncal)], calibration_seeds=[CAL_SEED0 + i for i in range(ncal)],
                        validation_classes=[(i + 5) % 10 for i in range(ncal)], validation_seeds=[VAL_SEED0 + i for i in range(ncal)])
     ctx.cache["batch"] = batch
-    settings = settings_for(methods, quick=quick)
+    settings = settings_for(methods, quick=quick, setting_index=setting_index)
     meta = bundle.meta or {}
     out: dict[str, Any] = {
         "model": name,
@@ -270,6 +271,7 @@ def run_models(models: list[str], methods: list[str] | None = None, *, samples: 
                batch: int = 4, threads: int = 2, quick: bool = False, steps: int | None = None,
                calibration_samples: int | None = None, out_dir: str | Path | None = None,
                command: str | None = None, progress: bool = True, merge: bool = False,
+               setting_index: int | None = None,
                on_model_done: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Benchmark ``methods`` on each zoo model; returns the results dict (see BENCHMARKS.md) and,
     with ``out_dir``, writes ``models.json``, ``models.md`` and ``models_pareto.png`` there after
@@ -293,6 +295,7 @@ def run_models(models: list[str], methods: list[str] | None = None, *, samples: 
         "machine": machine_info(threads),
         "config": {"models": models, "methods": methods, "samples": samples, "repeats": repeats, "batch": batch,
                    "threads": threads, "quick": quick, "steps": steps, "calibration_samples": calibration_samples,
+                   "setting_index": setting_index,
                    "seeds": {"evaluation": EVAL_SEED0, "calibration": CAL_SEED0, "validation": VAL_SEED0}},
         "complete": False,
         "models": {},
@@ -314,7 +317,8 @@ def run_models(models: list[str], methods: list[str] | None = None, *, samples: 
                             "config": {k: v for k, v in result["config"].items() if k != "models"},
                             "loadavg_at_start": _loadavg()}
                 res = _bench_model(name, methods, samples=samples, repeats=repeats, batch=batch,
-                                   quick=quick, steps=steps, calibration_samples=calibration_samples, progress=prog)
+                                   quick=quick, steps=steps, calibration_samples=calibration_samples, progress=prog,
+                                   setting_index=setting_index)
                 run_info["loadavg_at_end"] = _loadavg()
                 res["run"] = run_info
                 result["models"][name] = res
