@@ -140,6 +140,8 @@ def render(result: dict, json_rel: str, png_rel: str) -> str:
             (f"Weights: {json.dumps(w)}. " if w else "") + f"Wall time for this model: {model.get('wall_s')} s.",
             "",
         ]
+        if model.get("partial"):
+            lines += [f"**Partial for this model: {model['partial']}.**", ""]
         run = model.get("run")
         if run:
             lines += [f"Measured by `{run['command']}` at {run['date']} (UTC); load average at start "

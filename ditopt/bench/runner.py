@@ -101,7 +101,8 @@ def _chunks(xs: list[int], n: int) -> list[list[int]]:
 
 def _bench_model(name: str, methods: list[str], *, samples: int, repeats: int, batch: int, quick: bool,
                  steps: int | None, calibration_samples: int, progress: _Progress,
-                 setting_index: int | None = None) -> dict[str, Any]:
+                 setting_index: int | None = None,
+                 checkpoint: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     from ditopt import metrics, zoo
 
     t_model = time.perf_counter()
@@ -205,6 +206,12 @@ def _bench_model(name: str, methods: list[str], *, samples: int, repeats: int, b
             row["reason"] = ("MACs per sample did not drop below the reference"
                              + (" and the samples are identical to the reference" if row["quality"]["identical_to_reference"] else
                                 " (the samples do differ from the reference)"))
+
+    if checkpoint is not None:  # a run cut short during timing still leaves MACs and quality on disk
+        out["results"] = rows
+        out["partial"] = "timing not finished"
+        checkpoint(out)
+        del out["partial"]
 
     # -- 3. timing (interleaved) + peak memory -------------------------------------------------
     timed = [r for r in rows if r["key"] in runners]
@@ -316,9 +323,15 @@ def run_models(models: list[str], methods: list[str] | None = None, *, samples: 
                 run_info = {"command": result["command"], "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                             "config": {k: v for k, v in result["config"].items() if k != "models"},
                             "loadavg_at_start": _loadavg()}
+                def checkpoint(partial: dict[str, Any], name: str = name, run_info: dict = run_info) -> None:
+                    if out_dir is not None:
+                        snapshot = dict(result, models=dict(result["models"]), complete=False)
+                        snapshot["models"][name] = dict(partial, run=run_info)
+                        write_outputs(snapshot, out_dir)
+
                 res = _bench_model(name, methods, samples=samples, repeats=repeats, batch=batch,
                                    quick=quick, steps=steps, calibration_samples=calibration_samples, progress=prog,
-                                   setting_index=setting_index)
+                                   setting_index=setting_index, checkpoint=checkpoint)
                 run_info["loadavg_at_end"] = _loadavg()
                 res["run"] = run_info
                 result["models"][name] = res
