@@ -62,6 +62,7 @@ def test_load_offline_exact_weights(bundle):
     if bundle.kind == "dit":
         assert bundle.model.config.num_layers >= 8 and bundle.model.config.patch_size == 2
         assert bundle.embedder is None and bundle.default_steps == 50
+        assert bundle.default_eta == 1.0  # stochastic DDIM; per-sample step noise
     else:
         assert bundle.model.config.num_layers == 2 and bundle.model.config.num_single_layers == 4
         assert bundle.embedder.tokens.weight.shape[0] == 11  # 10 classes + learned null
@@ -121,6 +122,14 @@ def test_make_inputs_match_sample(bundle):
     for k in inp:
         assert inp[k].shape == call[k].shape and inp[k].dtype == call[k].dtype, k
     assert out.shape == inp["hidden_states"].shape
+
+
+def test_dit_eta_zero_is_deterministic_ode():
+    b = zoo.load("dit-digits")
+    a = b.sample([2, 6], [5, 6], steps=STEPS, eta=0.0)
+    c = b.sample([2, 6], [5, 6], steps=STEPS, eta=1.0)
+    assert (a - c).abs().max() > 1e-3  # eta changes the sampler
+    torch.testing.assert_close(b.sample([6], [6], steps=STEPS, eta=1.0)[0], c[1], atol=1e-4, rtol=0)
 
 
 def test_guidance_changes_output(bundle):

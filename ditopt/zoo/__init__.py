@@ -5,7 +5,7 @@ ditopt trains its own reference models on scikit-learn's handwritten digits (ups
 
 * ``dit-digits``  - diffusers ``DiTTransformer2DModel`` (adaLN-Zero, 8 blocks, 4x32 heads, patch 2,
   class-conditional, label 10 = null class), DDPM epsilon prediction, sampled with DDIM (50 steps,
-  classifier-free guidance 4).
+  eta 1, classifier-free guidance 4).
 * ``flux-digits`` - diffusers ``FluxTransformer2DModel`` (2 double-stream + 4 single-stream blocks,
   RoPE) on 2x2-packed latents, rectified flow, sampled with FlowMatchEuler (28 steps, true CFG 4).
   The class enters as 4 learned "text" tokens plus a pooled vector from :class:`ClassEmbedder`,
@@ -42,8 +42,11 @@ __all__ = [
 ]
 
 _MODELS: dict[str, dict[str, Any]] = {
-    "dit-digits": {"kind": "dit", "default_steps": 50, "default_guidance_scale": 4.0},
-    "flux-digits": {"kind": "flux", "default_steps": 28, "default_guidance_scale": 4.0},
+    # dit-digits samples with stochastic DDIM (eta=1): the deterministic DDIM ODE (eta=0) turns
+    # this small, briefly trained eps-model's errors into pixel noise (measured: 0/50 samples
+    # recognised at CFG 4 with eta=0, vs 20/20 with eta=1 on the same weights).
+    "dit-digits": {"kind": "dit", "default_steps": 50, "default_guidance_scale": 4.0, "default_eta": 1.0},
+    "flux-digits": {"kind": "flux", "default_steps": 28, "default_guidance_scale": 4.0, "default_eta": 0.0},
 }
 
 
@@ -90,6 +93,8 @@ class ZooBundle:
         embedder: flux only - the :class:`~ditopt.zoo.models.ClassEmbedder` (label -> text tokens
             and pooled vector; row 10 is the learned null entry). ``None`` for DiT.
         default_steps, default_guidance_scale, num_classes: sampling defaults.
+        default_eta: DDIM eta for "dit" (1.0: stochastic DDIM; the per-step noise of each sample
+            also comes from that sample's own seeded generator). Unused by the flow-matching model.
         meta: the JSON shipped with the weights (config, training hyper-parameters, losses).
     """
 
@@ -102,6 +107,7 @@ class ZooBundle:
     embedder: nn.Module | None = None
     meta: dict = field(default_factory=dict)
     image_size: int = 32
+    default_eta: float = 0.0
 
     # -- schedulers ---------------------------------------------------------------------------
     def make_scheduler(self):
@@ -170,7 +176,7 @@ class ZooBundle:
     def sample(self, classes: Sequence[int] | torch.Tensor | int, seeds: Sequence[int] | torch.Tensor | int,
                steps: int | None = None, guidance_scale: float | None = None,
                model: nn.Module | None = None, batch_size: int | None = None,
-               progress: bool = False) -> torch.Tensor:
+               progress: bool = False, eta: float | None = None) -> torch.Tensor:
         """Generate one image per (class, seed) pair -> Tensor[N, 1, 32, 32] in [0, 1].
 
         Args:
@@ -184,6 +190,8 @@ class ZooBundle:
                 ``return_dict=False`` -> tuple whose ``[0]`` is the prediction). Default: own model.
             batch_size: samples per scheduler loop (default: all at once).
             progress: print one line per batch.
+            eta: DDIM eta (dit only; default ``default_eta``). With eta > 0 the step noise of each
+                sample is drawn from that sample's generator, so results stay batching-independent.
         """
         seeds_l = _as_long_list(seeds)
         classes_l = _as_long_list(classes, len(seeds_l))
@@ -193,6 +201,7 @@ class ZooBundle:
             raise ValueError(f"classes must be in 0..{self.num_classes - 1}")
         steps = int(steps or self.default_steps)
         gs = float(self.default_guidance_scale if guidance_scale is None else guidance_scale)
+        eta = float(self.default_eta if eta is None else eta)
         net = self.model if model is None else model
         n = len(seeds_l)
         bs = n if not batch_size else int(batch_size)
@@ -203,13 +212,14 @@ class ZooBundle:
                 sd = seeds_l[start:start + bs]
                 if progress:
                     print(f"[{self.name}] sampling {start + len(cl)}/{n}", flush=True)
-                out.append(self._sample_batch(net, cl, sd, steps, gs))
+                out.append(self._sample_batch(net, cl, sd, steps, gs, eta))
         return torch.cat(out, 0) if out else torch.empty(0, 1, self.image_size, self.image_size)
 
-    def _sample_batch(self, net, classes: list[int], seeds: list[int], steps: int, gs: float):
+    def _sample_batch(self, net, classes: list[int], seeds: list[int], steps: int, gs: float,
+                      eta: float = 0.0):
         size = (1, 1, self.image_size, self.image_size)
-        latents = torch.cat([torch.randn(size, generator=torch.Generator().manual_seed(s))
-                             for s in seeds], 0)
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        latents = torch.cat([torch.randn(size, generator=g) for g in gens], 0)
         n = latents.shape[0]
         sched = self.make_scheduler()
         sched.set_timesteps(steps)
@@ -221,7 +231,12 @@ class ZooBundle:
             pred = pred.float()
             uncond, condp = pred[:n], pred[n:]
             guided = uncond + gs * (condp - uncond)
-            latents = sched.step(guided, t, latents, return_dict=False)[0]
+            if self.kind == "dit" and eta > 0:
+                noise = torch.cat([torch.randn(size, generator=g) for g in gens], 0)
+                latents = sched.step(guided, t, latents, eta=eta, variance_noise=noise,
+                                     return_dict=False)[0]
+            else:
+                latents = sched.step(guided, t, latents, return_dict=False)[0]
         return ((latents.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
@@ -247,7 +262,8 @@ def load(name: str) -> ZooBundle:
     return ZooBundle(name=name, kind=spec["kind"], model=model,
                      default_steps=spec["default_steps"],
                      default_guidance_scale=spec["default_guidance_scale"],
-                     num_classes=10, embedder=embedder, meta=meta)
+                     num_classes=10, embedder=embedder, meta=meta,
+                     default_eta=spec["default_eta"])
 
 
 def load_classifier() -> _m.DigitClassifier:
