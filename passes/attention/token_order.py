@@ -14,7 +14,6 @@ grid that is not 2-D, makes the reorder unsupported (the pass then permutes per 
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import torch
 import torch.fx as fx
