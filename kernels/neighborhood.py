@@ -225,7 +225,7 @@ def _get_workspace(slot: int, numel: int, like: torch.Tensor) -> torch.Tensor:
     bufs = getattr(_workspace, "bufs", None)
     if bufs is None:
         bufs = _workspace.bufs = {}
-    key = (slot, like.dtype, like.device)
+    key = (slot, like.dtype, like.device, torch.is_inference_mode_enabled())  # inference tensors cannot be reused outside inference mode
     buf = bufs.get(key)
     if buf is None or buf.numel() < numel:
         buf = torch.empty(numel, dtype=like.dtype, device=like.device)
