@@ -100,8 +100,9 @@ def _type_name(t: Any) -> str:
     return str(t).rsplit(".", 1)[-1].strip("'>")
 
 
-def backtrace(start: fx.Node, stop_ops: set, within: set[fx.Node], limit: int = 64) -> list[fx.Node]:
-    """Nodes of `stop_ops` reached walking inputs backwards from `start`, not crossing them."""
+def _trace(start: fx.Node, stop_ops: set, within: set[fx.Node], neighbours, limit: int) -> list[fx.Node]:
+    """Breadth-first walk from `start` over `neighbours(node)` inside `within`, collecting the
+    nodes of `stop_ops` it reaches without walking past them."""
     found: list[fx.Node] = []
     seen = {start}
     frontier = [start]
@@ -110,27 +111,21 @@ def backtrace(start: fx.Node, stop_ops: set, within: set[fx.Node], limit: int = 
         if node is not start and node.op == "call_function" and node.target in stop_ops:
             found.append(node)
             continue
-        for inp in node.all_input_nodes:
-            if inp not in seen and inp in within and inp.op == "call_function":
-                seen.add(inp)
-                frontier.append(inp)
+        for nxt in neighbours(node):
+            if nxt not in seen and nxt in within:
+                seen.add(nxt)
+                frontier.append(nxt)
     return found
+
+
+def backtrace(start: fx.Node, stop_ops: set, within: set[fx.Node], limit: int = 64) -> list[fx.Node]:
+    """Nodes of `stop_ops` reached walking inputs backwards from `start`, not crossing them."""
+    return _trace(start, stop_ops, within, lambda n: [i for i in n.all_input_nodes if i.op == "call_function"], limit)
 
 
 def forwardtrace(start: fx.Node, stop_ops: set, within: set[fx.Node], limit: int = 64) -> list[fx.Node]:
-    found: list[fx.Node] = []
-    seen = {start}
-    frontier = [start]
-    while frontier and len(seen) < limit * 8:
-        node = frontier.pop(0)
-        if node is not start and node.op == "call_function" and node.target in stop_ops:
-            found.append(node)
-            continue
-        for user in node.users:
-            if user not in seen and user in within:
-                seen.add(user)
-                frontier.append(user)
-    return found
+    """Nodes of `stop_ops` reached walking users forwards from `start`, not crossing them."""
+    return _trace(start, stop_ops, within, lambda n: n.users, limit)
 
 
 # --------------------------------------------------------------------------------------------

@@ -93,13 +93,17 @@ def load_plugins() -> None:
         importlib.import_module(ep.value)
 
 
-def get_pass(name: str) -> PassSpec:
+def _lookup(table: dict[str, Any], name: str, what: str) -> Any:
     load_plugins()
     try:
-        return _PASSES[name]
+        return table[name]
     except KeyError:
-        known = ", ".join(sorted(_PASSES)) or "(none installed)"
-        raise UnknownPassError(f"unknown pass {name!r}; installed passes: {known}") from None
+        known = ", ".join(sorted(table)) or "(none installed)"
+        raise UnknownPassError(f"unknown {what} {name!r}; installed: {known}") from None
+
+
+def get_pass(name: str) -> PassSpec:
+    return _lookup(_PASSES, name, "pass")
 
 
 def available_passes() -> dict[str, PassSpec]:
@@ -120,9 +124,4 @@ def register_collector(name: str) -> Callable:
 
 
 def get_collector(name: str) -> Any:
-    load_plugins()
-    try:
-        return _COLLECTORS[name]
-    except KeyError:
-        known = ", ".join(sorted(_COLLECTORS)) or "(none installed)"
-        raise UnknownPassError(f"unknown calibration collector {name!r}; installed: {known}") from None
+    return _lookup(_COLLECTORS, name, "calibration collector")
