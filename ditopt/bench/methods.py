@@ -319,18 +319,21 @@ def _build_ditopt(ctx: BuildContext, params: dict[str, Any]) -> Runner:
     bundle = ctx.bundle
     model = _ditopt_model(ctx)
     profile = params["profile"]
-    calibrated = isinstance(profile, str) or (isinstance(profile, dict) and profile.get("budget"))
+    calibrated = params.get("calibrate") or isinstance(profile, str) or (
+        isinstance(profile, dict) and (profile.get("budget") or {}).get("min_psnr_db") is not None)
+    # Stats are shared between settings that need the same collectors (the trajectory by default).
+    stats_key = "ditopt_stats:" + ",".join(params.get("collectors", ("trajectory",)))
     kwargs: dict[str, Any] = {"example_inputs": bundle.make_inputs(2)}
     if calibrated:
         kwargs["calibration"] = lambda m: bundle.sample(ctx.calibration_classes, ctx.calibration_seeds, steps=ctx.steps, model=m)
         kwargs["validation"] = lambda m: bundle.sample(ctx.validation_classes, ctx.validation_seeds, steps=ctx.steps, model=m)
-        if "ditopt_stats" in ctx.cache:
-            kwargs["stats"] = ctx.cache["ditopt_stats"]
+        if stats_key in ctx.cache:
+            kwargs["stats"] = ctx.cache[stats_key]
     else:
         kwargs["num_steps"] = ctx.steps
     opt = ditopt.optimize(model, profile, **kwargs)
     if calibrated and getattr(opt, "stats", None) is not None:
-        ctx.cache.setdefault("ditopt_stats", opt.stats)
+        ctx.cache.setdefault(stats_key, opt.stats)
     _prebuild(opt, bundle, ctx.cache.get("batch"))
     opt.reset()
     report = opt.report.to_dict()
@@ -361,6 +364,19 @@ def _taylor_profile(order: int, interval: int, warmup: int) -> dict:
 def _residual_profile(interval: int, warmup: int, order: int) -> dict:
     return {"name": f"residual-i{interval}", "passes": [
         {"name": "residual_cache", "interval": interval, "warmup": warmup, "order": order}]}
+
+
+def _attention_profile(name: str, attention: dict, budget_db: float | None = None) -> dict:
+    """Attention substitution forced on every layer (min_mass 0: the zoo models' attention is
+    broad, so the calibrated choice substitutes nothing; this shows the quality each pattern
+    costs), optionally composed with the calibrated cache schedule at a PSNR budget. Per-call
+    rollback is off (max_rel_err 1): the end-to-end PSNR is what is measured."""
+    passes = [{"min_mass": 0.0, **attention}]
+    budget: dict[str, Any] = {"max_rel_err": 1.0}
+    if budget_db is not None:
+        passes.append({"name": "calibrated_schedule", "order": "auto"})
+        budget["min_psnr_db"] = budget_db
+    return {"name": name, "budget": budget, "passes": passes}
 
 
 def _specs() -> dict[str, dict[str, Any]]:
@@ -409,6 +425,15 @@ def _specs() -> dict[str, dict[str, Any]]:
                             "settings": [S("N=2", profile=_residual_profile(2, 2, 0)),
                                          S("N=3", profile=_residual_profile(3, 2, 0)),
                                          S("N=4", profile=_residual_profile(4, 2, 0))]},
+        "ditopt-attention": {"family": "ditopt attention substitution", "provider": "ditopt", "build": _build_ditopt,
+                             "settings": [S("NA r=1", calibrate=True, collectors=("attention",),
+                                            profile=_attention_profile("na-r1", {"name": "neighborhood_attention", "radius": 1})),
+                                          S("PISA rho=0.5", calibrate=True, collectors=("attention",),
+                                            profile=_attention_profile("pisa-0.5", {"name": "block_sparse_attention", "rho": 0.5})),
+                                          S("PISA rho=0.25", calibrate=True, collectors=("attention",),
+                                            profile=_attention_profile("pisa-0.25", {"name": "block_sparse_attention", "rho": 0.25})),
+                                          S("PISA 0.5+balanced", calibrate=True, collectors=("attention", "trajectory"),
+                                            profile=_attention_profile("pisa-0.5+balanced", {"name": "block_sparse_attention", "rho": 0.5}, 30.0))]},
     }
 
 

@@ -80,7 +80,8 @@ def train_diffusion(kind: str, iters: int, batch: int = 64, lr: float = 1e-3, wa
                     ema_decay: float = 0.998, seed: int = 0, ckpt_every: int = 100,
                     label_dropout: float = 0.1, bf16: bool = True, threads: int = 1,
                     max_shift: int = 0, stop_at: int | None = None, init: str | None = None,
-                    out_dir: str | None = None, dit_internal_dropout: bool = False) -> None:
+                    out_dir: str | None = None, dit_internal_dropout: bool = False,
+                    snr_gamma: float | None = None) -> None:
     """Train ``kind`` ("dit" or "flux") with a learning-rate schedule planned for ``iters`` steps.
 
     ``stop_at`` ends the run early (after that many steps, with a checkpoint) without changing the
@@ -154,7 +155,7 @@ def train_diffusion(kind: str, iters: int, batch: int = 64, lr: float = 1e-3, wa
             "schedule": "linear warmup then cosine to 0.1*lr", "optimizer": "AdamW(0.9,0.99), wd 0",
             "ema_decay": ema_decay, "seed": seed, "label_dropout": label_dropout,
             "autocast": "cpu bfloat16" if bf16 else "none", "threads": threads, "max_shift": max_shift,
-            "init": init, "dit_label_dropout": ("diffusers per-block (independent)" if dit_internal_dropout
+            "init": init, "snr_gamma": snr_gamma, "dit_label_dropout": ("diffusers per-block (independent)" if dit_internal_dropout
                                                 else "consistent, once per sample") if kind == "dit" else None,
         },
         "weights": "EMA",
@@ -184,6 +185,9 @@ def train_diffusion(kind: str, iters: int, batch: int = 64, lr: float = 1e-3, wa
                 xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
                 pred = model(xt, timestep=t, class_labels=y, return_dict=False)[0]
                 target = noise
+                if snr_gamma is not None:
+                    snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
+                    weight = torch.clamp(snr, max=snr_gamma) / snr
             else:
                 drop = torch.rand(batch, generator=g) < label_dropout
                 y_in = torch.where(drop, torch.full_like(y, zm.NULL_CLASS), y)
@@ -196,7 +200,11 @@ def train_diffusion(kind: str, iters: int, batch: int = 64, lr: float = 1e-3, wa
                             txt_ids=txt_ids, return_dict=False)[0]
                 pred = zm.unpack_latents(out)
                 target = noise - x0
-        loss = F.mse_loss(pred.float(), target)
+        if kind == "dit" and snr_gamma is not None:
+            per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
+            loss = (per_sample * weight).mean()
+        else:
+            loss = F.mse_loss(pred.float(), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
@@ -217,7 +225,7 @@ def train_diffusion(kind: str, iters: int, batch: int = 64, lr: float = 1e-3, wa
                 tensors.update(_state(ema["embedder"], "embedder."))
             meta["training"]["iters_done"] = step + 1
             meta["training"]["reproduce"] = (f"python scripts/train_{name.replace('-', '_')}.py "
-                                             f"--iters {iters} --stop-at {step + 1}")
+                                             f"--iters {iters} --threads {threads} --stop-at {step + 1}")
             meta["training"]["elapsed_s"] = round(time.time() - t_start, 1)
             meta["training"]["final_loss_avg100"] = sum(losses[-100:]) / len(losses[-100:])
             meta["training"]["loss_history"] = history
@@ -291,6 +299,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--dit-internal-dropout", action="store_true",
                    help="keep diffusers' per-block label dropout (stage 1 of dit-digits used it)")
+    p.add_argument("--snr-gamma", type=float, default=None,
+                   help="Min-SNR-gamma loss weighting for dit (default 5; 0 turns it off)")
     p.add_argument("--stop-at", type=int, default=None,
                    help="stop after this many steps (schedule still planned for --iters)")
     a = p.parse_args(argv)
@@ -300,10 +310,12 @@ def main(argv: list[str] | None = None) -> None:
         train_diffusion(a.kind, iters=a.iters or DEFAULT_ITERS[a.kind], batch=a.batch,
                         lr=a.lr or 1e-3, seed=a.seed, threads=a.threads, ckpt_every=a.ckpt_every, stop_at=a.stop_at,
                         init=a.init, out_dir=a.out_dir, warmup=a.warmup,
-                        dit_internal_dropout=a.dit_internal_dropout)
+                        dit_internal_dropout=a.dit_internal_dropout,
+                        snr_gamma=(None if a.snr_gamma == 0 else (a.snr_gamma or DEFAULT_SNR_GAMMA.get(a.kind))))
 
 
-DEFAULT_ITERS = {"dit": 900, "flux": 1050}
+DEFAULT_ITERS = {"dit": 2600, "flux": 1050}
+DEFAULT_SNR_GAMMA = {"dit": 5.0}
 
 if __name__ == "__main__":
     main()
