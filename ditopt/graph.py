@@ -122,6 +122,7 @@ class DiTGraph:
     plan: tuple[Any, ...] = ()  # Stage objects (ditopt.plan); one RunSegments per segment by default
     notes: tuple[str, ...] = ()  # what the passes did, in order
     meta: dict[str, Any] = field(default_factory=dict)
+    early_steps: tuple[Any, ...] = ()  # EarlySteps rules (ditopt.plan): blocks that run a variant on the first steps
 
     def __post_init__(self) -> None:
         if not self.plan:
@@ -147,7 +148,7 @@ class DiTGraph:
     def with_variant(self, new: Segment) -> "DiTGraph":
         """Add or replace a variant segment."""
         kept = tuple(s for s in self.segments if s.name != new.name)
-        return self.evolve(segments=kept + (new,))
+        return self.evolve(segments=kept + (new,))._derive_early((new.name,))
 
     @property
     def block_segments(self) -> tuple[Segment, ...]:
@@ -170,7 +171,67 @@ class DiTGraph:
 
     def with_segment(self, new: Segment) -> "DiTGraph":
         segments = tuple(new if s.name == new.name else s for s in self.segments)
-        return self.evolve(segments=segments)
+        return self.evolve(segments=segments)._derive_early((new.name,))
+
+    # -- early steps (plan.EarlySteps) ------------------------------------------------------
+    def early_rule(self, block: int | None) -> Any:
+        return next((r for r in self.early_steps if r.block == block), None) if block is not None else None
+
+    def is_early_variant(self, seg: Segment) -> bool:
+        """Whether `seg` is the early-step version of another segment of this graph."""
+        rule = self.early_rule(seg.block)
+        tail = f":{rule.suffix}" if rule is not None else None
+        if tail is None or seg.kind != "variant" or not seg.name.endswith(tail):
+            return False
+        base = seg.name[: -len(tail)]
+        return any(s.name == base for s in self.segments)
+
+    def with_early_steps(self, rule: Any) -> "DiTGraph":
+        """Add an EarlySteps rule (one per block; the larger step count wins) and derive the
+        early variants of the block's segments."""
+        old = self.early_rule(rule.block)
+        if old is not None:
+            rule = dataclasses.replace(rule, steps=max(rule.steps, old.steps))
+            stale = {f"{s.name}:{old.suffix}" for s in self.segments if s.block == rule.block}
+            graph = self.evolve(segments=tuple(s for s in self.segments if s.name not in stale))
+        else:
+            graph = self
+        graph = graph.evolve(early_steps=tuple(r for r in graph.early_steps if r.block != rule.block) + (rule,))
+        return graph._derive_early(tuple(s.name for s in graph.segments if s.block == rule.block))
+
+    def _derive_early(self, names: Iterable[str]) -> "DiTGraph":
+        graph = self
+        for name in names:
+            seg = graph.segment(name)
+            rule = graph.early_rule(seg.block)
+            if rule is None or graph.is_early_variant(seg):
+                continue
+            variant = f"{name}:{rule.suffix}"
+            module = rule.derive(seg)
+            kept = tuple(s for s in graph.segments if s.name != variant)
+            if module is not None:
+                kept += (Segment(variant, "variant", seg.block, module, seg.inputs, seg.outputs),)
+            graph = graph.evolve(segments=kept)
+        return graph
+
+    def at_step(self, step: int) -> "DiTGraph":
+        """The graph as it runs on `step` of a generation: each segment that has an early
+        variant for this step is that variant, under the segment's own name (so every stage
+        that runs it by name gets it). Itself when no rule applies; memoised per rule set."""
+        active = tuple(r for r in self.early_steps if step < r.steps)
+        if not active:
+            return self
+        views = self.__dict__.setdefault("_step_views", {})
+        key = tuple(r.block for r in active)
+        if key not in views:
+            by_name = {s.name: s for s in self.segments}
+            swapped = []
+            for seg in self.segments:
+                rule = next((r for r in active if r.block == seg.block), None)
+                early = by_name.get(f"{seg.name}:{rule.suffix}") if rule is not None and not self.is_early_variant(seg) else None
+                swapped.append(dataclasses.replace(early, name=seg.name, kind=seg.kind) if early is not None else seg)
+            views[key] = self.evolve(segments=tuple(swapped), early_steps=())
+        return views[key]
 
     # -- execution --------------------------------------------------------------------------
     def bind(self, leaves: Iterable[Any]) -> dict[str, Any]:
@@ -197,10 +258,13 @@ class DiTGraph:
             h.update(seg.module.code.encode())
         for stage in self.plan:
             h.update(repr(stage.describe()).encode())
+        for rule in self.early_steps:
+            h.update(repr(rule.describe()).encode())
         return h.hexdigest()[:16]
 
     def summary(self) -> dict[str, Any]:
         """JSON-serialisable description (the `inspect` table)."""
+        early = {"early_steps": [r.describe() for r in self.early_steps]} if self.early_steps else {}
         return {
             "model_class": self.model_class,
             "parameters": self.param_count,
@@ -237,6 +301,7 @@ class DiTGraph:
                 }
                 for b in self.blocks
             ],
+            **early,
         }
 
 

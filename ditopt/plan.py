@@ -9,10 +9,12 @@ segments instead of holding them, so the two kinds of pass compose in any order.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
-    from .graph import DiTGraph
+    import torch.fx as fx
+
+    from .graph import DiTGraph, Segment
 
 
 @dataclass
@@ -63,3 +65,33 @@ class RunSegments(Stage):
 
 def default_plan(graph: "DiTGraph") -> tuple[Stage, ...]:
     return tuple(RunSegments((seg.name,)) for seg in graph.main_segments)
+
+
+@dataclass(frozen=True)
+class EarlySteps:
+    """On steps 0..steps-1 of every generation, `block` runs another version of its segments
+    (e.g. the dense attention an attention substitution replaced).
+
+    This is held by the graph (`DiTGraph.early_steps`) and resolved by the runtime per call
+    (`DiTGraph.at_step`), not by a plan stage: step-level passes (caching) replace the block
+    stages with their own and run segments by name through `graph.segment(name)`, so a switch
+    kept in a stage would be dropped or bypassed by them, whereas a graph that answers
+    `segment(name)` with the step's version composes with any stage, in any pass order. The
+    per-call verification (one call from a fresh state, plan run on the graph itself) measures
+    the later steps' version, the one that differs from the original.
+
+    `derive(segment)` builds the early version of one of the block's segments (a module with the
+    same inputs and outputs), or None when that segment needs none. The graph keeps it as the
+    variant segment f"{name}:{suffix}" and derives it again whenever a pass replaces or adds a
+    segment of the block, so variants made by later passes (feature forecasting's `:record`)
+    switch too. One rule per block: a second rule for the block keeps the larger step count.
+    """
+
+    block: int
+    steps: int
+    derive: Callable[["Segment"], "fx.GraphModule | None"] = field(compare=False, repr=False)
+    suffix: str = "dense"
+    reason: str = ""
+
+    def describe(self) -> dict[str, Any]:
+        return {"block": self.block, "steps": self.steps, "variant_suffix": self.suffix, "reason": self.reason}

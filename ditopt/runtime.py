@@ -11,6 +11,8 @@ steps. How calls map to steps (documented in docs/design.md):
   generation and clears all state. `reset()` (or `with model.generation():`) starts one
   explicitly. Models without a timestep input count every call as a step; a generation then
   ends after the calibrated number of steps, or at `reset()`.
+* Blocks with early-step variants (`ditopt.plan.EarlySteps`, e.g. attention substitution's
+  `dense_steps`) run those variants on the first steps of every generation (`DiTGraph.at_step`).
 
 One program (captured graph + rewritten plan) is kept per input shape signature: a new batch
 size or resolution is captured again from the original model and the same passes are replayed.
@@ -183,6 +185,12 @@ class OptimizedDiT(nn.Module):
         env = graph.bind(leaves)
         timestep = read_timestep(env.get(graph.timestep_input)) if graph.timestep_input else None
         ctx = self.tracker.advance(timestep)
+        # Blocks with early-step variants (plan.EarlySteps) run them on this generation's first
+        # steps: the host picks the graph version for the step before any segment runs.
+        early = [r.block for r in graph.early_steps if ctx.step < r.steps]
+        if early:
+            ctx.record["early_steps"] = early
+        graph = graph.at_step(ctx.step)
         for stage in graph.plan:
             stage.run(graph, env, ctx)
         self.last_record = ctx.record

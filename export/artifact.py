@@ -100,6 +100,14 @@ def _select_program(obj: Any, example_inputs: dict[str, Any] | None) -> tuple[Di
 
 def _check_exportable(graph: DiTGraph) -> None:
     names = {seg.name for seg in graph.segments}
+    if graph.early_steps:
+        # The manifest's plan runs every call the same way: the step switch would be lost.
+        rules = ", ".join(f"block {r.block} for {r.steps} steps ({r.reason or r.suffix})" for r in graph.early_steps)
+        raise ArtifactError(
+            f"the graph runs other segment versions on the first steps of every generation ({rules}); "
+            "artifacts have no step state, so the export would silently run the later steps' version on every step. "
+            "Optimize with dense_steps=0 in the attention passes to export this model"
+        )
     for stage in graph.plan:
         if not getattr(type(stage), "exportable", True):
             raise ArtifactError(

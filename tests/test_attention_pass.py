@@ -306,3 +306,175 @@ def test_preset_and_rollback_when_over_the_error_budget():
     assert record.verification["max_rel_err"] > 1e-9
     with torch.no_grad():
         torch.testing.assert_close(optimized(**kwargs)[0], reference(model, kwargs))
+
+
+# -- dense steps: the original attention on the first steps of every generation ---------------------
+def bucket_stats(graph, masses: dict[int, list[float]], num_steps: int, step_buckets=None) -> CalibStats:
+    """Stats whose per-step-bucket mass of block b is masses[b][bucket] (every head, radius, rho)."""
+    blocks, heads = len(graph.blocks), max(s.heads for b in graph.blocks for s in b.attention)
+    tensors = {}
+    for tile in (2, 4, 8):
+        for key, n in (("window_mass", len(RADII)), ("block_mass", len(RHOS))):
+            t = torch.empty(3, blocks, heads, n)
+            for b in range(blocks):
+                for i, m in enumerate(masses[b]):
+                    t[i, b] = m
+            tensors[f"attention.{key}_by_step.tile{tile}"] = t
+            tensors[f"attention.{key}.tile{tile}"] = t.mean(0)
+    meta = {"attention": {"step_buckets": step_buckets}} if step_buckets else {}
+    return CalibStats(graph.structure_hash(), graph.model_class, num_steps, [0.0] * num_steps, tensors, meta)
+
+
+def runtime(model, kwargs, graph):
+    from ditopt.runtime import OptimizedDiT
+
+    return OptimizedDiT(model, lambda call: pytest.fail("no other shape is used"), first=(kwargs, graph))
+
+
+def sample_steps(opt, kwargs, timesteps=(900, 600, 300, 100)):
+    """One output per step of one generation (decreasing timesteps), plus what each call ran."""
+    outs, records = [], []
+    with torch.no_grad():
+        for t in timesteps:
+            out = opt(**{**kwargs, "timestep": torch.tensor([t])})
+            outs.append(out[0] if isinstance(out, (tuple, list)) else out.sample)
+            records.append(opt.last_record)
+    return outs, records
+
+
+def test_dense_steps_keep_the_original_block_as_a_variant_picked_on_early_steps():
+    model, kwargs = tiny_dit()
+    graph = capture(model, kwargs)
+    stats = hand_stats(graph, {1: 0.99})
+    default = apply("neighborhood_attention", graph, stats, tile=2)
+    assert default.graph.early_steps == () and [s.name for s in default.graph.segments] == [s.name for s in graph.segments]
+    result = apply("neighborhood_attention", graph, stats, tile=2, dense_steps=2)
+    g = result.graph
+    assert graph.early_steps == () and "block.1:dense" not in [s.name for s in graph.segments]  # input untouched
+    dense = g.segment("block.1:dense")
+    assert dense.kind == "variant" and dense.block == 1 and (dense.inputs, dense.outputs) == (g.segment("block.1").inputs, g.segment("block.1").outputs)
+    assert ops_in(dense) == [SDPA] and ops_in(g.segment("block.1")) == [NEIGHBORHOOD]
+    assert "block.0:dense" not in [s.name for s in g.segments]  # block 0 stays dense anyway: no variant
+    assert [(r.block, r.steps) for r in g.early_steps] == [(1, 2)]
+    # The step decides which version runs under the segment's own name.
+    for step in (0, 1):
+        assert ops_in(g.at_step(step).segment("block.1")) == [SDPA]
+    assert g.at_step(2) is g and ops_in(g.at_step(2).segment("block.1")) == [NEIGHBORHOOD]
+    assert g.at_step(0).plan == g.plan  # the plan is untouched (caching passes still see plain block stages)
+    layer = result.report["layers"][0]
+    assert layer["block"] == 1 and layer["dense_steps"] == 2 and default.report["layers"][0]["dense_steps"] == 0
+    # 2 of the 3 calibrated steps dense: block 1 saves a third of what it saves substituted at every step.
+    assert result.report["predicted_attention_flop_saving"] == pytest.approx(default.report["predicted_attention_flop_saving"] / 3)
+    assert g.summary()["early_steps"][0]["steps"] == 2 and g.structure_hash() != default.graph.structure_hash()
+    twice = apply("neighborhood_attention", g, stats, tile=2, dense_steps=2)
+    assert not twice.modified and twice.report["layers"][0]["dense_steps"] == 2
+
+
+@pytest.mark.parametrize("reorder", ["per_layer", "once"])
+def test_dense_steps_equal_the_original_then_the_substituted_graph(reorder):
+    from ditopt.verify import run_graph_once
+
+    model, kwargs = tiny_dit()
+    graph = capture(model, kwargs)
+    stats = hand_stats(graph, 1.0)
+    mixed = apply("neighborhood_attention", graph, stats, tile=2, radius=1, reorder=reorder, dense_steps=2).graph
+    always = apply("neighborhood_attention", graph, stats, tile=2, radius=1, reorder=reorder).graph
+    opt = runtime(model, kwargs, mixed)
+    outs, records = sample_steps(opt, kwargs)
+    original, _ = sample_steps(runtime(model, kwargs, graph), kwargs)
+    substituted, _ = sample_steps(runtime(model, kwargs, always), kwargs)
+    assert [r.get("early_steps") for r in records] == [[0, 1], [0, 1], None, None]
+    for step in (0, 1):
+        if reorder == "per_layer":  # the very graph that was captured
+            assert torch.equal(outs[step], original[step])
+        torch.testing.assert_close(outs[step], original[step], atol=1e-6, rtol=0)
+        torch.testing.assert_close(outs[step], reference(model, {**kwargs, "timestep": torch.tensor([(900, 600)[step]])}), atol=1e-5, rtol=1e-5)
+        assert (outs[step] - substituted[step]).abs().max() > 1e-3
+    for step in (2, 3):
+        torch.testing.assert_close(outs[step], substituted[step], atol=1e-6, rtol=0)
+    # A new generation (larger timestep) starts dense again.
+    again, records = sample_steps(opt, kwargs, (900,))
+    assert records[0]["early_steps"] == [0, 1]
+    torch.testing.assert_close(again[0], original[0], atol=1e-6, rtol=0)
+    # The per-call verification measures the substituted version (the one that can be off).
+    torch.testing.assert_close(run_graph_once(mixed, kwargs)[0], run_graph(always, kwargs), atol=1e-6, rtol=0)
+
+
+def test_dense_steps_covering_every_calibrated_step_substitute_nothing():
+    model, kwargs = tiny_dit()
+    graph = capture(model, kwargs)
+    for name in ("neighborhood_attention", "block_sparse_attention"):
+        result = apply(name, graph, hand_stats(graph, 1.0), tile=2, dense_steps=3)
+        assert not result.modified and result.report["substituted"] == [] and result.graph.early_steps == ()
+        assert all("covers all 3 calibrated steps" in d["reason"] for d in result.report["dense"])
+        assert all(ops_in(s) == [SDPA] for s in result.graph.block_segments)
+
+
+@pytest.mark.parametrize("name", ["neighborhood_attention", "block_sparse_attention"])
+def test_auto_dense_steps_start_after_a_broad_first_bucket(name):
+    model, kwargs = tiny_dit()
+    graph = capture(model, kwargs)
+    # Block 1 is broad only in the first third (steps 0-1 of 6); block 0 is broad throughout.
+    stats = bucket_stats(graph, {0: [0.5, 0.5, 0.5], 1: [0.5, 0.99, 0.99]}, num_steps=6)
+    everywhere = apply(name, graph, stats, tile=2)
+    assert everywhere.report["substituted"] == []
+    assert any(why in everywhere.report["dense"][1]["reason"] for why in ("broad", "not block-sparse"))
+    assert apply(name, graph, stats, tile=2, dense_steps=1).report["substituted"] == []  # step 1 is still in the broad bucket
+    fixed = apply(name, graph, stats, tile=2, dense_steps=2)
+    assert fixed.report["substituted"] == [1] and fixed.report["layers"][0]["mass"] == pytest.approx(0.99)
+    auto = apply(name, graph, stats, tile=2, dense_steps="auto")
+    assert auto.report["substituted"] == [1]
+    assert auto.report["layers"][0]["dense_steps"] == 2 and [(r.block, r.steps) for r in auto.graph.early_steps] == [(1, 2)]
+    assert "tried [0, 2, 4]" in auto.report["dense"][0]["reason"]
+    assert ops_in(auto.graph.at_step(1).segment("block.1")) == [SDPA]
+    # The collector's own bucket boundaries win over an even split.
+    uneven = bucket_stats(graph, {0: [0.5] * 3, 1: [0.5, 0.99, 0.99]}, num_steps=6, step_buckets=[[0, 1], [1, 3], [3, 6]])
+    assert apply(name, graph, uneven, tile=2, dense_steps="auto").report["layers"][0]["dense_steps"] == 1
+    # Broad in the last third too: no start works, the layer stays dense.
+    late = bucket_stats(graph, {0: [0.5] * 3, 1: [0.99, 0.99, 0.5]}, num_steps=6)
+    assert apply(name, graph, late, tile=2, dense_steps="auto").report["substituted"] == []
+
+
+@pytest.mark.parametrize("cache", ["taylor_forecast", "residual_cache"])
+def test_dense_steps_compose_with_caching_in_either_order(cache):
+    model, kwargs = tiny_dit()
+    graph = capture(model, kwargs)
+    stats = hand_stats(graph, 1.0)
+    spec = get_pass(cache)
+
+    def cached(g):
+        result = spec.apply(g, spec.config(warmup=3, interval=2), PassContext(model=None, num_steps=4))
+        assert result.modified
+        return result.graph
+
+    def attention(g, dense_steps):
+        return apply("neighborhood_attention", g, stats, tile=2, radius=1, reorder="per_layer", dense_steps=dense_steps).graph
+
+    first = cached(attention(graph, 2))  # the caching pass accepts the plan: its block stages are plain
+    later = cached(graph)
+    later = attention(later, 2)
+    if cache == "taylor_forecast":  # feature forecasting runs `:record` copies of the blocks
+        for g in (first, later):
+            assert ops_in(g.segment("block.0:record")) == [NEIGHBORHOOD] and ops_in(g.segment("block.0:record:dense")) == [SDPA]
+            assert ops_in(g.at_step(0).segment("block.0:record")) == [SDPA]
+    outs, _ = sample_steps(runtime(model, kwargs, first), kwargs)
+    swapped, _ = sample_steps(runtime(model, kwargs, later), kwargs)
+    dense, _ = sample_steps(runtime(model, kwargs, cached(graph)), kwargs)
+    sparse, _ = sample_steps(runtime(model, kwargs, cached(attention(graph, 0))), kwargs)
+    for a, b in zip(outs, swapped):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    for step in (0, 1):  # computed (warm-up) steps with the original attention
+        torch.testing.assert_close(outs[step], dense[step], atol=1e-6, rtol=0)
+    torch.testing.assert_close(outs[2], sparse[2], atol=1e-6, rtol=0)  # computed, substituted
+
+
+def test_export_refuses_dense_steps(tmp_path):
+    from ditopt.errors import ArtifactError
+    from ditopt.export import export_artifact
+
+    model, kwargs = tiny_dit()
+    graph = capture(model, kwargs)
+    g = apply("neighborhood_attention", graph, hand_stats(graph, 1.0), tile=2, radius=1, dense_steps=1).graph
+    with pytest.raises(ArtifactError, match="dense_steps=0"):
+        export_artifact(g, tmp_path / "artifact")
+    assert not (tmp_path / "artifact").exists()

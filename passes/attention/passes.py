@@ -7,17 +7,25 @@ import math
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, NonNegativeInt
 
 from ditopt.graph import AttentionSite, DiTGraph
 from ditopt.kernels.block_sparse import num_selected
 from ditopt.kernels.layout import tile_grid
 from ditopt.kernels.neighborhood import neighborhood_density
+from ditopt.plan import EarlySteps
 from ditopt.registry import PassConfig, PassContext, PassResult, register_pass
 
 from .collector import RADII, RHOS, measurable_sites
-from .rewrite import replace_attention, substitutable, substituted
+from .rewrite import replace_attention, restore_dense, substitutable, substituted
 from .token_order import reorder_tokens_once
+
+
+DENSE_STEPS_HELP = (
+    "steps 0..N-1 of every generation run the original dense block; the per-layer choice then reads only the "
+    "calibrated step buckets the later steps fall in. auto: per layer, the smallest bucket start whose remaining "
+    "buckets keep min_mass"
+)
 
 
 class NeighborhoodAttentionConfig(PassConfig):
@@ -26,6 +34,7 @@ class NeighborhoodAttentionConfig(PassConfig):
     tile: int | Literal["auto"] = Field("auto", description="tile edge in tokens (the kernels' tile-major layout); auto: see auto_tile")
     min_mass: float = Field(0.95, ge=0.0, le=1.0, description="a layer stays dense when its calibrated mass in the window is below this")
     blocks: tuple[int, ...] | None = Field(None, description="restrict to these block indices (default: all)")
+    dense_steps: NonNegativeInt | Literal["auto"] = Field(0, description=DENSE_STEPS_HELP)
 
 
 class BlockSparseAttentionConfig(PassConfig):
@@ -35,19 +44,52 @@ class BlockSparseAttentionConfig(PassConfig):
     min_mass: float = Field(0.95, ge=0.0, le=1.0, description="a layer stays dense when its calibrated top-rho mass is below this")
     compensate: bool = Field(True, description="first-order compensation for the skipped blocks (PISA)")
     blocks: tuple[int, ...] | None = None
+    dense_steps: NonNegativeInt | Literal["auto"] = Field(0, description=DENSE_STEPS_HELP)
 
 
-def calibrated_mass(ctx: PassContext, block: int, tile: int, key: str) -> torch.Tensor | None:
+def calibrated_mass(ctx: PassContext, block: int, tile: int, key: str, from_step: int = 0) -> torch.Tensor | None:
     """Worst case over heads and step buckets of the mass kept, per radius / rho; None when
-    this block or tile was not calibrated."""
+    this block or tile was not calibrated. With `from_step` > 0 only the buckets holding a
+    step >= from_step count (the steps that run substituted after `dense_steps`)."""
     stats = ctx.stats
     name = f"attention.{key}_by_step.tile{tile}"
     if stats is None or name not in getattr(stats, "tensors", {}):
         return None
     by_step = stats.tensors[name][:, block]  # [buckets, heads, n]
-    if torch.isnan(by_step).all():
+    if from_step > 0:
+        keep = [i for i, (_, end) in enumerate(step_buckets(stats, by_step.shape[0])) if end > from_step]
+        by_step = by_step[keep]
+    if by_step.numel() == 0 or torch.isnan(by_step).all():
         return None
     return by_step.nan_to_num(nan=1.0).amin(dim=(0, 1))
+
+
+def step_buckets(stats: Any, count: int) -> list[tuple[int, int]]:
+    """[start, end) steps of each calibrated step bucket: the collector's meta, or the same split
+    of the calibrated step count (stats made by hand carry no meta)."""
+    saved = ((getattr(stats, "meta", None) or {}).get("attention") or {}).get("step_buckets")
+    if saved and len(saved) == count:
+        return [(int(a), int(b)) for a, b in saved]
+    steps = int(stats.num_steps)
+    return [(i * steps // count, (i + 1) * steps // count) for i in range(count)]
+
+
+def dense_step_options(config: Any, ctx: PassContext, key: str, tile: int) -> list[int] | str:
+    """The dense-step counts to try, fewest first, or why none can leave a step substituted:
+    the configured count, or with "auto" 0 and every later bucket start."""
+    stats = ctx.stats
+    name = f"attention.{key}_by_step.tile{tile}"
+    calibrated = stats is not None and name in getattr(stats, "tensors", {})
+    steps = int(stats.num_steps) if calibrated else None
+    if config.dense_steps != "auto":
+        n = int(config.dense_steps)
+        if n > 0 and steps is not None and n >= steps:
+            return f"dense_steps {n} covers all {steps} calibrated steps: no step would run substituted"
+        return [n]
+    if not calibrated:
+        return [0]
+    starts = {start for start, end in step_buckets(stats, stats.tensors[name].shape[0]) if end > start}
+    return sorted(starts | {0})
 
 
 def attention_flops(site: AttentionSite) -> float:
@@ -63,6 +105,13 @@ def _substitute(graph: DiTGraph, config: Any, ctx: PassContext, pattern: str) ->
     """Shared driver: per site, decide from calibration; reorder tokens once when asked;
     rewrite; report."""
     original = graph
+    steps = ctx.stats.num_steps if ctx.stats is not None else ctx.num_steps
+
+    def kept(flops: float, record: dict[str, Any]) -> float:
+        # Dense steps run the whole attention: average over the calibrated steps when known.
+        dense = min(record.get("dense_steps", 0), steps) / steps if steps else 0.0
+        return flops * (dense + (1.0 - dense) * record["density"])
+
     measured = {b for b, _ in measurable_sites(graph)}
     layers, dense, chosen, total_flops, kept_flops = [], [], [], 0.0, 0.0
     for block, site in _sites(graph, config.blocks):
@@ -71,7 +120,7 @@ def _substitute(graph: DiTGraph, config: Any, ctx: PassContext, pattern: str) ->
         previous = substituted(graph, block, site)
         if previous is not None:
             layers.append({"block": block, **previous, "note": "already substituted"})
-            kept_flops += flops * previous["density"]
+            kept_flops += kept(flops, previous)
             continue
         reason = substitutable(graph, site) or (None if block in measured else "not the block's measured attention")
         choice = None if reason else _choose(graph, site, block, config, ctx, pattern)
@@ -92,8 +141,22 @@ def _substitute(graph: DiTGraph, config: Any, ctx: PassContext, pattern: str) ->
             kept_flops += flops
             continue
         graph = new
+        # Copies of the block that an earlier pass made and runs instead of it on some steps
+        # (feature forecasting's `:record`) hold the same attention: substitute it there too.
+        copies = [s.name for s in graph.segments if s.kind == "variant" and s.block == block and not graph.is_early_variant(s)]
+        also = []
+        for name in copies:
+            copied = replace_attention(graph, block, site, op, args, record, segment=name)
+            if copied is not None:
+                graph = copied
+                also.append(name)
+        if also:
+            record = {**record, "also_in": also}
+        if record["dense_steps"]:
+            rule = EarlySteps(block, record["dense_steps"], restore_dense, "dense", f"{pattern} attention dense_steps")
+            graph = graph.with_early_steps(rule)
         layers.append({"block": block, **record})
-        kept_flops += flops * record["density"]
+        kept_flops += kept(flops, record)
     report = {
         "pattern": pattern,
         "substituted": [l["block"] for l in layers],
@@ -113,12 +176,30 @@ def auto_tile(grid: tuple[int, int]) -> int:
 
 
 def _choose(graph: DiTGraph, site: AttentionSite, block: int, config: Any, ctx: PassContext, pattern: str):
-    h, w = graph.grid
+    """(op, args, record) for the fewest dense steps (config.dense_steps) whose later steps'
+    calibrated mass allows a substitution, or why the layer stays dense."""
     tile = auto_tile(graph.grid) if config.tile == "auto" else config.tile
     if tile < 1:
         return f"tile {tile} is not a positive size"
+    options = dense_step_options(config, ctx, "window_mass" if pattern == "neighborhood" else "block_mass", tile)
+    if isinstance(options, str):
+        return options
+    reason = None
+    for dense_steps in options:
+        choice = _choose_from(graph, site, block, config, ctx, pattern, tile, dense_steps)
+        if not isinstance(choice, str):
+            choice[2]["dense_steps"] = dense_steps
+            return choice
+        reason = choice
+    if len(options) > 1:
+        reason += f"; dense_steps='auto' found no later start that keeps it (tried {options})"
+    return reason
+
+
+def _choose_from(graph: DiTGraph, site: AttentionSite, block: int, config: Any, ctx: PassContext, pattern: str, tile: int, from_step: int):
+    h, w = graph.grid
     if pattern == "neighborhood":
-        masses = calibrated_mass(ctx, block, tile, "window_mass")
+        masses = calibrated_mass(ctx, block, tile, "window_mass", from_step)
         candidates = RADII if config.radius == "auto" else (config.radius,)
         for radius in candidates:
             mass = _mass_at(masses, RADII, radius)
@@ -133,7 +214,7 @@ def _choose(graph: DiTGraph, site: AttentionSite, block: int, config: Any, ctx: 
                 return torch.ops.ditopt.neighborhood_attention.default, args, record
         best = None if masses is None else float(masses.max())
         return f"attention is broad: calibrated window mass {best} < min_mass {config.min_mass}"
-    masses = calibrated_mass(ctx, block, tile, "block_mass")
+    masses = calibrated_mass(ctx, block, tile, "block_mass", from_step)
     if masses is None:
         return f"not calibrated for tile {tile}"
     candidates = RHOS if config.rho == "auto" else (config.rho,)

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from ditopt.graph import AttentionSite, DiTGraph
+from ditopt.graph import AttentionSite, DiTGraph, Segment
 
 from .collector import plain_sdpa, sdpa_scale, site_node
 from .masses import kernel_order
@@ -48,11 +48,13 @@ def replace_attention(
     op: Callable,
     op_args: Callable[[int, float | None], tuple],
     record: dict[str, Any],
+    segment: str | None = None,
 ) -> DiTGraph | None:
     """New graph with `site`'s sdpa node in `block` replaced by `op(q', k', v', *op_args(n_text,
     scale))` on tokens in the kernels' order; None when the node is not a plain sdpa (masked,
-    causal, or already replaced)."""
-    seg = graph.segment_for_block(block)
+    causal, or already replaced). `segment` names another segment of the block holding the
+    same node (a variant an earlier pass copied from it); default: the block's segment."""
+    seg = graph.segment(segment) if segment is not None else graph.segment_for_block(block)
     gm = fx.GraphModule(seg.module, copy.deepcopy(seg.module.graph))
     g = gm.graph
     node = site_node(gm, site.node)
@@ -68,6 +70,8 @@ def replace_attention(
     order = where[needed]
     identity = bool(torch.equal(order, torch.arange(order.numel())))
     q, k, v = node.args[:3]
+    # What restore_dense needs to put the original call back (plain sdpa: the rest are constants).
+    restore = {"qkv": (q.name, k.name, v.name), "args": tuple(node.args[3:]), "kwargs": dict(node.kwargs), "site": node.name}
     with g.inserting_before(node):
         if not identity:
             inverse = torch.empty_like(order)
@@ -80,7 +84,7 @@ def replace_attention(
         new = g.call_function(op, (q, k, v, *op_args(site.text_tokens, sdpa_scale(node))))
         new.meta["val"] = node.meta.get("val")
         out = new if identity else _index(g, new, back)
-    new.meta["ditopt"] = {**node.meta.get("ditopt", {}), "substitution": {**record, "site": site.node}}
+    new.meta["ditopt"] = {**node.meta.get("ditopt", {}), "substitution": {**record, "site": site.node}, "restore": {**restore, "out": out.name}}
     if "nn_module_stack" in node.meta:
         new.meta["nn_module_stack"] = node.meta["nn_module_stack"]
     node.replace_all_uses_with(out)
@@ -88,6 +92,39 @@ def replace_attention(
     g.lint()
     gm.recompile()
     return graph.with_segment(seg.replace_module(gm))
+
+
+def restore_dense(segment: Segment) -> fx.GraphModule | None:
+    """`segment`'s module with every substitution made with dense steps (record
+    "dense_steps" > 0) put back to the original sdpa call on the original q/k/v; None when it
+    has none. The derive function of the attention passes' EarlySteps rule: it also applies to
+    copies of a substituted block that later passes make (feature forecasting's `:record`)."""
+    graph = copy.deepcopy(segment.module.graph)
+    by_name = {n.name: n for n in graph.nodes}
+    kernels = [
+        n for n in graph.nodes
+        if "restore" in (n.meta.get("ditopt") or {}) and n.meta["ditopt"].get("substitution", {}).get("dense_steps", 0) > 0
+    ]
+    if not kernels:
+        return None
+    for kernel in kernels:
+        info = kernel.meta["ditopt"]["restore"]
+        out = by_name[info["out"]]
+        qkv = tuple(by_name[name] for name in info["qkv"])
+        gathers = [a for a in kernel.args[:3] if isinstance(a, fx.Node) and a not in qkv and a.target == aten.index_select.default]
+        with graph.inserting_before(kernel):
+            dense = graph.create_node(
+                "call_function", aten.scaled_dot_product_attention.default, (*qkv, *info["args"]), dict(info["kwargs"]), name=info["site"]
+            )
+        dense.meta = {**kernel.meta, "ditopt": {k: v for k, v in kernel.meta["ditopt"].items() if k not in ("substitution", "restore")}}
+        out.replace_all_uses_with(dense)
+        # Drop the kernel, its token-order gathers and their index buffers (users before inputs).
+        index = [n.args[2] for n in (out, *gathers) if n is not kernel and isinstance(n.args[2], fx.Node)]
+        for node in dict.fromkeys((out, kernel, *gathers, *index)):
+            if not node.users:
+                graph.erase_node(node)
+    graph.lint()
+    return fx.GraphModule(segment.module, graph, class_name=f"{type(segment.module).__name__}_dense")
 
 
 def _index(g: fx.Graph, x: fx.Node, index: fx.Node) -> fx.Node:
