@@ -62,13 +62,14 @@ def test_load_offline_exact_weights(bundle):
     if bundle.kind == "dit":
         assert bundle.model.config.num_layers >= 8 and bundle.model.config.patch_size == 2
         assert bundle.embedder is None and bundle.default_steps == 50
-        assert bundle.default_eta == 1.0  # stochastic DDIM; per-sample step noise
+        assert bundle.default_eta == 0.0  # deterministic DDIM
+        assert bundle.default_guidance_scale == pytest.approx(1.5)
     else:
         assert bundle.model.config.num_layers == 2 and bundle.model.config.num_single_layers == 4
         assert bundle.embedder.tokens.weight.shape[0] == 11  # 10 classes + learned null
         assert torch.equal(bundle.embedder.tokens.weight, shipped["embedder.tokens.weight"])
         assert bundle.default_steps == 28
-    assert bundle.default_guidance_scale == pytest.approx(4.0)
+        assert bundle.default_guidance_scale == pytest.approx(4.0)
 
 
 def test_sample_deterministic_and_batching_independent(bundle):

@@ -5,7 +5,7 @@ ditopt trains its own reference models on scikit-learn's handwritten digits (ups
 
 * ``dit-digits``  - diffusers ``DiTTransformer2DModel`` (adaLN-Zero, 8 blocks, 4x32 heads, patch 2,
   class-conditional, label 10 = null class), DDPM epsilon prediction, sampled with DDIM (50 steps,
-  eta 1, classifier-free guidance 4).
+  eta 0, classifier-free guidance 1.5).
 * ``flux-digits`` - diffusers ``FluxTransformer2DModel`` (2 double-stream + 4 single-stream blocks,
   RoPE) on 2x2-packed latents, rectified flow, sampled with FlowMatchEuler (28 steps, true CFG 4).
   The class enters as 4 learned "text" tokens plus a pooled vector from :class:`ClassEmbedder`,
@@ -42,10 +42,10 @@ __all__ = [
 ]
 
 _MODELS: dict[str, dict[str, Any]] = {
-    # dit-digits samples with stochastic DDIM (eta=1): the deterministic DDIM ODE (eta=0) turns
-    # this small, briefly trained eps-model's errors into pixel noise (measured: 0/50 samples
-    # recognised at CFG 4 with eta=0, vs 20/20 with eta=1 on the same weights).
-    "dit-digits": {"kind": "dit", "default_steps": 50, "default_guidance_scale": 4.0, "default_eta": 1.0},
+    # dit-digits samples with deterministic DDIM (eta=0) at CFG 1.5. Measured on the shipped
+    # weights (30 held-out seeds): class accuracy 0.93 at CFG 1.5, 0.67 at 2.0, 0.03 at 3.0 --
+    # this small eps-model's guided DDIM ODE over-saturates at higher scales (white background).
+    "dit-digits": {"kind": "dit", "default_steps": 50, "default_guidance_scale": 1.5, "default_eta": 0.0},
     "flux-digits": {"kind": "flux", "default_steps": 28, "default_guidance_scale": 4.0, "default_eta": 0.0},
 }
 
