@@ -214,11 +214,15 @@ class DiTGraph:
             graph = graph.evolve(segments=kept)
         return graph
 
+    def early_rules_at(self, step: int) -> tuple[Any, ...]:
+        """The EarlySteps rules in force on `step` of a generation."""
+        return tuple(r for r in self.early_steps if step < r.steps)
+
     def at_step(self, step: int) -> "DiTGraph":
         """The graph as it runs on `step` of a generation: each segment that has an early
         variant for this step is that variant, under the segment's own name (so every stage
         that runs it by name gets it). Itself when no rule applies; memoised per rule set."""
-        active = tuple(r for r in self.early_steps if step < r.steps)
+        active = self.early_rules_at(step)
         if not active:
             return self
         views = self.__dict__.setdefault("_step_views", {})

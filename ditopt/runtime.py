@@ -187,7 +187,7 @@ class OptimizedDiT(nn.Module):
         ctx = self.tracker.advance(timestep)
         # Blocks with early-step variants (plan.EarlySteps) run them on this generation's first
         # steps: the host picks the graph version for the step before any segment runs.
-        early = [r.block for r in graph.early_steps if ctx.step < r.steps]
+        early = [r.block for r in graph.early_rules_at(ctx.step)]
         if early:
             ctx.record["early_steps"] = early
         graph = graph.at_step(ctx.step)

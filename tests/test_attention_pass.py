@@ -80,18 +80,26 @@ def tiny_dit():
     return model, kwargs
 
 
-def hand_stats(graph, mass: float | dict[int, float]) -> CalibStats:
-    """Calibration stats saying every head of block b keeps `mass[b]` at every radius / rho."""
+def bucket_stats(graph, masses: dict[int, list[float]], num_steps: int, step_buckets=None) -> CalibStats:
+    """Stats whose per-step-bucket mass of block b is masses[b][bucket] (every head, radius, rho)."""
     blocks, heads = len(graph.blocks), max(s.heads for b in graph.blocks for s in b.attention)
     tensors = {}
     for tile in (2, 4, 8):
         for key, n in (("window_mass", len(RADII)), ("block_mass", len(RHOS))):
             t = torch.empty(3, blocks, heads, n)
             for b in range(blocks):
-                t[:, b] = mass if isinstance(mass, float) else mass.get(b, 0.5)
+                for i, m in enumerate(masses[b]):
+                    t[i, b] = m
             tensors[f"attention.{key}_by_step.tile{tile}"] = t
             tensors[f"attention.{key}.tile{tile}"] = t.mean(0)
-    return CalibStats(graph.structure_hash(), graph.model_class, 3, [0.0, 0.0, 0.0], tensors)
+    meta = {"attention": {"step_buckets": step_buckets}} if step_buckets else {}
+    return CalibStats(graph.structure_hash(), graph.model_class, num_steps, [0.0] * num_steps, tensors, meta)
+
+
+def hand_stats(graph, mass: float | dict[int, float]) -> CalibStats:
+    """Calibration stats saying every head of block b keeps `mass[b]` at every radius / rho."""
+    per_block = {b: [mass if isinstance(mass, float) else mass.get(b, 0.5)] * 3 for b in range(len(graph.blocks))}
+    return bucket_stats(graph, per_block, 3)
 
 
 def run_graph(graph, kwargs):
@@ -309,21 +317,6 @@ def test_preset_and_rollback_when_over_the_error_budget():
 
 
 # -- dense steps: the original attention on the first steps of every generation ---------------------
-def bucket_stats(graph, masses: dict[int, list[float]], num_steps: int, step_buckets=None) -> CalibStats:
-    """Stats whose per-step-bucket mass of block b is masses[b][bucket] (every head, radius, rho)."""
-    blocks, heads = len(graph.blocks), max(s.heads for b in graph.blocks for s in b.attention)
-    tensors = {}
-    for tile in (2, 4, 8):
-        for key, n in (("window_mass", len(RADII)), ("block_mass", len(RHOS))):
-            t = torch.empty(3, blocks, heads, n)
-            for b in range(blocks):
-                for i, m in enumerate(masses[b]):
-                    t[i, b] = m
-            tensors[f"attention.{key}_by_step.tile{tile}"] = t
-            tensors[f"attention.{key}.tile{tile}"] = t.mean(0)
-    meta = {"attention": {"step_buckets": step_buckets}} if step_buckets else {}
-    return CalibStats(graph.structure_hash(), graph.model_class, num_steps, [0.0] * num_steps, tensors, meta)
-
 
 def runtime(model, kwargs, graph):
     from ditopt.runtime import OptimizedDiT

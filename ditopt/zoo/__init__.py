@@ -93,8 +93,9 @@ class ZooBundle:
         embedder: flux only - the :class:`~ditopt.zoo.models.ClassEmbedder` (label -> text tokens
             and pooled vector; row 10 is the learned null entry). ``None`` for DiT.
         default_steps, default_guidance_scale, num_classes: sampling defaults.
-        default_eta: DDIM eta for "dit" (1.0: stochastic DDIM; the per-step noise of each sample
-            also comes from that sample's own seeded generator). Unused by the flow-matching model.
+        default_eta: DDIM eta for "dit" (0: deterministic DDIM, what dit-digits ships with; > 0:
+            stochastic, the per-step noise of each sample drawn from that sample's own seeded
+            generator). Unused by the flow-matching model.
         meta: the JSON shipped with the weights (config, training hyper-parameters, losses).
     """
 

@@ -169,6 +169,7 @@ def train_diffusion(kind: str, iters: int, batch: int = 64, lr: float = 1e-3, wa
     run_loss = 0.0
     last = iters if stop_at is None else min(iters, stop_at)
     for step in range(last):
+        weight = None  # per-sample loss weights (Min-SNR); None: plain mean
         idx = next(batches)
         x0 = zdata.random_shift(x_all[idx], max_shift, g) if max_shift else x_all[idx]
         y = labels[idx]
@@ -200,7 +201,7 @@ def train_diffusion(kind: str, iters: int, batch: int = 64, lr: float = 1e-3, wa
                             txt_ids=txt_ids, return_dict=False)[0]
                 pred = zm.unpack_latents(out)
                 target = noise - x0
-        if kind == "dit" and snr_gamma is not None:
+        if weight is not None:
             per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
             loss = (per_sample * weight).mean()
         else:

@@ -47,17 +47,22 @@ class BlockSparseAttentionConfig(PassConfig):
     dense_steps: NonNegativeInt | Literal["auto"] = Field(0, description=DENSE_STEPS_HELP)
 
 
+def masses_by_step(ctx: PassContext, key: str, tile: int) -> torch.Tensor | None:
+    """The collector's [bucket, blocks, heads, n] masses for `key` at `tile`; None when not calibrated."""
+    stats = ctx.stats
+    return None if stats is None else getattr(stats, "tensors", {}).get(f"attention.{key}_by_step.tile{tile}")
+
+
 def calibrated_mass(ctx: PassContext, block: int, tile: int, key: str, from_step: int = 0) -> torch.Tensor | None:
     """Worst case over heads and step buckets of the mass kept, per radius / rho; None when
     this block or tile was not calibrated. With `from_step` > 0 only the buckets holding a
     step >= from_step count (the steps that run substituted after `dense_steps`)."""
-    stats = ctx.stats
-    name = f"attention.{key}_by_step.tile{tile}"
-    if stats is None or name not in getattr(stats, "tensors", {}):
+    all_blocks = masses_by_step(ctx, key, tile)
+    if all_blocks is None:
         return None
-    by_step = stats.tensors[name][:, block]  # [buckets, heads, n]
+    by_step = all_blocks[:, block]  # [buckets, heads, n]
     if from_step > 0:
-        keep = [i for i, (_, end) in enumerate(step_buckets(stats, by_step.shape[0])) if end > from_step]
+        keep = [i for i, (_, end) in enumerate(step_buckets(ctx.stats, by_step.shape[0])) if end > from_step]
         by_step = by_step[keep]
     if by_step.numel() == 0 or torch.isnan(by_step).all():
         return None
@@ -77,18 +82,16 @@ def step_buckets(stats: Any, count: int) -> list[tuple[int, int]]:
 def dense_step_options(config: Any, ctx: PassContext, key: str, tile: int) -> list[int] | str:
     """The dense-step counts to try, fewest first, or why none can leave a step substituted:
     the configured count, or with "auto" 0 and every later bucket start."""
-    stats = ctx.stats
-    name = f"attention.{key}_by_step.tile{tile}"
-    calibrated = stats is not None and name in getattr(stats, "tensors", {})
-    steps = int(stats.num_steps) if calibrated else None
+    stats, masses = ctx.stats, masses_by_step(ctx, key, tile)
+    steps = int(stats.num_steps) if masses is not None else None
     if config.dense_steps != "auto":
         n = int(config.dense_steps)
         if n > 0 and steps is not None and n >= steps:
             return f"dense_steps {n} covers all {steps} calibrated steps: no step would run substituted"
         return [n]
-    if not calibrated:
+    if masses is None:
         return [0]
-    starts = {start for start, end in step_buckets(stats, stats.tensors[name].shape[0]) if end > start}
+    starts = {start for start, end in step_buckets(stats, masses.shape[0]) if end > start}
     return sorted(starts | {0})
 
 
