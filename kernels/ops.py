@@ -12,6 +12,9 @@ Dispatch: CPU tensors -> the PyTorch fast paths; CUDA tensors -> the Triton kern
 other device -> the (masked dense) reference in the input dtype.  The forward is the fast
 kernel; the backward (registered for distillation / fine-tuning use) recomputes through the
 dense masked formulation in the input dtype -- correct, but O(N^2) memory, not a fast path.
+
+Both ops carry a ``torch.utils.flop_counter`` formula: a custom op is opaque to the counter
+(it sees the op, not the matmuls inside), so without one the attention would count as free.
 """
 from __future__ import annotations
 
@@ -21,10 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .block_sparse import block_sparse_attention_cpu, block_sparse_attention_reference
-from .neighborhood import neighborhood_attention_cpu, neighborhood_attention_reference, neighborhood_mask
+from torch.utils.flop_counter import register_flop_formula
 
-__all__ = ["neighborhood_attention", "block_sparse_attention"]
+from .block_sparse import block_sparse_attention_cpu, block_sparse_attention_reference, num_selected
+from .neighborhood import (neighborhood_attention_cpu, neighborhood_attention_reference, neighborhood_density,
+                           neighborhood_mask)
+
+__all__ = ["neighborhood_attention", "block_sparse_attention", "neighborhood_attention_macs",
+           "block_sparse_attention_macs"]
 
 
 @torch.library.custom_op("ditopt::neighborhood_attention", mutates_args=())
@@ -103,3 +110,46 @@ def _block_sparse_backward(ctx, grad):
 
 neighborhood_attention.register_autograd(_neighborhood_backward, setup_context=_save_qkv)
 block_sparse_attention.register_autograd(_block_sparse_backward, setup_context=_save_qkv)
+
+
+# ------------------------------------------------------------------------------------------
+# multiply-accumulate counts (what the kernels compute; the flop counter reports 2 per MAC)
+# ------------------------------------------------------------------------------------------
+def neighborhood_attention_macs(q_shape, height: int, width: int, tile: int = 8, radius: int = 1,
+                                n_text: int = 0) -> int:
+    """QK^T and PV over the kept (query, key) pairs: ``2 * B * heads * D * pairs``."""
+    B, Hh, N, D = q_shape
+    pairs = neighborhood_density(height, width, tile, radius, n_text) * N * N
+    return int(round(2 * B * Hh * D * pairs))
+
+
+def block_sparse_attention_macs(q_shape, block_size: int = 64, rho: float = 0.25, n_text: int = 0,
+                                compensate: bool = True) -> int:
+    """Block statistics (H_j: D x D per key), block selection (query centroids x key centroids),
+    exact attention on the selected blocks and to the text keys, the first-order compensation
+    (scores, sums and the ``q H_j`` term against every unselected block), and dense attention of
+    the text queries -- each as the CPU path and the Triton kernel compute it (padded blocks)."""
+    B, Hh, N, D = q_shape
+    M = N - n_text
+    nb = -(-M // block_size)
+    P = nb * block_size
+    ksel = num_selected(nb, rho)
+    macs = P * D * D + nb * nb * D                  # H_j statistics, selection logits
+    macs += 2 * P * ksel * block_size * D           # exact attention on the selected blocks
+    macs += 2 * M * n_text * D + 2 * n_text * N * D  # image -> text keys, text queries -> all keys
+    if compensate and ksel < nb:
+        macs += P * nb * (2 * D + 1) + P * nb * D * D  # centroid scores, sums, first-order term
+    return B * Hh * macs
+
+
+@register_flop_formula(torch.ops.ditopt.neighborhood_attention)
+def _neighborhood_attention_flops(q_shape, k_shape, v_shape, height, width, tile=8, radius=1, n_text=0,
+                                  scale=None, *args, **kwargs) -> int:
+    return 2 * neighborhood_attention_macs(q_shape, height, width, tile, radius, n_text)
+
+
+@register_flop_formula(torch.ops.ditopt.block_sparse_attention)
+def _block_sparse_attention_flops(q_shape, k_shape, v_shape, block_size=64, rho=0.25, n_text=0,
+                                  include_diagonal=True, scale=None, eps=1e-6, compensate=True,
+                                  *args, **kwargs) -> int:
+    return 2 * block_sparse_attention_macs(q_shape, block_size, rho, n_text, compensate)

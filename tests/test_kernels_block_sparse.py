@@ -122,6 +122,21 @@ def test_custom_op_and_export():
     assert torch.allclose(block_sparse_attention(q, k, v, 16, 0.5, 3), block_sparse_attention_cpu(q, k, v, 16, 0.5, 3))
 
 
+def test_flop_counter_counts_selected_blocks_and_compensation():
+    from torch.utils.flop_counter import FlopCounterMode
+    B, h, N, D, bs = 1, 2, 1024, 32, 64  # 16 key blocks, rho 0.25 -> 4 exact blocks per query block
+    q = torch.randn(B, h, N, D)
+    with FlopCounterMode(display=False) as counter:
+        torch.ops.ditopt.block_sparse_attention(q, q, q, bs, 0.25)
+    stats = N * D * D + 16 * 16 * D                    # H_j, selection logits
+    exact = 2 * N * (4 * bs) * D                       # QK^T + PV on 4 blocks of 64 keys
+    comp = N * 16 * (2 * D + 1) + N * 16 * D * D       # centroid scores, sums, first-order term
+    assert counter.get_total_flops() == 2 * B * h * (stats + exact + comp)
+    with FlopCounterMode(display=False) as counter:
+        torch.ops.ditopt.block_sparse_attention(q, q, q, bs, 0.25, compensate=False)
+    assert counter.get_total_flops() == 2 * B * h * (stats + exact)
+
+
 def test_custom_op_backward_runs_and_matches_reference_grads():
     q, k, v = (x.double().requires_grad_() for x in _qkv(1, 2, 2 + 64, 8, 12))
     g = torch.randn(1, 2, 66, 8, dtype=torch.float64)

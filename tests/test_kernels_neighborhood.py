@@ -143,6 +143,21 @@ def test_custom_op_dispatch_and_export():
     assert (ep.module()(q2, k2, v2).double() - 2 * ref).abs().max().item() < 2 * TOL
 
 
+def test_flop_counter_counts_kept_pairs():
+    # a custom op is opaque to torch.utils.flop_counter; the registered formula must count the
+    # kept pairs: 32x32 grid, 8x8 tiles, r=1 -> each axis keeps 8*24 of 32*32 ... = (768/1024)^2
+    from torch.utils.flop_counter import FlopCounterMode
+    q = torch.randn(1, 4, 1024, 64)
+    with FlopCounterMode(display=False) as counter:
+        torch.ops.ditopt.neighborhood_attention(q, q, q, 32, 32, 8, 1)
+    dense_flops = 2 * 2 * 4 * 1024 * 1024 * 64  # QK^T + PV, 2 flops per MAC
+    assert counter.get_total_flops() == dense_flops * 768 * 768 // (1024 * 1024)
+    # a window covering the whole grid is dense attention
+    with FlopCounterMode(display=False) as counter:
+        torch.ops.ditopt.neighborhood_attention(q, q, q, 32, 32, 8, 2)
+    assert counter.get_total_flops() == dense_flops
+
+
 def test_custom_op_backward_matches_reference_grads():
     H, W, t, nt = 8, 12, 4, 2
     q, k, v = (x.double().requires_grad_() for x in _qkv(1, 2, nt + H * W, 8, 11))

@@ -3,7 +3,8 @@
 * MACs: ``torch.utils.flop_counter.FlopCounterMode`` over whole sampling runs, MACs = FLOPs / 2.
   PyTorch's counter has no formula for the CPU flash-attention kernel
   (``aten._scaled_dot_product_flash_attention_for_cpu``), so one is added here (the same formula
-  as for the CUDA SDPA kernels); without it attention would count as free. Elementwise ops,
+  as for the CUDA SDPA kernels); without it attention would count as free. The ``ditopt::``
+  attention custom ops register their own formulas (``ditopt.kernels.ops``). Elementwise ops,
   norms and softmax are not counted (matmuls, convolutions and attention only).
 * Peak memory: the CPU allocator's live bytes during one generation, from PyTorch's profiler with
   ``profile_memory=True`` (every allocation/free the CPU allocator sees, "Total Allocated" in the

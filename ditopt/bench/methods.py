@@ -366,6 +366,13 @@ def _residual_profile(interval: int, warmup: int, order: int) -> dict:
         {"name": "residual_cache", "interval": interval, "warmup": warmup, "order": order}]}
 
 
+def _budget_profile(min_psnr_db: float) -> dict:
+    """The calibrated schedule at a user-stated PSNR budget (what the presets are, at other budgets):
+    the high-PSNR end of ditopt's curve, above ``lossless``."""
+    return {"name": f"schedule-{min_psnr_db:g}dB", "budget": {"min_psnr_db": min_psnr_db, "max_rel_err": 1e-4},
+            "passes": [{"name": "calibrated_schedule", "order": "auto"}]}
+
+
 def _attention_profile(name: str, attention: dict, budget_db: float | None = None) -> dict:
     """Attention substitution forced on every layer (min_mass 0: the zoo models' attention is
     broad, so the calibrated choice substitutes nothing; this shows the quality each pattern
@@ -417,6 +424,10 @@ def _specs() -> dict[str, dict[str, Any]]:
         "ditopt-preset": {"family": "ditopt presets", "provider": "ditopt", "build": _build_ditopt,
                           "settings": [S("lossless", profile="lossless"), S("balanced", profile="balanced"),
                                        S("fast", profile="fast")]},
+        "ditopt-budget": {"family": "ditopt calibrated_schedule at a PSNR budget", "provider": "ditopt",
+                          "build": _build_ditopt,
+                          "settings": [S("50 dB", profile=_budget_profile(50.0)), S("45 dB", profile=_budget_profile(45.0)),
+                                       S("40 dB", profile=_budget_profile(40.0))]},
         "ditopt-taylor": {"family": "ditopt taylor_forecast", "provider": "ditopt", "build": _build_ditopt,
                           "settings": [S("o2,N=2", profile=_taylor_profile(2, 2, 3)),
                                        S("o2,N=3", profile=_taylor_profile(2, 3, 3)),
