@@ -25,9 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import shlex
+import sys
 import statistics
 import time
+from datetime import datetime, timezone
 from typing import Any
 
 import torch
@@ -198,11 +202,16 @@ def main() -> None:
     p.add_argument("--heatmap", default=None, help="path prefix for the calibration heatmaps")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    load_start = os.getloadavg()
     result = speed(args) if args.part == "speed" else quality(args)
-    result["machine"] = {"torch": torch.__version__, "threads": args.threads, "machine": platform.machine(), "processor": platform.processor()}
+    result["run"] = {"command": "python benchmarks/bench_attention_e2e.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+                     "date": started, "loadavg_at_start": load_start, "loadavg_at_end": os.getloadavg()}
+    result["machine"] = {"torch": torch.__version__, "threads": args.threads, "machine": platform.machine(),
+                         "processor": platform.processor(), "logical_cpus": os.cpu_count()}
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1, default=str)
+        from ditopt.io import atomic_write_text
+        atomic_write_text(args.out, json.dumps(result, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ def main(argv=None) -> int:
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "loadavg_start": load(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "command": "python benchmarks/bench_attention_kernels.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     results = []
     for g in args.grids:
@@ -62,8 +63,8 @@ def main(argv=None) -> int:
               f"speedup {r['speedup']:6.2f}x  density {r['density']:.4f}  max_rel_err {r['max_rel_err']:.2e}",
               flush=True)
     env["loadavg_end"] = load()
-    with open(args.out, "w") as f:
-        json.dump({"env": env, "results": results}, f, indent=2)
+    from ditopt.io import atomic_write_text
+    atomic_write_text(args.out, json.dumps({"env": env, "results": results}, indent=2))
     return 0
 
 

@@ -225,6 +225,68 @@ def render(result: dict, json_rel: str, png_rel: str, note: str | None = None) -
     return "\n".join(lines).rstrip() + "\n"
 
 
+# Targets of the attention issue (CPU): kernel speedup per grid side, end-to-end speedup.
+KERNEL_TARGET = {64: 3.0, 128: 8.0}
+E2E_TARGET = 1.5
+
+
+def _met(ok: bool) -> str:
+    return "**met**" if ok else "**missed**"
+
+
+def attention_section(results_dir: Path) -> list[str]:
+    """Kernel and end-to-end attention benchmarks, from the JSON their scripts write (if present)."""
+    kern_path, e2e_path = results_dir / "attention_kernels.json", results_dir / "attention_e2e_speed.json"
+    if not kern_path.exists() and not e2e_path.exists():
+        return []
+    lines = ["## Attention substitution: kernels and end to end (CPU)", ""]
+    if kern_path.exists():
+        k = json.loads(kern_path.read_text())
+        env = k["env"]
+        lines += [
+            f"Tiled neighbourhood attention (CPU path of `ditopt::neighborhood_attention`) vs dense "
+            f"`scaled_dot_product_attention` on the same random inputs, interleaved, median of the repeats after "
+            f"warm-up. Command: `{env.get('command', 'python benchmarks/bench_attention_kernels.py')}`; "
+            f"{env['started']} (UTC); {env['cpu_count']} logical CPUs, {env['threads']} threads, torch {env['torch']}; "
+            f"load average at start {_round(env.get('loadavg_start'))}, at end {_round(env.get('loadavg_end'))}.",
+            "",
+            "| grid | tokens | heads x dim | tile / radius | density | dense ms | sparse ms | speedup | target | max rel err |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in k["results"]:
+            h, w = r["grid"]
+            goal = KERNEL_TARGET.get(h) if h == w else None
+            verdict = "-" if goal is None else f">= {goal:g}x: {_met(r['speedup'] >= goal)}"
+            lines.append(f"| {h}x{w} | {h * w} | {r['heads']}x{r['head_dim']} | {r['tile']} / {r['radius']} | "
+                         f"{r['density']:.4f} | {r['dense_ms']:.2f} | {r['sparse_ms']:.2f} | {r['speedup']:.2f}x | "
+                         f"{verdict} | {r['max_rel_err']:.1e} |")
+        lines.append("")
+    if e2e_path.exists():
+        e = json.loads(e2e_path.read_text())
+        run, mdl = e.get("run") or {}, e["model"]
+        dense = next(r for r in e["rows"] if r["variant"] == "dense")
+        lines += [
+            f"End to end: a DiT-XL-shaped `{mdl['class']}` stack ({mdl['blocks']} blocks, width {mdl['width']} = "
+            f"{mdl['heads']} heads x {mdl['head_dim']}, {mdl['grid'][0]}x{mdl['grid'][1]} = {mdl['tokens']} image "
+            f"tokens, random weights, batch 1), one forward, neighbourhood attention (tile "
+            f"{e['substitution']['tile']}, radius {e['substitution']['radius']}) forced on every layer. Variants "
+            f"interleaved, median of {e['repeats']} after {e['warmup']} warm-up. Command: "
+            f"`{run.get('command', 'python benchmarks/bench_attention_e2e.py speed')}`; {run.get('date', '?')} (UTC); "
+            f"load average at start {_round(run.get('loadavg_at_start'))}, at end {_round(run.get('loadavg_at_end'))}.",
+            "",
+            "| variant | median s | speedup | all repeats s | rel err vs dense |",
+            "|---|---|---|---|---|",
+        ]
+        for r in e["rows"]:
+            reps = ", ".join(f"{t:.2f}" for t in r["times_s"])
+            lines.append(f"| {r['variant']} | {r['median_s']:.3f} | {dense['median_s'] / r['median_s']:.2f}x | {reps} | "
+                         f"{r['rel_err_vs_dense']:.1e} |")
+        best = max(dense["median_s"] / r["median_s"] for r in e["rows"] if r["variant"] != "dense")
+        lines += ["", f"- end-to-end target (>= {E2E_TARGET:g}x with the substitution on all layers): {best:.2f}x, "
+                      f"{_met(best >= E2E_TARGET)}", ""]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "models.json")
@@ -236,7 +298,10 @@ def main(argv: list[str] | None = None) -> int:
     json_rel = os.path.relpath(args.json.resolve(), base)
     png_rel = os.path.relpath(args.json.resolve().parent / "models_pareto.png", base)
     note = args.note_file.read_text() if args.note_file else None
-    args.out.write_text(render(result, json_rel, png_rel, note))
+    text = render(result, json_rel, png_rel, note) + "\n".join(["", *attention_section(args.json.resolve().parent)])
+    sys.path.insert(0, str(ROOT))
+    from ditopt.io import atomic_write_text
+    atomic_write_text(args.out, text.rstrip() + "\n")
     print(f"wrote {args.out}")
     return 0
 
