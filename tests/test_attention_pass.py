@@ -119,6 +119,9 @@ def ops_in(segment):
 
 
 def apply(name, graph, stats, **config):
+    # The toy models' 4-16-token blocks cost more than dense attention (see the cost-guard test):
+    # most tests here check the rewrite itself, so the guard is off unless a test sets it.
+    config.setdefault("max_cost", None)
     spec = get_pass(name)
     return spec.apply(graph, spec.config(**config), PassContext(model=None, stats=stats))
 
@@ -206,6 +209,32 @@ def test_broad_attention_stays_dense():
         result = apply(name, graph, hand_stats(graph, 0.6), tile=2)
         assert not result.modified and result.report["substituted"] == []
         assert all(ops_in(s) == [SDPA] for s in result.graph.block_segments)
+
+
+def test_a_substitute_costing_more_than_dense_attention_is_refused():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ditopt.passes.attention.passes import substitute_cost
+
+    model, kwargs = tiny_dit()
+    graph = capture(model, kwargs)
+    site = graph.blocks[0].attention[0]
+    # PISA on 4-token blocks with 16-dim heads: its compensation alone is ~2x dense attention.
+    pisa = apply("block_sparse_attention", graph, hand_stats(graph, 1.0), tile=2, rho=0.5, max_cost=0.9)
+    assert not pisa.modified and pisa.report["substituted"] == []
+    assert all("nothing to save" in d["reason"] for d in pisa.report["dense"])
+    # A 3x3-tile window on a 4x4-tile grid keeps 36 of 64 keys per query: cheaper, so it fires.
+    na = apply("neighborhood_attention", graph, hand_stats(graph, 1.0), tile=2, radius=1, max_cost=0.9)
+    assert na.report["substituted"] == [0, 1]
+    assert na.report["layers"][0]["cost"] == pytest.approx(36 / 64)
+    # The guard's count is the flop counter's count of the op as it runs.
+    q = torch.randn(1, site.heads, site.query_tokens, site.head_dim)
+    record = {"pattern": "block_sparse", "block_size": 4, "rho": 0.5, "compensate": True}
+    with FlopCounterMode(display=False) as counter:
+        torch.ops.ditopt.block_sparse_attention(q, q, q, 4, 0.5, 0, True, None, 1e-6, True)
+    dense_flops = 4 * site.heads * site.query_tokens ** 2 * site.head_dim
+    assert substitute_cost(site, record) == pytest.approx(counter.get_total_flops() / dense_flops)
+    assert substitute_cost(site, record) > 1.0
 
 
 def test_cross_attention_is_never_substituted():

@@ -341,13 +341,16 @@ def _build_ditopt(ctx: BuildContext, params: dict[str, Any]) -> Runner:
     for p in report.get("passes", []):
         rep = p.get("report") or {}
         info.setdefault("passes", []).append({
-            "name": p.get("name"), "applied": p.get("applied"),
+            "name": p.get("name"), "applied": p.get("applied"), "modified": p.get("modified"),
             "config": p.get("config"),
             "predicted_block_saving": rep.get("predicted_block_saving"),
             "stages": rep.get("stages"),
             # scalar search results (e.g. target / measured calibration PSNR), not the trial lists
             "search": {k: v for k, v in rep.items() if isinstance(v, (int, float, str, bool)) and k != "predicted_block_saving"},
         })
+        if "substituted" in rep:  # attention passes: which layers changed, and why the others did not
+            info["passes"][-1]["substituted"] = rep["substituted"]
+            info["passes"][-1]["dense_reasons"] = sorted({d["reason"] for d in rep.get("dense", [])})
     info["verification"] = [{k: v.get(k) for k in ("kind", "passed", "psnr_db", "max_rel_err") if k in v}
                             for v in report.get("verification", [])]
     return Runner(opt, opt.reset, info)
@@ -373,12 +376,14 @@ def _budget_profile(min_psnr_db: float) -> dict:
             "passes": [{"name": "calibrated_schedule", "order": "auto"}]}
 
 
-def _attention_profile(name: str, attention: dict, budget_db: float | None = None) -> dict:
-    """Attention substitution forced on every layer (min_mass 0: the zoo models' attention is
-    broad, so the calibrated choice substitutes nothing; this shows the quality each pattern
-    costs), optionally composed with the calibrated cache schedule at a PSNR budget. Per-call
-    rollback is off (max_rel_err 1): the end-to-end PSNR is what is measured."""
-    passes = [{"min_mass": 0.0, **attention}]
+def _attention_profile(name: str, attention: dict, budget_db: float | None = None, forced: bool = True) -> dict:
+    """Attention substitution, optionally composed with the calibrated cache schedule at a PSNR
+    budget. ``forced``: on every layer (min_mass 0, cost guard off: the zoo models' attention is
+    broad and their 16-token blocks make PISA cost more than dense, so the calibrated choice
+    substitutes nothing; this shows the quality each pattern costs). Otherwise the pass decides
+    from calibration with its defaults, as a user's profile would. Per-call rollback is off
+    (max_rel_err 1): the end-to-end PSNR is what is measured."""
+    passes = [{"min_mass": 0.0, "max_cost": None, **attention} if forced else dict(attention)]
     budget: dict[str, Any] = {"max_rel_err": 1.0}
     if budget_db is not None:
         passes.append({"name": "calibrated_schedule", "order": "auto"})
@@ -426,8 +431,7 @@ def _specs() -> dict[str, dict[str, Any]]:
                                        S("fast", profile="fast")]},
         "ditopt-budget": {"family": "ditopt calibrated_schedule at a PSNR budget", "provider": "ditopt",
                           "build": _build_ditopt,
-                          "settings": [S("50 dB", profile=_budget_profile(50.0)), S("45 dB", profile=_budget_profile(45.0)),
-                                       S("40 dB", profile=_budget_profile(40.0))]},
+                          "settings": [S(f"{db:g} dB", profile=_budget_profile(db)) for db in (50.0, 47.0, 45.0, 42.0, 40.0)]},
         "ditopt-taylor": {"family": "ditopt taylor_forecast", "provider": "ditopt", "build": _build_ditopt,
                           "settings": [S("o2,N=2", profile=_taylor_profile(2, 2, 3)),
                                        S("o2,N=3", profile=_taylor_profile(2, 3, 3)),
@@ -444,7 +448,9 @@ def _specs() -> dict[str, dict[str, Any]]:
                                           S("PISA rho=0.25", calibrate=True, collectors=("attention",),
                                             profile=_attention_profile("pisa-0.25", {"name": "block_sparse_attention", "rho": 0.25})),
                                           S("PISA 0.5+balanced", calibrate=True, collectors=("attention", "trajectory"),
-                                            profile=_attention_profile("pisa-0.5+balanced", {"name": "block_sparse_attention", "rho": 0.5}, 30.0))]},
+                                            profile=_attention_profile("pisa-0.5+balanced", {"name": "block_sparse_attention", "rho": 0.5}, 30.0)),
+                                          S("NA auto+balanced", calibrate=True, collectors=("attention", "trajectory"),
+                                            profile=_attention_profile("na-auto+balanced", {"name": "neighborhood_attention"}, 30.0, forced=False))]},
     }
 
 

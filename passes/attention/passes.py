@@ -13,6 +13,7 @@ from ditopt.graph import AttentionSite, DiTGraph
 from ditopt.kernels.block_sparse import num_selected
 from ditopt.kernels.layout import tile_grid
 from ditopt.kernels.neighborhood import neighborhood_density
+from ditopt.kernels.ops import block_sparse_attention_macs, neighborhood_attention_macs
 from ditopt.plan import EarlySteps
 from ditopt.registry import PassConfig, PassContext, PassResult, register_pass
 
@@ -20,6 +21,12 @@ from .collector import RADII, RHOS, measurable_sites
 from .rewrite import replace_attention, restore_dense, substitutable, substituted
 from .token_order import reorder_tokens_once
 
+
+MAX_COST_HELP = (
+    "a layer stays dense when the substitute's multiply-adds (block statistics, selection and compensation "
+    "included, as the flop counter counts them) exceed this share of dense attention's; null: substitute "
+    "whenever the calibrated mass allows (to study quality only)"
+)
 
 DENSE_STEPS_HELP = (
     "steps 0..N-1 of every generation run the original dense block; the per-layer choice then reads only the "
@@ -35,6 +42,7 @@ class NeighborhoodAttentionConfig(PassConfig):
     min_mass: float = Field(0.95, ge=0.0, le=1.0, description="a layer stays dense when its calibrated mass in the window is below this")
     blocks: tuple[int, ...] | None = Field(None, description="restrict to these block indices (default: all)")
     dense_steps: NonNegativeInt | Literal["auto"] = Field(0, description=DENSE_STEPS_HELP)
+    max_cost: float | None = Field(0.9, gt=0.0, description=MAX_COST_HELP)
 
 
 class BlockSparseAttentionConfig(PassConfig):
@@ -45,6 +53,7 @@ class BlockSparseAttentionConfig(PassConfig):
     compensate: bool = Field(True, description="first-order compensation for the skipped blocks (PISA)")
     blocks: tuple[int, ...] | None = None
     dense_steps: NonNegativeInt | Literal["auto"] = Field(0, description=DENSE_STEPS_HELP)
+    max_cost: float | None = Field(0.9, gt=0.0, description=MAX_COST_HELP)
 
 
 def masses_by_step(ctx: PassContext, key: str, tile: int) -> torch.Tensor | None:
@@ -100,6 +109,30 @@ def attention_flops(site: AttentionSite) -> float:
     return 4.0 * site.heads * site.query_tokens * site.key_tokens * site.head_dim
 
 
+def substitute_cost(site: AttentionSite, record: dict[str, Any]) -> float:
+    """The substitute's multiply-adds per row as a share of dense attention's, counted by the same
+    formulas the flop counter uses. PISA's first-order compensation costs about
+    head_dim / (2 * block_size) of dense attention by itself, so small blocks can cost more than
+    they skip."""
+    q_shape = (1, site.heads, site.query_tokens, site.head_dim)
+    if record["pattern"] == "neighborhood":
+        h, w = record["grid"]
+        macs = neighborhood_attention_macs(q_shape, h, w, record["tile"], record["radius"], site.text_tokens)
+    else:
+        macs = block_sparse_attention_macs(q_shape, record["block_size"], record["rho"], site.text_tokens, record["compensate"])
+    return macs / (attention_flops(site) / 2.0)
+
+
+def _too_costly(site: AttentionSite, record: dict[str, Any], max_cost: float | None) -> str | None:
+    record["cost"] = substitute_cost(site, record)
+    if max_cost is None or record["cost"] <= max_cost:
+        return None
+    what = (f"radius {record['radius']}" if record["pattern"] == "neighborhood"
+            else f"rho {record['rho']} with {record['block_size']}-token blocks")
+    return (f"{what} at tile {record['tile']} would cost {record['cost']:.2f}x the multiply-adds of dense attention "
+            f"over {site.query_tokens} tokens (max_cost {max_cost}): nothing to save; a larger tile or grid pays off")
+
+
 def _sites(graph: DiTGraph, blocks: tuple[int, ...] | None) -> list[tuple[int, AttentionSite]]:
     return [(b.index, s) for b in graph.blocks for s in b.attention if blocks is None or b.index in blocks]
 
@@ -113,7 +146,7 @@ def _substitute(graph: DiTGraph, config: Any, ctx: PassContext, pattern: str) ->
     def kept(flops: float, record: dict[str, Any]) -> float:
         # Dense steps run the whole attention: average over the calibrated steps when known.
         dense = min(record.get("dense_steps", 0), steps) / steps if steps else 0.0
-        return flops * (dense + (1.0 - dense) * record["density"])
+        return flops * (dense + (1.0 - dense) * record.get("cost", record["density"]))
 
     measured = {b for b, _ in measurable_sites(graph)}
     layers, dense, chosen, total_flops, kept_flops = [], [], [], 0.0, 0.0
@@ -212,7 +245,11 @@ def _choose_from(graph: DiTGraph, site: AttentionSite, block: int, config: Any, 
                 density = neighborhood_density(h, w, tile, radius, site.text_tokens)
                 if config.radius == "auto" and density >= 1.0:
                     return f"radius {radius} at tile {tile} covers the whole grid: nothing to save"
-                record = {"pattern": "neighborhood", "tile": tile, "radius": radius, "mass": 1.0 if mass is None else mass, "density": density, "kind": site.kind}
+                record = {"pattern": "neighborhood", "tile": tile, "radius": radius, "mass": 1.0 if mass is None else mass, "density": density, "kind": site.kind, "grid": (h, w)}
+                costly = _too_costly(site, record, config.max_cost)
+                if costly:
+                    return costly
+                del record["grid"]
                 args = lambda n_text, scale, r=radius: (h, w, tile, r, n_text, scale)  # noqa: E731
                 return torch.ops.ditopt.neighborhood_attention.default, args, record
         best = None if masses is None else float(masses.max())
@@ -228,7 +265,10 @@ def _choose_from(graph: DiTGraph, site: AttentionSite, block: int, config: Any, 
         if mass >= config.min_mass:
             bs = tile * tile
             density = _block_density(site, bs, rho)
-            record = {"pattern": "block_sparse", "tile": tile, "block_size": bs, "rho": rho, "mass": mass, "density": density, "kind": site.kind}
+            record = {"pattern": "block_sparse", "tile": tile, "block_size": bs, "rho": rho, "mass": mass, "density": density, "kind": site.kind, "compensate": config.compensate}
+            costly = _too_costly(site, record, config.max_cost)
+            if costly:
+                return costly
             args = lambda n_text, scale, r=rho: (bs, r, n_text, True, scale, 1e-6, config.compensate)  # noqa: E731
             return torch.ops.ditopt.block_sparse_attention.default, args, record
     return f"attention is not block-sparse: calibrated top-rho mass {float(masses.max()):.4f} < min_mass {config.min_mass}"
