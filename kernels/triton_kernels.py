@@ -50,6 +50,33 @@ if HAS_TRITON:
         return pos, valid
 
     @triton.jit
+    def _online_softmax_step(q, kt, vt, kvalid, scale, m_i, l_i, acc):
+        """One key tile of flash attention: fold softmax(q kt^T) vt into the running max m_i,
+        normaliser l_i and accumulator acc (keys where kvalid is false get no weight)."""
+        s = tl.dot(q, tl.trans(kt), input_precision="ieee") * scale
+        s = tl.where(kvalid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision="ieee")
+        return m_new, l_i, acc
+
+    @triton.jit
+    def _attend_text(q, kbase, vbase, skn, svn, offs_d, dmask, N_TEXT, scale, m_i, l_i, acc,
+                     BLOCK_T: tl.constexpr):
+        """The text keys (the first N_TEXT tokens), which every image query sees exactly."""
+        offs_t = tl.arange(0, BLOCK_T)
+        for t0 in range(0, N_TEXT, BLOCK_T):
+            tpos = t0 + offs_t
+            tvalid = tpos < N_TEXT
+            tmask = tvalid[:, None] & dmask[None, :]
+            kt = tl.load(kbase + tpos[:, None] * skn + offs_d[None, :], mask=tmask, other=0.0)
+            vt = tl.load(vbase + tpos[:, None] * svn + offs_d[None, :], mask=tmask, other=0.0)
+            m_i, l_i, acc = _online_softmax_step(q, kt, vt, tvalid, scale, m_i, l_i, acc)
+        return m_i, l_i, acc
+
+    @triton.jit
     def _nbhd_fwd(Q, K, V, O,
                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                   NH, H, W, TH, TW, KY, KX, R, N_TEXT, scale,
@@ -80,29 +107,8 @@ if HAS_TRITON:
                 kmask = kvalid[:, None] & dmask[None, :]
                 kt = tl.load(kbase + (N_TEXT + kpos)[:, None] * skn + offs_d[None, :], mask=kmask, other=0.0)
                 vt = tl.load(vbase + (N_TEXT + kpos)[:, None] * svn + offs_d[None, :], mask=kmask, other=0.0)
-                s = tl.dot(q, tl.trans(kt), input_precision="ieee") * scale
-                s = tl.where(kvalid[None, :], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                alpha = tl.exp(m_i - m_new)
-                p = tl.exp(s - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision="ieee")
-                m_i = m_new
-        offs_t = tl.arange(0, BLOCK_T)
-        for t0 in range(0, N_TEXT, BLOCK_T):
-            tpos = t0 + offs_t
-            tvalid = tpos < N_TEXT
-            tmask = tvalid[:, None] & dmask[None, :]
-            kt = tl.load(kbase + tpos[:, None] * skn + offs_d[None, :], mask=tmask, other=0.0)
-            vt = tl.load(vbase + tpos[:, None] * svn + offs_d[None, :], mask=tmask, other=0.0)
-            s = tl.dot(q, tl.trans(kt), input_precision="ieee") * scale
-            s = tl.where(tvalid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision="ieee")
-            m_i = m_new
+                m_i, l_i, acc = _online_softmax_step(q, kt, vt, kvalid, scale, m_i, l_i, acc)
+        m_i, l_i, acc = _attend_text(q, kbase, vbase, skn, svn, offs_d, dmask, N_TEXT, scale, m_i, l_i, acc, BLOCK_T)
         out = acc / l_i[:, None]
         optr = O + b * sob + hh * soh + (N_TEXT + qpos)[:, None] * son + offs_d[None, :]
         tl.store(optr, out, mask=qvalid[:, None] & dmask[None, :])
@@ -137,30 +143,9 @@ if HAS_TRITON:
             kmask = kvalid[:, None] & dmask[None, :]
             kt = tl.load(kbase + (N_TEXT + kpos)[:, None] * skn + offs_d[None, :], mask=kmask, other=0.0)
             vt = tl.load(vbase + (N_TEXT + kpos)[:, None] * svn + offs_d[None, :], mask=kmask, other=0.0)
-            s = tl.dot(q, tl.trans(kt), input_precision="ieee") * scale
-            s = tl.where(kvalid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision="ieee")
-            m_i = m_new
+            m_i, l_i, acc = _online_softmax_step(q, kt, vt, kvalid, scale, m_i, l_i, acc)
         # exact part: text keys
-        offs_t = tl.arange(0, BLOCK_T)
-        for t0 in range(0, N_TEXT, BLOCK_T):
-            tpos = t0 + offs_t
-            tvalid = tpos < N_TEXT
-            tmask = tvalid[:, None] & dmask[None, :]
-            kt = tl.load(kbase + tpos[:, None] * skn + offs_d[None, :], mask=tmask, other=0.0)
-            vt = tl.load(vbase + tpos[:, None] * svn + offs_d[None, :], mask=tmask, other=0.0)
-            s = tl.dot(q, tl.trans(kt), input_precision="ieee") * scale
-            s = tl.where(tvalid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision="ieee")
-            m_i = m_new
+        m_i, l_i, acc = _attend_text(q, kbase, vbase, skn, svn, offs_d, dmask, N_TEXT, scale, m_i, l_i, acc, BLOCK_T)
         # first-order compensation of the unselected blocks, same running max
         if COMPENSATE:
             for j in range(0, NB):
