@@ -1,15 +1,11 @@
 """PISA block-sparse top-rho attention with first-order compensation: CPU path and Triton
 (interpreter, subprocess) against the float64 reference; rho=1 == dense; compensation helps."""
-import importlib.util
-import json
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from triton_interpreter import needs_triton, run_interpreted
 
 from ditopt.kernels import (block_sparse_attention, block_sparse_attention_cpu, block_sparse_attention_reference,
                             block_stats, select_blocks)
@@ -166,12 +162,7 @@ _TRITON_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+@needs_triton
 def test_triton_kernel_interpreter_matches_reference():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT")][-1]
-    errs = json.loads(line[len("RESULT"):])
+    errs = run_interpreted(_TRITON_SCRIPT)
     assert len(errs) == 5 and max(errs) < TOL, errs

@@ -1,14 +1,11 @@
 """Tiled 2-D neighbourhood attention: layout, reference semantics, fast CPU path, Triton
 (interpreter, in a subprocess so TRITON_INTERPRET is set before triton is imported), custom op."""
-import importlib.util
-import json
-import os
-import subprocess
-import sys
+
 import textwrap
 
 import pytest
 import torch
+from triton_interpreter import needs_triton, run_interpreted
 
 from ditopt.kernels import (inverse_tile_permutation, neighborhood_attention, neighborhood_attention_cpu,
                             neighborhood_attention_reference, neighborhood_density, neighborhood_mask,
@@ -197,12 +194,7 @@ _TRITON_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+@needs_triton
 def test_triton_kernel_interpreter_matches_reference():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT")][-1]
-    errs = json.loads(line[len("RESULT"):])
+    errs = run_interpreted(_TRITON_SCRIPT)
     assert len(errs) == 5 and max(errs) < TOL, errs
