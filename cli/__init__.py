@@ -77,10 +77,11 @@ def _optimize(model: str, profile: str, calibrate: bool) -> tuple[Any, Any]:
     from ditopt.builtins import resolve_model
 
     resolved = resolve_model(model)
-    calibration = None
-    if calibrate and resolved.bundle is not None:
-        calibration = resolved.bundle.calibration_fn() if hasattr(resolved.bundle, "calibration_fn") else None
-    optimized = ditopt.optimize(resolved.model, profile, example_inputs=resolved.example_inputs, calibration=calibration)
+    calibration = validation = None
+    if calibrate and resolved.bundle is not None:  # trained zoo models calibrate on their own sampler
+        calibration, validation = resolved.bundle.calibration_fn(), resolved.bundle.validation_fn()
+    optimized = ditopt.optimize(resolved.model, profile, example_inputs=resolved.example_inputs,
+                                calibration=calibration, validation=validation)
     return resolved, optimized
 
 
@@ -101,6 +102,9 @@ def optimize(
         from ditopt.io import atomic_write_text
 
         atomic_write_text(report, json.dumps(data, indent=2, default=str))
+        heatmap = write_attention_heatmap(getattr(optimized, "stats", None), report)
+        if heatmap is not None and not as_json:
+            console.print(f"attention heatmap: {heatmap}")
     if as_json:
         _emit_json(data)
     else:
@@ -108,6 +112,16 @@ def optimize(
     if not data["passed"]:
         console.print("[bold red]quality gate failed[/]")
         raise typer.Exit(EXIT_QUALITY)
+
+
+def write_attention_heatmap(stats: Any, report: Path) -> Optional[Path]:
+    """Next to a report, the layer x head map of calibrated attention locality (REPORT.attention.png),
+    when the calibration measured attention: what a user checks before trusting a substitution."""
+    if stats is None or "attention" not in getattr(stats, "meta", {}):
+        return None
+    from ditopt.passes.attention import attention_heatmap
+
+    return Path(attention_heatmap(stats, report.with_suffix(".attention.png")))
 
 
 def _print_report(data: dict[str, Any]) -> None:

@@ -17,8 +17,8 @@ from rich.table import Table
 
 from ditopt.errors import DitoptError
 
-CAL_CLASSES, CAL_SEEDS = list(range(10)), list(range(1000, 1010))
-VAL_CLASSES, VAL_SEEDS = [3, 7, 1, 8, 0, 5, 2, 9], list(range(5000, 5008))
+from ditopt.zoo import CALIBRATION_CLASSES as CAL_CLASSES, CALIBRATION_SEEDS as CAL_SEEDS
+from ditopt.zoo import VALIDATION_CLASSES as VAL_CLASSES, VALIDATION_SEEDS as VAL_SEEDS
 
 
 class _CountingModel(torch.nn.Module):

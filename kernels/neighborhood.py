@@ -29,6 +29,7 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .layout import tile_grid, tile_major_coords
 
@@ -227,7 +228,7 @@ def _get_workspace(slot: int, numel: int, like: torch.Tensor) -> torch.Tensor:
         bufs = _workspace.bufs = {}
     key = (slot, like.dtype, like.device, torch.is_inference_mode_enabled())  # inference tensors cannot be reused outside inference mode
     buf = bufs.get(key)
-    if buf is None or buf.numel() < numel:
+    if buf is None or buf.numel() < numel or type(buf) is not torch.Tensor:
         buf = torch.empty(numel, dtype=like.dtype, device=like.device)
         bufs[key] = buf
     return buf[:numel]
@@ -242,7 +243,10 @@ def _stack_tiles(xt: torch.Tensor, idx: torch.Tensor, slot: int) -> torch.Tensor
     """One gather of whole tiles: xt [BH, T, t2, Dp] -> [BH, len(idx), t2, Dp] (workspace)."""
     BH, _, t2, Dp = xt.shape
     n = idx.numel()
-    if xt.device.type == "cpu" and not torch.compiler.is_compiling():
+    # Only plain eager tensors share the scratch buffer: under a tracing or dispatch mode (fake
+    # tensors, functionalization, export) a cached buffer could be a tensor without real storage.
+    if (xt.device.type == "cpu" and type(xt) is torch.Tensor and not torch.compiler.is_compiling()
+            and _get_current_dispatch_mode() is None):
         out = _get_workspace(slot, BH * n * t2 * Dp, xt).view(BH, n, t2, Dp)
         return torch.index_select(xt, 1, idx, out=out)
     return torch.index_select(xt, 1, idx)

@@ -294,6 +294,13 @@ def test_collector_over_a_sampling_loop(tmp_path):
         torch.testing.assert_close(stats.reference_samples, sample(model))
     png = attention_heatmap(stats, tmp_path / "heat.png")
     assert (tmp_path / "heat.png").stat().st_size > 1000 and png.endswith(".png")
+    # `ditopt optimize --report R` writes it next to the report, only when attention was measured
+    from ditopt.cli import write_attention_heatmap
+
+    assert write_attention_heatmap(stats, tmp_path / "r.json") == tmp_path / "r.attention.png"
+    assert (tmp_path / "r.attention.png").stat().st_size > 1000
+    assert write_attention_heatmap(None, tmp_path / "s.json") is None and not (tmp_path / "s.attention.png").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["heat.png", "r.attention.png"]  # no temp files left
 
 
 @pytest.mark.parametrize("arch", ["dit", "flux"])

@@ -211,3 +211,39 @@ def test_feature_forecast_does_not_fire_without_projections():
     opt = _opt(model, dict(name="taylor_forecast", target="features"), num_steps=4)
     assert opt.report.passes[0].modified is False
     assert "no attention-output" in opt.report.passes[0].report["skipped"]
+
+
+@pytest.mark.parametrize("order", [0, 1, 2])
+def test_taylor_cache_matches_the_finite_difference_taylor_formula_on_uneven_steps(order):
+    # TaylorSeer: d1 = (f(t2) - f(t1)) / (t2 - t1), d2 = (d1 - d1_prev) / (t2 - t1), forecast
+    # f(t2) + d1 dt + d2 dt^2 / 2, written out by hand here against the cache's fused updates.
+    from ditopt.passes.caching import TaylorCache
+
+    g = torch.Generator().manual_seed(order)
+    c = [torch.randn(3, 5, generator=g, dtype=torch.float64) for _ in range(3)]
+
+    def f(t):
+        return c[0] + c[1] * (t / 1000) + c[2] * (t / 1000) ** 2
+
+    ts = (981.0, 940.0, 861.0)
+    cache = TaylorCache(order)
+    for t in ts:
+        cache.update([f(t)], t)
+    d1 = (f(ts[2]) - f(ts[1])) / (ts[2] - ts[1])
+    d1_prev = (f(ts[1]) - f(ts[0])) / (ts[1] - ts[0])
+    d2 = (d1 - d1_prev) / (ts[2] - ts[1])
+    for t in (840.0, 790.5, 700.0):
+        dt = t - ts[2]
+        expected = f(ts[2]) + (d1 * dt if order >= 1 else 0) + (d2 * dt**2 / 2 if order >= 2 else 0)
+        (pred,) = cache.predict(t)
+        torch.testing.assert_close(pred, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(cache.factors[order][0], [f(ts[2]), d1, d2][order], rtol=1e-10, atol=1e-12)
+    # order 1 is exact on a linear trajectory; forecasting leaves the cache untouched
+    if order == 1:
+        lin = TaylorCache(1)
+        for t in ts:
+            lin.update([c[0] + c[1] * t], t)
+        torch.testing.assert_close(lin.predict(123.0)[0], c[0] + c[1] * 123.0, rtol=1e-10, atol=1e-9)
+    before = cache.diffs[0][0].clone()
+    cache.predict(500.0)
+    torch.testing.assert_close(cache.diffs[0][0], before, rtol=0, atol=0)

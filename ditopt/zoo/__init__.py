@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -82,6 +82,11 @@ def _as_long_list(x: Sequence[int] | torch.Tensor | int, n: int | None = None) -
     return [int(v) for v in x]
 
 
+# Seeds the CLI and the demo calibrate and validate on (benchmarks draw theirs from other ranges).
+CALIBRATION_CLASSES, CALIBRATION_SEEDS = list(range(10)), list(range(1000, 1010))
+VALIDATION_CLASSES, VALIDATION_SEEDS = [3, 7, 1, 8, 0, 5, 2, 9], list(range(5000, 5008))
+
+
 @dataclass
 class ZooBundle:
     """A trained zoo model plus everything needed to sample from it.
@@ -109,6 +114,16 @@ class ZooBundle:
     meta: dict = field(default_factory=dict)
     image_size: int = 32
     default_eta: float = 0.0
+
+    # -- calibration ---------------------------------------------------------------------------
+    def calibration_fn(self) -> Callable[[nn.Module], torch.Tensor]:
+        """``optimize(calibration=...)`` for this model: one class per digit, seeds kept apart
+        from the validation and benchmark seeds."""
+        return lambda m: self.sample(CALIBRATION_CLASSES, CALIBRATION_SEEDS, model=m)
+
+    def validation_fn(self) -> Callable[[nn.Module], torch.Tensor]:
+        """``optimize(validation=...)``: held-out seeds the budget is verified on."""
+        return lambda m: self.sample(VALIDATION_CLASSES, VALIDATION_SEEDS, model=m)
 
     # -- schedulers ---------------------------------------------------------------------------
     def make_scheduler(self):

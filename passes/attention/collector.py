@@ -200,6 +200,11 @@ def attention_heatmap(stats: Any, path: str, tile: int | None = None) -> str:
     axes[0][0].set_ylabel("block")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="attention mass kept")
     fig.suptitle(f"attention mass kept (tile {tile}, grid {meta['grid']})", fontsize=10)
-    fig.savefig(path, dpi=100)
+    import io
+
+    from ditopt.io import atomic_write_bytes
+
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    return str(path)
+    return str(atomic_write_bytes(path, png.getvalue()))  # never a half-written PNG
