@@ -12,13 +12,11 @@ quality: on the trained zoo models, PSNR of final samples against the unoptimize
     python benchmarks/bench_attention_e2e.py speed --blocks 2 --repeats 5 --out speed.json
     python benchmarks/bench_attention_e2e.py quality --samples 4 --steps 20 --out quality.json
 
-Fixed seeds; prints a table and writes JSON. Measured on the shared 2-core dev box (load 5-8
-from other jobs), 2 threads, 2026-11-22:
-
-* speed, 2 blocks, 64x64 tokens: dense 9.13 s, per-layer permute 7.65 s (1.19x), reorder once
-  6.50 s (1.40x). The linears are ~50 % of a dense block here, which bounds the gain near 1.6x.
-* speed, 1 block, 96x96 tokens (`--blocks 1 --latent 192 --repeats 3`): dense 14.3 s, per-layer
-  7.07 s (2.02x), reorder once 7.45 s (1.92x).
+Fixed seeds; prints a table and writes JSON (the speed rows also carry the flop counter's MACs
+per forward, so each speedup can be read against its bound: the linears keep their dense cost).
+The committed results and their commands are in BENCHMARKS.md. An earlier, loaded-machine run
+(2026-11-22) at 96x96 tokens, 1 block (`--blocks 1 --latent 192 --repeats 3`) gave 1.92-2.02x:
+the gain grows with the token count, as attention's share of the block does.
 """
 
 from __future__ import annotations
