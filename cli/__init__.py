@@ -179,7 +179,7 @@ def bench_attention_cmd(
     _emit_json(result)
 
 
-from .demo import demo  # noqa: E402
+from ditopt.cli.demo import demo  # noqa: E402
 
 app.command()(demo)
 
@@ -191,4 +191,4 @@ def main() -> None:
         console.print(f"[bold red]error:[/] {exc}")
         sys.exit(exc.exit_code)
 
-from . import bench_models  # noqa: E402,F401  (registers `ditopt bench models`)
+from ditopt.cli import bench_models  # noqa: E402,F401  (registers `ditopt bench models`)

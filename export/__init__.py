@@ -29,8 +29,8 @@ The runner rebuilds diffusers output dataclasses from out_spec (importing only `
 modules a spec names); an out_spec naming a type it cannot load degrades to a tuple.
 """
 
-from .artifact import export_artifact
-from .manifest import FORMAT, FORMAT_VERSION, read_manifest
-from .runner import ArtifactRunner, load_artifact
+from ditopt.export.artifact import export_artifact
+from ditopt.export.manifest import FORMAT, FORMAT_VERSION, read_manifest
+from ditopt.export.runner import ArtifactRunner, load_artifact
 
 __all__ = ["ArtifactRunner", "FORMAT", "FORMAT_VERSION", "export_artifact", "load_artifact", "read_manifest"]

@@ -9,18 +9,24 @@
 
 Importing this package registers the custom ops; it does not import triton.
 """
-from .layout import (inverse_tile_permutation, permute_from_tiles, permute_to_tiles, tile_grid,
+# Absolute imports on purpose, here and in the __init__ of passes/, export/ and cli/: from a
+# checkout's root (`python -m pytest`, `python -c` there) these directories are also importable as
+# top-level `kernels`, `passes`, ..., and transformers imports `kernels` to probe for the Hugging
+# Face package of that name. Relative imports would then run the submodules a second time,
+# re-registering torch.ops.ditopt.* (and the passes) and leaving the ops ditopt already holds
+# dangling: a segfault at their next call. Absolute imports keep such an import a thin alias.
+from ditopt.kernels.layout import (inverse_tile_permutation, permute_from_tiles, permute_to_tiles, tile_grid,
                      tile_major_coords, tile_permutation)
-from .neighborhood import (clear_workspace, neighborhood_attention_cpu, neighborhood_attention_reference, neighborhood_density,
+from ditopt.kernels.neighborhood import (clear_workspace, neighborhood_attention_cpu, neighborhood_attention_reference, neighborhood_density,
                            neighborhood_mask)
-from .block_sparse import (block_sparse_attention_cpu, block_sparse_attention_reference, block_stats,
+from ditopt.kernels.block_sparse import (block_sparse_attention_cpu, block_sparse_attention_reference, block_stats,
                            select_blocks)
-from .ops import block_sparse_attention, neighborhood_attention
+from ditopt.kernels.ops import block_sparse_attention, neighborhood_attention
 
 
 def bench_attention(*args, **kwargs):
     """See :func:`ditopt.kernels.bench.bench_attention`."""
-    from .bench import bench_attention as _b
+    from ditopt.kernels.bench import bench_attention as _b
     return _b(*args, **kwargs)
 
 

@@ -1,0 +1,39 @@
+"""The checkout layout: passes/, kernels/, export/ and cli/ are the packages ditopt.passes, ...
+
+From a checkout's root they are also importable as top-level `kernels`, `passes`, ...; and
+transformers imports a top-level `kernels` to probe for the Hugging Face package of that name
+(diffusers' SD3 model pulls that probe in). That import must not run ditopt's submodules a second
+time: re-registering `torch.ops.ditopt.*` left the ops ditopt holds dangling, and the next call of
+one segfaulted (seen in this suite, depending on test order)."""
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPT = """
+import sys
+import torch
+import torch._library.custom_ops as custom_ops
+import ditopt.kernels as real
+import ditopt.passes
+import kernels, passes, export, cli   # what a probe from the checkout's root imports
+from transformers.utils.import_utils import is_kernels_available
+
+again = sorted(m for m in sys.modules if m.split(".")[0] in ("kernels", "passes", "export", "cli") and "." in m)
+assert not again, f"submodules ran a second time under top-level names: {again}"
+for name in ("block_sparse_attention", "neighborhood_attention"):
+    assert custom_ops.OPDEFS[f"ditopt::{name}"] is getattr(real.ops, name), f"ditopt::{name} was re-registered"
+assert kernels.block_sparse_attention is real.block_sparse_attention
+assert not is_kernels_available(), "ditopt's kernels/ passed for the Hugging Face kernels package"
+q = torch.randn(1, 2, 3 + 64, 16)
+out = real.block_sparse_attention(q, q, q, 16, 0.5, 3)
+assert torch.allclose(out, real.block_sparse_attention_cpu(q, q, q, 16, 0.5, 3))
+print("ok")
+"""
+
+
+def test_top_level_import_from_checkout_root_is_an_alias_not_a_second_registration():
+    assert (ROOT / "kernels" / "__init__.py").exists()
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
