@@ -71,10 +71,19 @@ def speed(args) -> dict[str, Any]:
     graph = capture(model, kwargs)
     spec = get_pass("neighborhood_attention")
     ctx = PassContext(model=model, stats=forced_stats(graph))
-    per_layer = spec.apply(graph, spec.config(tile=args.tile, radius=args.radius, reorder="per_layer"), ctx)
-    result = spec.apply(graph, spec.config(tile=args.tile, radius=args.radius, reorder="once"), ctx)
-    assert result.report["token_order"].get("tile") == args.tile, result.report["token_order"]
-    variants = {"dense": graph, "neighborhood, permute per layer": per_layer.graph, "neighborhood, reorder once": result.graph}
+    # Every window size in one interleaved run: tile t, radius r -> (2r+1)t x (2r+1)t-token windows.
+    variants = {"dense": graph}
+    substitutions = []
+    for tile in args.tile:
+        window = f"{(2 * args.radius + 1) * tile}x{(2 * args.radius + 1) * tile} windows"
+        per_layer = spec.apply(graph, spec.config(tile=tile, radius=args.radius, reorder="per_layer"), ctx)
+        result = spec.apply(graph, spec.config(tile=tile, radius=args.radius, reorder="once"), ctx)
+        assert result.report["token_order"].get("tile") == tile, result.report["token_order"]
+        variants[f"tile {tile} r {args.radius} ({window}), permute per layer"] = per_layer.graph
+        variants[f"tile {tile} r {args.radius} ({window}), reorder once"] = result.graph
+        substitutions.append({"tile": tile, "radius": args.radius, "layers": result.report["layers"],
+                              "token_order": result.report["token_order"],
+                              "predicted_attention_flop_saving": result.report["predicted_attention_flop_saving"]})
     times: dict[str, list[float]] = {k: [] for k in variants}
     outputs = {}
     # MACs per forward (the ditopt ops carry their own flop formulas): the bound a wall-clock
@@ -106,15 +115,14 @@ def speed(args) -> dict[str, Any]:
             "mac_speedup_bound": macs["dense"] / macs[name],
             "rel_err_vs_dense": float((out - outputs["dense"]).norm() / outputs["dense"].norm()),
         })
-    print(f"{'variant':36s} {'median s':>9s} {'speedup':>8s} {'MAC bound':>9s} {'rel err':>9s}")
+    print(f"{'variant':52s} {'median s':>9s} {'speedup':>8s} {'MAC bound':>9s} {'rel err':>9s}")
     for r in rows:
-        print(f"{r['variant']:36s} {r['median_s']:9.3f} {r['speedup']:8.2f} {r['mac_speedup_bound']:9.2f} "
+        print(f"{r['variant']:52s} {r['median_s']:9.3f} {r['speedup']:8.2f} {r['mac_speedup_bound']:9.2f} "
               f"{r['rel_err_vs_dense']:9.2e}", flush=True)
     return {
         "model": {"class": "DiTTransformer2DModel", "blocks": args.blocks, "heads": 16, "head_dim": 72, "width": 1152,
                   "grid": list(graph.grid), "tokens": graph.image_tokens},
-        "substitution": {"tile": args.tile, "radius": args.radius, "layers": result.report["layers"], "token_order": result.report["token_order"],
-                         "predicted_attention_flop_saving": result.report["predicted_attention_flop_saving"]},
+        "substitutions": substitutions,
         "repeats": args.repeats, "warmup": args.warmup, "rows": rows,
     }
 
@@ -202,7 +210,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--blocks", type=int, default=2)
     p.add_argument("--latent", type=int, default=128, help="latent size; patch 2 -> (latent/2)^2 tokens")
-    p.add_argument("--tile", type=int, default=8)
+    p.add_argument("--tile", type=int, nargs="+", default=[8], help="speed: one or more tile sizes, timed in one run")
     p.add_argument("--radius", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)

@@ -265,12 +265,13 @@ def attention_section(results_dir: Path) -> list[str]:
         e = json.loads(e2e_path.read_text())
         run, mdl = e.get("run") or {}, e["model"]
         dense = next(r for r in e["rows"] if r["variant"] == "dense")
+        subs = " and ".join(f"tile {x['tile']}, radius {x['radius']}"
+                            for x in e.get("substitutions") or [e["substitution"]])
         lines += [
             f"End to end: a DiT-XL-shaped `{mdl['class']}` stack ({mdl['blocks']} blocks, width {mdl['width']} = "
             f"{mdl['heads']} heads x {mdl['head_dim']}, {mdl['grid'][0]}x{mdl['grid'][1]} = {mdl['tokens']} image "
-            f"tokens, random weights, batch 1), one forward, neighbourhood attention (tile "
-            f"{e['substitution']['tile']}, radius {e['substitution']['radius']}) forced on every layer. Variants "
-            f"interleaved, median of {e['repeats']} after {e['warmup']} warm-up. Command: "
+            f"tokens, random weights, batch 1), one forward, neighbourhood attention ({subs}) forced on every "
+            f"layer. Variants interleaved, median of {e['repeats']} after {e['warmup']} warm-up. Command: "
             f"`{run.get('command', 'python benchmarks/bench_attention_e2e.py speed')}`; {run.get('date', '?')} (UTC); "
             f"load average at start {_round(run.get('loadavg_at_start'))}, at end {_round(run.get('loadavg_at_end'))}.",
             "",
@@ -282,13 +283,20 @@ def attention_section(results_dir: Path) -> list[str]:
             bound = f"{r['mac_speedup_bound']:.2f}x" if "mac_speedup_bound" in r else "-"
             lines.append(f"| {r['variant']} | {r['median_s']:.3f} | {dense['median_s'] / r['median_s']:.2f}x | {bound} | "
                          f"{reps} | {r['rel_err_vs_dense']:.1e} |")
-        best = max(dense["median_s"] / r["median_s"] for r in e["rows"] if r["variant"] != "dense")
-        bounds = [r["mac_speedup_bound"] for r in e["rows"] if r["variant"] != "dense" and "mac_speedup_bound" in r]
-        why = (f" The MAC bound of this substitution is {max(bounds):.2f}x: the linears (QKV, output "
-               "projection, FFN, adaLN) keep their dense cost, so no attention kernel can reach the target at "
-               "this radius and shape." if bounds and max(bounds) < E2E_TARGET else "")
-        lines += ["", f"- end-to-end target (>= {E2E_TARGET:g}x with the substitution on all layers): {best:.2f}x, "
-                      f"{_met(best >= E2E_TARGET)}.{why}", ""]
+        lines += ["", f"End-to-end target: >= {E2E_TARGET:g}x with the substitution on all layers. The MAC bound "
+                      "(dense MACs / MACs) is what a perfect attention kernel could give: the linears (QKV, output "
+                      "projection, FFN, adaLN) keep their dense cost.", ""]
+        groups: dict[str, list[dict]] = {}
+        for r in e["rows"]:
+            if r["variant"] != "dense":
+                groups.setdefault(r["variant"].split(",")[0], []).append(r)
+        for label, rs in groups.items():
+            top = max(rs, key=lambda r: dense["median_s"] / r["median_s"])
+            best = dense["median_s"] / top["median_s"]
+            bound = top.get("mac_speedup_bound")
+            tail = f" (MAC bound {bound:.2f}x)" if bound else ""
+            lines.append(f"- {label}: {best:.2f}x{tail}, {_met(best >= E2E_TARGET)}")
+        lines.append("")
     return lines
 
 
