@@ -6,6 +6,7 @@
 
 __version__ = "0.1.0"
 
+from .calibration.pipeline import PipelineSampler
 from .capture import capture
 from .errors import (
     ArtifactError,
@@ -41,6 +42,7 @@ __all__ = [
     "PassConfig",
     "PassContext",
     "PassResult",
+    "PipelineSampler",
     "Profile",
     "QualityGateError",
     "UnknownPassError",
