@@ -384,10 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     json_rel = os.path.relpath(args.json.resolve(), base)
     png_rel = os.path.relpath(args.json.resolve().parent / "models_pareto.png", base)
     note = args.note_file.read_text() if args.note_file else None
-    text = render(result, json_rel, png_rel, note) + "\n".join(["", *attention_section(args.json.resolve().parent),
-                                                          *quality_at_scale_section(args.json.resolve().parent),
-                                                          *rerun_section(args.json.resolve().parent),
-                                                          *forecast_overhead_section(args.json.resolve().parent)])
+    results_dir = args.json.resolve().parent
+    sections = (attention_section, quality_at_scale_section, rerun_section, forecast_overhead_section)
+    text = render(result, json_rel, png_rel, note) + "\n".join(["", *(line for s in sections for line in s(results_dir))])
     sys.path.insert(0, str(ROOT))
     from ditopt.io import atomic_write_text
     atomic_write_text(args.out, text.rstrip() + "\n")

@@ -17,7 +17,6 @@ from rich.table import Table
 
 from ditopt.errors import DitoptError
 
-from ditopt.zoo import CALIBRATION_CLASSES as CAL_CLASSES, CALIBRATION_SEEDS as CAL_SEEDS
 from ditopt.zoo import VALIDATION_CLASSES as VAL_CLASSES, VALIDATION_SEEDS as VAL_SEEDS
 
 
@@ -105,11 +104,14 @@ def demo(
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("calibrating + searching (denoiser calls)", total=None)
 
+        # The zoo's own calibration / held-out samplers, on a model that advances the bar per call.
+        calibrate, validate = bundle.calibration_fn(), bundle.validation_fn()
+
         def calibration(m: torch.nn.Module) -> torch.Tensor:
-            return bundle.sample(CAL_CLASSES, CAL_SEEDS, model=_CountingModel(m, lambda: bar.advance(task)))
+            return calibrate(_CountingModel(m, lambda: bar.advance(task)))
 
         def validation(m: torch.nn.Module) -> torch.Tensor:
-            return bundle.sample(VAL_CLASSES, VAL_SEEDS, model=_CountingModel(m, lambda: bar.advance(task)))
+            return validate(_CountingModel(m, lambda: bar.advance(task)))
 
         try:
             optimized = ditopt.optimize(
