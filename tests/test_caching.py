@@ -247,3 +247,101 @@ def test_taylor_cache_matches_the_finite_difference_taylor_formula_on_uneven_ste
     before = cache.diffs[0][0].clone()
     cache.predict(500.0)
     torch.testing.assert_close(cache.diffs[0][0], before, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Fitted forecasts (calibrated_schedule forecast="fitted")
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("order", [0, 1, 2])
+def test_taylor_weights_are_the_taylor_cache_forecast(order):
+    from ditopt.passes.caching.stage import ForecastHistory, TaylorCache, taylor_weights
+
+    g = torch.Generator().manual_seed(10 + order)
+    times = [981.0, 940.0, 861.0]
+    values = [torch.randn(2, 3, 5, generator=g, dtype=torch.float64) for _ in times]
+    taylor, history = TaylorCache(order), ForecastHistory(3)
+    for v, t in zip(values, times):
+        taylor.update([v], t)
+        history.update([v], t)
+    for t in (840.0, 700.0):
+        (expected,) = taylor.predict(t)
+        w = taylor_weights(times[-(order + 1):], t, order)
+        by_hand = sum(wj * v for wj, v in zip(w, values[::-1]))
+        torch.testing.assert_close(by_hand, expected, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(history.taylor(t, order)[0], expected, rtol=1e-10, atol=1e-10)
+
+
+def test_forecast_history_applies_scalar_and_per_channel_weights_by_hand():
+    from ditopt.passes.caching.stage import ForecastHistory
+
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(2, 4, 3, generator=g), torch.randn(2, 4, 3, generator=g)
+    text_a, text_b = torch.randn(2, 5, 2, generator=g), torch.randn(2, 5, 2, generator=g)
+    h = ForecastHistory(2)
+    h.update([a, text_a], 1.0)
+    h.update([b, text_b], 0.5)  # most recent first: b, then a
+    img, txt = h.predict(((0.5, 2.0, -1.0), (0.25, 0.25, 0.25)))
+    torch.testing.assert_close(img, b * torch.tensor([0.5, 2.0, -1.0]) + a * 0.25)
+    # The text stream has 2 channels, not 3: it gets the mean weight of each history step.
+    torch.testing.assert_close(txt, text_b * 0.5 + text_a * 0.25)
+    scalar, _ = h.predict(((1.5,),))
+    torch.testing.assert_close(scalar, 1.5 * b)
+    before = b.clone()
+    h.predict(((3.0,), (1.0,)))
+    assert torch.equal(b, before)  # forecasting leaves the cached values alone
+    with pytest.raises(ValueError, match="3 forecast weights for 2 cached steps"):
+        h.predict(((1.0,), (1.0,), (1.0,)))
+
+
+def test_fit_recovers_per_channel_geometric_decay_that_one_weight_cannot():
+    from ditopt.passes.caching.schedule import fit_forecast_weights, weighted_forecast_errors
+
+    # Channel c decays by rate[c] per step: R[s] = rate^s * v. One weight per channel and step
+    # forecasts this exactly from the last computed step; one weight per step cannot.
+    steps, k, channels = 8, 64, 4
+    g = torch.Generator().manual_seed(0)
+    rate = torch.tensor([0.5, 0.8, 1.0, 1.3])
+    col_channel = torch.arange(k) % channels
+    v = torch.randn(6, k, generator=g)
+    residual = torch.stack([rate[col_channel] ** s * v for s in range(steps)], 1)  # [traj, steps, k]
+    mask = [True, True, False, True, False, False, True, False]
+    times = [float(steps - s) for s in range(steps)]
+    per_channel = fit_forecast_weights(residual, mask, times, 1, col_channel, channels, ridge=0.0)
+    shared = fit_forecast_weights(residual, mask, times, 1, ridge=0.0)
+    # step 4 is two steps after computed step 3: weight rate^1, step 5: rate^2
+    torch.testing.assert_close(torch.tensor(per_channel[4][0]), rate, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(per_channel[5][0]), rate**2, rtol=1e-6, atol=1e-6)
+    assert per_channel[3] == () and len(shared[4][0]) == 1
+    exact = weighted_forecast_errors(residual, per_channel, col_channel)
+    assert float(exact.max()) < 1e-5
+    assert float(weighted_forecast_errors(residual, shared).max()) > 0.05
+
+
+def test_fitted_schedule_forecasts_the_weighted_sum_by_hand():
+    model = AffineDiT(depth=2, scale=1.05).eval()  # residual 0.1025 x + t W: not polynomial along the trajectory
+    cfg = dict(name="calibrated_schedule", computed_steps=4, warmup=2, order=1, history=2)
+    opt = ditopt.optimize(model, _profile(**cfg), example_inputs=toy_inputs(batch=2), calibration=_sampler(8))
+    policy = opt.programs[0].plan[1].policy
+    assert opt.report.passes[0].report["forecast"] == "fitted"
+    computed = [s for s, c in enumerate(policy.compute) if c]
+    assert len(computed) == 4
+    times = [1.0 - i / 8 for i in range(8)]
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(2, 4, 8, generator=g) for _ in times]
+    residuals: dict[int, torch.Tensor] = {}
+    for s, (x, t) in enumerate(zip(xs, times)):
+        out = _call(opt, x, t)
+        with torch.no_grad():
+            true = model(x=x, timestep=torch.full((2,), t))
+        if policy.compute[s]:
+            assert torch.allclose(out, true, atol=1e-6)
+            residuals[s] = true - x
+            continue
+        hist = [c for c in computed if c < s][::-1][: len(policy.weights[s])]
+        expected = x + sum(torch.tensor(w) * residuals[c] for w, c in zip(policy.weights[s], hist))
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        assert len(policy.weights[s][0]) == 8  # one weight per channel of the stream
+    # The fitted forecast is closer to the model than Taylor on the same schedule (calibration inputs).
+    taylor = ditopt.optimize(model, _profile(**cfg, forecast="taylor"), example_inputs=toy_inputs(batch=2), stats=opt.stats)
+    ref = _sampler(8)(model)
+    assert (_sampler(8)(opt) - ref).norm() < (_sampler(8)(taylor) - ref).norm()

@@ -122,6 +122,7 @@ class Recording:
         self.block_stream = {seg.name: span_io(graph, (seg.name,)).primary_output for seg in graph.block_segments}
         self.seed = seed
         self.index: torch.Tensor | None = None
+        self.row_shape: tuple[int, ...] = ()  # one batch row of the first sketched stream
         self.calls: list[dict[str, Any]] = []
 
     def sketch(self, residual: torch.Tensor) -> torch.Tensor:
@@ -130,6 +131,7 @@ class Recording:
             gen = torch.Generator().manual_seed(self.seed)
             k = min(SKETCH_SIZE, flat.shape[1])
             self.index = torch.randperm(flat.shape[1], generator=gen)[:k].sort().values
+            self.row_shape = tuple(residual.shape[1:])
         return flat[:, self.index.to(flat.device)].cpu()
 
     def add(self, ctx: StepContext, residuals: list[torch.Tensor]) -> None:
@@ -217,6 +219,10 @@ def _summarise(graph: DiTGraph, recording: Recording, samples: Any) -> CalibStat
     stacked = torch.cat([torch.stack([t[s] for s in range(steps)], 0).transpose(0, 1) for t in complete], 0)
     norms = stacked.norm(dim=-1)
     tensors = {"block_residual_sketch": stacked.half(), "block_residual_norm": norms}
+    if recording.index is not None:
+        # Which element of a batch row each sketch column is (flat index into `stream_shape`):
+        # lets a pass fit per-channel quantities from the sketch.
+        tensors["sketch_index"] = recording.index.clone()
     reference = samples.detach().cpu() if isinstance(samples, torch.Tensor) else None
     return CalibStats(
         graph_hash=graph.meta.get("capture_hash", graph.structure_hash()),
@@ -224,6 +230,11 @@ def _summarise(graph: DiTGraph, recording: Recording, samples: Any) -> CalibStat
         num_steps=steps,
         timesteps=[timesteps.get(s, float("nan")) for s in range(steps)],
         tensors=tensors,
-        meta={"trajectories": int(stacked.shape[0]), "blocks": [s.name for s in graph.block_segments], "sketch": int(stacked.shape[-1])},
+        meta={
+            "trajectories": int(stacked.shape[0]),
+            "blocks": [s.name for s in graph.block_segments],
+            "sketch": int(stacked.shape[-1]),
+            "stream_shape": list(recording.row_shape),
+        },
         reference_samples=reference,
     )

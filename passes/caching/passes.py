@@ -12,7 +12,17 @@ from ditopt.graph import DiTGraph
 from ditopt.plan import RunSegments, Stage
 from ditopt.registry import PassConfig, PassContext, PassResult, register_pass
 
-from .schedule import forecast_errors, periodic_schedule, quantile_schedule, smallest_passing, span_residual_sketch, step_changes
+from .schedule import (
+    fit_forecast_weights,
+    forecast_errors,
+    periodic_schedule,
+    quantile_schedule,
+    smallest_passing,
+    span_residual_sketch,
+    step_changes,
+    sketch_channels,
+    weighted_forecast_errors,
+)
 from .features import FeatureForecast, NoFeaturesError, add_feature_variants
 from .stage import CachedSpan, ConfidenceGate, ProbeGate, StaticSchedule
 
@@ -187,9 +197,17 @@ def taylor_forecast(graph: DiTGraph, config: TaylorForecastConfig, ctx: PassCont
 
 class CalibratedScheduleConfig(PassConfig):
     """Static schedule chosen from calibration: the fewest computed steps whose sampled PSNR on
-    the calibration inputs meets the profile's budget (plus a margin)."""
+    the calibration inputs meets the profile's budget (plus a margin).
 
-    order: Union[int, Auto] = Field("auto", description="Taylor order 0..2, or 'auto' to search all")
+    `forecast="fitted"` (default) predicts a skipped step's residual as a weighted sum of the
+    last `history` computed residuals, with weights fitted per step by least squares on the
+    calibration trajectories; `order` is then the Taylor order used when sampling with a step
+    count other than the calibrated one. `forecast="taylor"` forecasts with Taylor of `order`."""
+
+    forecast: Literal["fitted", "taylor"] = "fitted"
+    history: int = Field(3, ge=1, le=4, description="computed steps a fitted forecast combines")
+    per_channel: bool = Field(True, description="fit one weight per channel of the image stream (else one per step)")
+    order: Union[int, Auto] = Field("auto", description="Taylor order 0..2, or 'auto' (taylor: search 1 and 2; fitted: 1)")
     computed_steps: int | None = Field(None, ge=1, description="fix the number of computed steps (no search)")
     compute_steps: tuple[int, ...] | None = Field(None, description="explicit computed steps (replay)")
     warmup: int = Field(2, ge=1)
@@ -222,13 +240,29 @@ def calibrated_schedule(graph: DiTGraph, config: CalibratedScheduleConfig, ctx: 
     residual = span_residual_sketch(stats, 0, len(_block_names(graph)) - 1)
     t_axis = [t if not math.isnan(t) else float(i) for i, t in enumerate(times)]
 
+    fitted = config.forecast == "fitted"
+    if fitted and config.target != "residual":
+        raise InvalidProfileError("calibrated_schedule: forecast='fitted' forecasts the residual; use target='residual' or forecast='taylor'")
+
+    channels = sketch_channels(stats) if config.per_channel else None
+    num_channels = int(stats.meta["stream_shape"][-1]) if channels is not None else None
+
+    def policy(mask: list[bool]) -> StaticSchedule:
+        weights = fit_forecast_weights(residual, mask, t_axis, config.history, channels, num_channels) if fitted else ()
+        return StaticSchedule(tuple(mask), times, config.on_mismatch, weights)
+
     def make(order: int, mask: list[bool]) -> DiTGraph:
-        return forecast_plan(graph, StaticSchedule(tuple(mask), times, config.on_mismatch), order, config.target)[0]
+        return forecast_plan(graph, policy(mask), order, config.target)[0]
 
     def finish(order: int, mask: list[bool], extra: dict[str, Any]) -> PassResult:
-        new, stage = forecast_plan(graph, StaticSchedule(tuple(mask), times, config.on_mismatch), order, config.target)
+        new, stage = forecast_plan(graph, policy(mask), order, config.target)
         report = _report([stage], graph, steps)
-        report["predicted_forecast_error"] = float(forecast_errors(residual, t_axis, mask, order).mean())
+        if fitted:
+            errors = weighted_forecast_errors(residual, stage.policy.weights, channels)
+        else:
+            errors = forecast_errors(residual, t_axis, mask, order)
+        report["predicted_forecast_error"] = float(errors.mean())
+        report["forecast"] = config.forecast
         report.update(extra)
         replay = config.model_copy(update={"order": order, "compute_steps": tuple(i for i, c in enumerate(mask) if c)})
         return PassResult(new, True, report, replay=("calibrated_schedule", replay))
@@ -238,7 +272,10 @@ def calibrated_schedule(graph: DiTGraph, config: CalibratedScheduleConfig, ctx: 
             raise InvalidProfileError("calibrated_schedule: compute_steps needs a concrete order")
         mask = [i in set(config.compute_steps) for i in range(steps)]
         return finish(int(config.order), mask, {})
-    orders = [1, 2] if config.order == "auto" else [int(config.order)]
+    if config.order != "auto":
+        orders = [int(config.order)]
+    else:
+        orders = [1] if fitted else [1, 2]
     changes = step_changes(residual)
     if config.computed_steps is not None:
         mask = quantile_schedule(changes, config.computed_steps, config.warmup, config.alpha if config.alpha != "auto" else 0.0)

@@ -52,6 +52,86 @@ def forecast_errors(residual: torch.Tensor, times: list[float], compute: list[bo
     return errors
 
 
+# Fitted forecast weights, per skipped step: one entry per history step (most recent first),
+# each a tuple of per-channel weights (length 1: one weight for every element).
+StepWeights = tuple[tuple[float, ...], ...]
+
+
+def sketch_channels(stats: CalibStats) -> torch.Tensor | None:
+    """Channel (last dimension of the image stream) of each sketch column, or None when the
+    stats do not say which elements were sketched."""
+    index = stats.tensors.get("sketch_index")
+    shape = stats.meta.get("stream_shape") or []
+    if index is None or len(shape) < 2:
+        return None
+    return index.long() % int(shape[-1])
+
+
+def fit_forecast_weights(
+    residual: torch.Tensor,
+    compute: list[bool],
+    times: list[float],
+    history: int,
+    channels: torch.Tensor | None = None,
+    num_channels: int | None = None,
+    ridge: float = 1e-3,
+) -> tuple[StepWeights, ...]:
+    """Per skipped step s, the weights w (most recent first) on the last `history` computed
+    residuals that minimise sum ||sum_j w_j R[c_j] - R[s]||^2 over the calibration trajectories
+    (residual: [traj, steps, k] sketches, teacher-forced).
+
+    With `channels` (the channel of each sketch column) the weights are fitted per channel: a
+    DiT block's output is scaled per channel by a timestep-dependent adaLN gate, which one
+    weight per step cannot follow. A small ridge pulls w toward the order-1 Taylor weights
+    rather than toward 0: neighbouring residuals are nearly collinear, and shrinking toward 0
+    would shrink the forecast itself. () on computed steps."""
+    from .stage import taylor_weights
+
+    data = residual.double()
+    k = data.shape[-1]
+    group = torch.zeros(k, dtype=torch.long) if channels is None else channels.long()
+    groups = num_channels or int(group.max()) + 1
+    out: list[StepWeights] = []
+    computed: list[int] = []
+    for s in range(len(compute)):
+        if compute[s] or not computed:
+            computed.append(s)
+            out.append(())
+            continue
+        hist = computed[-history:][::-1]
+        m = len(hist)
+        a = data[:, hist]  # [traj, m, k]
+        # Per-group normal equations: sum over trajectories, then over the group's columns.
+        gram = torch.zeros(groups, m, m, dtype=torch.float64).index_add_(0, group, torch.einsum("nik,njk->kij", a, a))
+        rhs = torch.zeros(groups, m, dtype=torch.float64).index_add_(0, group, torch.einsum("nik,nk->ki", a, data[:, s]))
+        prior = torch.zeros(m, dtype=torch.float64)
+        last_two = hist[:2]
+        prior[: len(last_two)] = torch.tensor(taylor_weights([times[c] for c in reversed(last_two)], times[s], len(last_two) - 1))
+        lam = ridge * gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-30)  # [groups]
+        eye = torch.eye(m, dtype=torch.float64)
+        w = torch.linalg.solve(gram + lam[:, None, None] * eye, rhs + lam[:, None] * prior)  # [groups, m]
+        out.append(tuple(tuple(float(x) for x in w[:, j]) for j in range(m)))
+    return tuple(out)
+
+
+def weighted_forecast_errors(residual: torch.Tensor, weights: tuple[StepWeights, ...], channels: torch.Tensor | None = None) -> torch.Tensor:
+    """Like `forecast_errors`, for fitted weights (teacher-forced, per step, 0 on computed steps)."""
+    errors = torch.zeros(residual.shape[1])
+    computed: list[int] = []
+    for s, w in enumerate(weights):
+        if not w:
+            computed.append(s)
+            continue
+        hist = computed[-len(w):][::-1]
+        pred = torch.zeros_like(residual[:, s])
+        for wj, c in zip(w, hist):
+            per_column = torch.tensor(wj, dtype=residual.dtype)[channels] if len(wj) > 1 else wj[0]
+            pred += per_column * residual[:, c]
+        true = residual[:, s]
+        errors[s] = float(((pred - true).norm(dim=-1) / true.norm(dim=-1).clamp_min(1e-12)).mean())
+    return errors
+
+
 def step_changes(residual: torch.Tensor) -> list[float]:
     """Mean relative change of the residual from the previous step (step 0: the largest seen)."""
     diffs = (residual[:, 1:] - residual[:, :-1]).norm(dim=-1) / residual[:, 1:].norm(dim=-1).clamp_min(1e-12)

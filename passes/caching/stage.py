@@ -5,9 +5,12 @@ either computes the blocks (and refreshes its cache) or predicts their effect:
 
     out = in + R̂(t)          for each stream the span updates (image, and text in MMDiT),
 
-where R̂ is the span's residual from the last computed step (order 0: FORA, Δ-DiT, DBCache) or
+where R̂ is the span's residual from the last computed step (order 0: FORA, Δ-DiT, DBCache),
 a Taylor forecast from the last computed steps' finite differences in the timestep (TaylorSeer
-orders 1 and 2). Which steps compute is decided on the host, between segments:
+orders 1 and 2), or, for a calibrated schedule, a linear combination of the last computed
+residuals with per-step weights fitted on the calibration trajectories (`StaticSchedule.weights`;
+Taylor is one such combination, so the fit can only match or beat it on those trajectories).
+Which steps compute is decided on the host, between segments:
 
 * `StaticSchedule`: a fixed per-step mask (calibrated or periodic); no probe at all, so it is
   what exported engines run. Sampling with another step count re-derives the mask from the
@@ -86,6 +89,69 @@ class TaylorCache:
         return out
 
 
+def taylor_weights(times: list[float], t: float, order: int) -> list[float]:
+    """The forecast `TaylorCache(order)` makes at `t` from values cached at `times` (oldest
+    first), as weights on those values, most recent first. Runs the cache itself on one-hot
+    scalars, so it is the same formula by construction."""
+    n = len(times)
+    cache = TaylorCache(order)
+    for i, ti in enumerate(times):
+        cache.update([torch.nn.functional.one_hot(torch.tensor(i), n).double()], ti)
+    return cache.predict(t)[0].flip(0).tolist()
+
+
+class ForecastHistory:
+    """The last `size` computed values (most recent first), forecast as a weighted sum.
+
+    A forecast is one ``mul`` and ``len(weights) - 1`` fused ``add_``s per tensor, and an update
+    only moves references: no finite differences are formed."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.values: list[list[torch.Tensor]] = []
+        self.times: list[float] = []  # most recent first, like values
+
+    @property
+    def t(self) -> float | None:
+        return self.times[0] if self.times else None
+
+    def update(self, values: list[torch.Tensor], t: float) -> None:
+        self.values = [list(values)] + self.values[: self.size - 1]
+        self.times = [t] + self.times[: self.size - 1]
+
+    def predict(self, weights: tuple[tuple[float, ...], ...]) -> list[torch.Tensor]:
+        """sum_j weights[j] * values[j]; weights[j] is one weight, or one per channel (last
+        dimension) of the tensors that have that many channels (the mean weight for others)."""
+        if not self.values:
+            raise RuntimeError("forecast requested before any computed step")
+        if len(weights) > len(self.values):
+            raise ValueError(f"{len(weights)} forecast weights for {len(self.values)} cached steps")
+        out: list[torch.Tensor] = []
+        for j, (wj, vals) in enumerate(zip(weights, self.values)):
+            for i, v in enumerate(vals):
+                w = _multiplier(wj, v)
+                if j == 0:
+                    out.append(torch.mul(v, w))
+                elif isinstance(w, float):
+                    out[i].add_(v, alpha=w)
+                else:
+                    out[i].addcmul_(v, w)
+        return out
+
+    def taylor(self, t: float, order: int) -> list[torch.Tensor]:
+        """Taylor forecast from the cached steps (for step counts the weights were not fitted for)."""
+        times = self.times[: order + 1][::-1]
+        return self.predict(tuple((w,) for w in taylor_weights(times, t, order)))
+
+
+def _multiplier(weights: tuple[float, ...], value: torch.Tensor) -> float | torch.Tensor:
+    if len(weights) == 1:
+        return float(weights[0])
+    if value.dim() and value.shape[-1] == len(weights):
+        return torch.tensor(weights, dtype=value.dtype, device=value.device)
+    return sum(weights) / len(weights)
+
+
 # --------------------------------------------------------------------------------------------
 # Decisions
 # --------------------------------------------------------------------------------------------
@@ -94,9 +160,24 @@ class StaticSchedule:
     compute: tuple[bool, ...]  # per calibrated step: True computes the span
     timesteps: tuple[float, ...] = ()  # calibrated timesteps (empty: match by step index only)
     on_mismatch: str = "rederive"  # or "error"
+    # Per calibrated step, fitted forecast weights on the last computed values (most recent
+    # first), each one weight or one per channel; () on computed steps. Empty: Taylor
+    # forecasting of the stage's order.
+    weights: tuple[tuple[tuple[float, ...], ...], ...] = ()
 
     def describe(self) -> dict[str, Any]:
-        return {"policy": "static", "compute_steps": [i for i, c in enumerate(self.compute) if c], "steps": len(self.compute)}
+        out: dict[str, Any] = {"policy": "static", "compute_steps": [i for i, c in enumerate(self.compute) if c], "steps": len(self.compute)}
+        if self.weights:
+            # The mean over channels per history step: the full table can be 10^4 numbers.
+            out["forecast_weights_mean"] = {i: [round(sum(w) / len(w), 6) for w in ws] for i, ws in enumerate(self.weights) if ws}
+        return out
+
+    def matches(self, ctx: StepContext) -> bool:
+        """Whether this call is the calibrated step of the same index (same timestep)."""
+        return ctx.step < len(self.compute) and (
+            not self.timesteps or ctx.timestep is None
+            or math.isclose(self.timesteps[ctx.step], ctx.timestep, rel_tol=1e-5, abs_tol=1e-6)
+        )
 
 
 @dataclass(frozen=True)
@@ -146,11 +227,7 @@ def static_decision(policy: StaticSchedule, ctx: StepContext, state: dict) -> bo
     """The calibrated mask when this run's timesteps match the calibration; otherwise
     re-derived from the calibrated timesteps, or a clear error."""
     steps = len(policy.compute)
-    matches = ctx.step < steps and (
-        not policy.timesteps or ctx.timestep is None
-        or math.isclose(policy.timesteps[ctx.step], ctx.timestep, rel_tol=1e-5, abs_tol=1e-6)
-    )
-    if matches:
+    if policy.matches(ctx):
         return policy.compute[ctx.step]
     if policy.on_mismatch == "error":
         expected = policy.timesteps[ctx.step] if ctx.step < steps else "none"
@@ -188,7 +265,9 @@ class CachedSpan(Stage):
 
     # -- one call ------------------------------------------------------------------------------
     def run(self, graph: DiTGraph, env: dict[str, Any], ctx: StepContext) -> None:
-        state = ctx.state.setdefault(self.key, {"taylor": TaylorCache(self.order), "cached_run": 0, "history": []})
+        fitted = isinstance(self.policy, StaticSchedule) and bool(self.policy.weights)
+        cache = ForecastHistory(max(len(w) for w in self.policy.weights)) if fitted else TaylorCache(self.order)
+        state = ctx.state.setdefault(self.key, {"taylor": cache, "cached_run": 0, "history": []})
         t = ctx.timestep if ctx.timestep is not None else float(ctx.step)
         io = self.io(graph)
         if self.probe:
@@ -202,7 +281,7 @@ class CachedSpan(Stage):
             state["cached_run"] = 0
             state["history"].append(t)
         else:
-            predicted = state["taylor"].predict(t)
+            predicted = self._forecast(state["taylor"], ctx, t)
             for k, (i, o) in enumerate(io.pairs):
                 env[o] = env[i] + predicted[k]
             for k, o in enumerate(io.unpaired):
@@ -210,6 +289,15 @@ class CachedSpan(Stage):
                 env[o] = predicted[len(io.pairs) + k].clone()
             state["cached_run"] += 1
             ctx.record.setdefault("cached", []).extend(self.blocks)
+
+    def _forecast(self, cache: Any, ctx: StepContext, t: float) -> list[torch.Tensor]:
+        if not isinstance(cache, ForecastHistory):
+            return cache.predict(t)
+        weights = self.policy.weights[ctx.step] if self.policy.matches(ctx) else ()
+        if weights and len(weights) <= len(cache.values):
+            return cache.predict(weights)
+        # Another step count than calibrated: the weights belong to other steps; use Taylor.
+        return cache.taylor(t, min(self.order, len(cache.values) - 1))
 
     def _decide(self, graph: DiTGraph, env: dict[str, Any], ctx: StepContext, state: dict, t: float, io: SpanIO) -> bool:
         policy = self.policy
