@@ -158,7 +158,11 @@ def demo(
     table.add_column("value")
     for p in report["passes"]:
         stages = p["report"].get("stages", [])
-        desc = "; ".join(f"{s.get('policy')} order {s.get('order')}, computes {len(s.get('compute_steps', []))}/{s.get('steps')} steps" for s in stages)
+        desc = "; ".join(
+            f"{s.get('policy')}, " + ("fitted forecast" if s.get("forecast") == "fitted" else f"Taylor order {s.get('order')}")
+            + f", computes {len(s.get('compute_steps', []))}/{s.get('steps')} steps"
+            for s in stages
+        )
         table.add_row(f"pass {p['name']}", ("applied: " if p["applied"] else "rolled back: ") + desc)
     table.add_row("PSNR predicted (calibration seeds)", _db(summary["predicted_psnr_db"]))
     table.add_row("PSNR measured (held-out seeds)", f"{_db(summary['measured_psnr_db_heldout'])} "

@@ -199,15 +199,17 @@ class CalibratedScheduleConfig(PassConfig):
     """Static schedule chosen from calibration: the fewest computed steps whose sampled PSNR on
     the calibration inputs meets the profile's budget (plus a margin).
 
-    `forecast="fitted"` (default) predicts a skipped step's residual as a weighted sum of the
-    last `history` computed residuals, with weights fitted per step by least squares on the
-    calibration trajectories; `order` is then the Taylor order used when sampling with a step
-    count other than the calibrated one. `forecast="taylor"` forecasts with Taylor of `order`."""
+    `forecast="fitted"` predicts a skipped step's residual as a weighted sum of the last
+    `history` computed residuals, with weights fitted per step (and channel) by least squares on
+    the calibration trajectories; `order` is then the Taylor order used when sampling with a
+    step count other than the calibrated one. `forecast="taylor"` forecasts with Taylor of
+    `order`. `"auto"` (default) searches both: the fit wins on most schedules, Taylor on some
+    very sparse ones (it extrapolates what the trajectory does; the fit, what it did)."""
 
-    forecast: Literal["fitted", "taylor"] = "fitted"
+    forecast: Literal["auto", "fitted", "taylor"] = "auto"
     history: int = Field(3, ge=1, le=4, description="computed steps a fitted forecast combines")
     per_channel: bool = Field(True, description="fit one weight per channel of the image stream (else one per step)")
-    order: Union[int, Auto] = Field("auto", description="Taylor order 0..2, or 'auto' (taylor: search 1 and 2; fitted: 1)")
+    order: Union[int, Auto] = Field("auto", description="Taylor order 0..2, or 'auto' (taylor: 1 and 2; fitted and auto: 1)")
     computed_steps: int | None = Field(None, ge=1, description="fix the number of computed steps (no search)")
     compute_steps: tuple[int, ...] | None = Field(None, description="explicit computed steps (replay)")
     warmup: int = Field(2, ge=1)
@@ -240,46 +242,51 @@ def calibrated_schedule(graph: DiTGraph, config: CalibratedScheduleConfig, ctx: 
     residual = span_residual_sketch(stats, 0, len(_block_names(graph)) - 1)
     t_axis = [t if not math.isnan(t) else float(i) for i, t in enumerate(times)]
 
-    fitted = config.forecast == "fitted"
-    if fitted and config.target != "residual":
+    if config.forecast == "fitted" and config.target != "residual":
         raise InvalidProfileError("calibrated_schedule: forecast='fitted' forecasts the residual; use target='residual' or forecast='taylor'")
+    # (forecast, Taylor order) candidates, best first. A fitted forecast uses its order only
+    # for step counts other than the calibrated one.
+    concrete = None if config.order == "auto" else int(config.order)
+    candidates: list[tuple[str, int]] = []
+    if config.forecast in ("fitted", "auto") and config.target == "residual":
+        candidates.append(("fitted", 1 if concrete is None else concrete))
+    if config.forecast in ("taylor", "auto"):
+        orders = [concrete] if concrete is not None else ([1] if config.forecast == "auto" else [1, 2])
+        candidates += [("taylor", o) for o in orders]
 
     channels = sketch_channels(stats) if config.per_channel else None
     num_channels = int(stats.meta["stream_shape"][-1]) if channels is not None else None
 
-    def policy(mask: list[bool]) -> StaticSchedule:
-        weights = fit_forecast_weights(residual, mask, t_axis, config.history, channels, num_channels) if fitted else ()
+    def policy(forecast: str, mask: list[bool]) -> StaticSchedule:
+        weights = fit_forecast_weights(residual, mask, t_axis, config.history, channels, num_channels) if forecast == "fitted" else ()
         return StaticSchedule(tuple(mask), times, config.on_mismatch, weights)
 
-    def make(order: int, mask: list[bool]) -> DiTGraph:
-        return forecast_plan(graph, policy(mask), order, config.target)[0]
+    def make(forecast: str, order: int, mask: list[bool]) -> DiTGraph:
+        return forecast_plan(graph, policy(forecast, mask), order, config.target)[0]
 
-    def finish(order: int, mask: list[bool], extra: dict[str, Any]) -> PassResult:
-        new, stage = forecast_plan(graph, policy(mask), order, config.target)
+    def finish(forecast: str, order: int, mask: list[bool], extra: dict[str, Any]) -> PassResult:
+        new, stage = forecast_plan(graph, policy(forecast, mask), order, config.target)
         report = _report([stage], graph, steps)
-        if fitted:
+        if forecast == "fitted":
             errors = weighted_forecast_errors(residual, stage.policy.weights, channels)
         else:
             errors = forecast_errors(residual, t_axis, mask, order)
         report["predicted_forecast_error"] = float(errors.mean())
-        report["forecast"] = config.forecast
+        report["forecast"] = forecast
         report.update(extra)
-        replay = config.model_copy(update={"order": order, "compute_steps": tuple(i for i, c in enumerate(mask) if c)})
+        replay = config.model_copy(update={"forecast": forecast, "order": order, "compute_steps": tuple(i for i, c in enumerate(mask) if c)})
         return PassResult(new, True, report, replay=("calibrated_schedule", replay))
 
-    if config.compute_steps is not None:
-        if config.order == "auto":
-            raise InvalidProfileError("calibrated_schedule: compute_steps needs a concrete order")
-        mask = [i in set(config.compute_steps) for i in range(steps)]
-        return finish(int(config.order), mask, {})
-    if config.order != "auto":
-        orders = [int(config.order)]
-    else:
-        orders = [1] if fitted else [1, 2]
     changes = step_changes(residual)
-    if config.computed_steps is not None:
-        mask = quantile_schedule(changes, config.computed_steps, config.warmup, config.alpha if config.alpha != "auto" else 0.0)
-        return finish(orders[-1], mask, {})
+    if config.compute_steps is not None or config.computed_steps is not None:
+        if config.compute_steps is not None and (config.order == "auto" or config.forecast == "auto"):
+            raise InvalidProfileError("calibrated_schedule: compute_steps needs a concrete order and forecast")
+        forecast, order = candidates[0] if config.forecast != "taylor" else candidates[-1]
+        if config.compute_steps is not None:
+            mask = [i in set(config.compute_steps) for i in range(steps)]
+        else:
+            mask = quantile_schedule(changes, config.computed_steps, config.warmup, config.alpha if config.alpha != "auto" else 0.0)
+        return finish(forecast, order, mask, {})
 
     evaluate = ctx.extras.get("evaluate")
     budget = getattr(ctx.budget, "min_psnr_db", None)
@@ -291,28 +298,28 @@ def calibrated_schedule(graph: DiTGraph, config: CalibratedScheduleConfig, ctx: 
     target = budget + config.margin_db + ctx.extras.get("psnr_tighten_db", 0.0)
     alphas = [0.0, 1.0] if config.alpha == "auto" else [float(config.alpha)]
     trials: list[dict[str, Any]] = []
-    best: tuple[int, float, int, list[bool], float] | None = None
-    for order in orders:
+    best: tuple[str, int, float, int, list[bool], float] | None = None
+    for forecast, order in candidates:
         for alpha in alphas:
             memo: dict[int, float] = {}
 
-            def psnr_for(k: int, order: int = order, alpha: float = alpha, memo: dict[int, float] = memo) -> float:
+            def psnr_for(k: int, forecast: str = forecast, order: int = order, alpha: float = alpha, memo: dict[int, float] = memo) -> float:
                 if k not in memo:
-                    memo[k] = evaluate(make(order, quantile_schedule(changes, k, config.warmup, alpha)))
-                    trials.append({"order": order, "alpha": alpha, "computed_steps": k, "psnr_db": memo[k]})
+                    memo[k] = evaluate(make(forecast, order, quantile_schedule(changes, k, config.warmup, alpha)))
+                    trials.append({"forecast": forecast, "order": order, "alpha": alpha, "computed_steps": k, "psnr_db": memo[k]})
                 return memo[k]
 
             # Only fewer computed steps than the best so far can win: search below it.
-            hi = steps if best is None else best[2] - 1
+            hi = steps if best is None else best[3] - 1
             if hi < config.warmup + 1:
                 continue
             k = smallest_passing(config.warmup + 1, hi, lambda k: psnr_for(k) >= target)
             if k is not None:
-                best = (order, alpha, k, quantile_schedule(changes, k, config.warmup, alpha), memo[k])
+                best = (forecast, order, alpha, k, quantile_schedule(changes, k, config.warmup, alpha), memo[k])
     if best is None:
         return PassResult(graph, False, {"skipped": f"no schedule reaches {target:.1f} dB on the calibration inputs", "trials": trials})
-    order, alpha, k, mask, value = best
-    return finish(order, mask, {"target_psnr_db": target, "predicted_psnr_db": value, "computed_steps": k, "alpha": alpha, "trials": trials})
+    forecast, order, alpha, k, mask, value = best
+    return finish(forecast, order, mask, {"target_psnr_db": target, "predicted_psnr_db": value, "computed_steps": k, "alpha": alpha, "trials": trials})
 
 
 # --------------------------------------------------------------------------------------------

@@ -167,6 +167,7 @@ class StaticSchedule:
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"policy": "static", "compute_steps": [i for i, c in enumerate(self.compute) if c], "steps": len(self.compute)}
+        out["forecast"] = "fitted" if self.weights else "taylor"
         if self.weights:
             # The mean over channels per history step: the full table can be 10^4 numbers.
             out["forecast_weights_mean"] = {i: [round(sum(w) / len(w), 6) for w in ws] for i, ws in enumerate(self.weights) if ws}
