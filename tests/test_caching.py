@@ -139,7 +139,9 @@ def test_schedule_rederived_for_other_step_count():
     opt = ditopt.optimize(model, _profile(**cfg), example_inputs=toy_inputs(batch=2), calibration=_sampler(8))
     stage = opt.programs[0].plan[1]
     assert sum(stage.policy.compute) == 4 and len(stage.policy.compute) == 8
-    # 16 steps instead of 8: re-derived from the calibrated timesteps, and still exact on a linear residual.
+    assert stage.policy.weights  # fitted forecast weights, valid for the calibrated 8 steps only
+    # 16 steps instead of 8: re-derived from the calibrated timesteps (Taylor on the cached
+    # residuals instead of the fitted weights), and still exact on a linear residual.
     out = _sampler(16)(opt)
     ref = _sampler(16)(model)
     assert torch.allclose(out, ref, atol=1e-4)
