@@ -330,28 +330,6 @@ def quality_at_scale_section(results_dir: Path) -> list[str]:
     return lines + [""]
 
 
-def rerun_section(results_dir: Path) -> list[str]:
-    """A later, smaller run of some methods (after a change), side by side with its own baseline."""
-    path = results_dir / "forecast_update" / "models.json"
-    if not path.exists():
-        return []
-    r = json.loads(path.read_text())
-    lines = ["## Re-run of ditopt's caching rows after the fused Taylor update", "",
-             f"The same settings as above for baseline and ditopt's caching methods only, in one run after the "
-             f"Taylor factors became fused scaled differences (commit `30e1684`). Command: `{r['command']}`; "
-             f"{r['date']} (UTC); load average at start {_round(r['machine'].get('loadavg_at_start'))}, at end "
-             f"{_round(r['machine'].get('loadavg_at_end'))}. Its outputs were copied from `--out` to "
-             f"[`{path.parent.relative_to(ROOT)}/`]({path.parent.relative_to(ROOT)}/).", "",
-             "| model | setting | speedup | MACs vs ref | realized / MAC ratio | PSNR dB |", "|---|---|---|---|---|---|"]
-    for name, model in r["models"].items():
-        for row in model["results"]:
-            if row["provider"] != "ditopt" or row.get("status") != "ok":
-                continue
-            lines.append(f"| {name} | `{row['key']}` | {row['speedup']:.2f}x | {row['mac_ratio']:.3f} | "
-                         f"{row['speedup'] * row['mac_ratio']:.0%} | {row['quality']['psnr_db']:.2f} |")
-    return lines + [""]
-
-
 def forecast_overhead_section(results_dir: Path) -> list[str]:
     """Realized wall-clock vs MAC ratio of the caching passes by model width (bench_forecast_overhead.py)."""
     path = results_dir / "forecast_overhead.json"
@@ -385,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     png_rel = os.path.relpath(args.json.resolve().parent / "models_pareto.png", base)
     note = args.note_file.read_text() if args.note_file else None
     results_dir = args.json.resolve().parent
-    sections = (attention_section, quality_at_scale_section, rerun_section, forecast_overhead_section)
+    sections = (attention_section, quality_at_scale_section, forecast_overhead_section)
     text = render(result, json_rel, png_rel, note) + "\n".join(["", *(line for s in sections for line in s(results_dir))])
     sys.path.insert(0, str(ROOT))
     from ditopt.io import atomic_write_text

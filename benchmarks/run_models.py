@@ -27,7 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--calibration-samples", type=int, default=None,
-                   help="calibration and validation samples for ditopt presets / MagCache ratios (default 8; quick 2)")
+                   help="calibration samples for ditopt presets / MagCache ratios (default 8; quick 2)")
+    p.add_argument("--validation-samples", type=int, default=None,
+                   help="held-out samples the ditopt budget gate is checked on (default 16; quick 2)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -39,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/run_models.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     result = run_models(args.model or ["dit-digits", "flux-digits"], args.methods, samples=args.samples,
                         repeats=args.repeats, batch=args.batch, threads=args.threads, quick=args.quick,
-                        steps=args.steps, calibration_samples=args.calibration_samples, out_dir=args.out, command=command.strip(), progress=not args.no_progress,
+                        steps=args.steps, calibration_samples=args.calibration_samples,
+                        validation_samples=args.validation_samples, out_dir=args.out, command=command.strip(), progress=not args.no_progress,
                         merge=args.merge, setting_index=args.setting_index)
     from ditopt.bench import markdown_table
 

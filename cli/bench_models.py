@@ -27,7 +27,9 @@ def bench_models_cmd(
     threads: int = typer.Option(2, "--threads", help="torch.set_num_threads for the whole run"),
     steps: Optional[int] = typer.Option(None, "--steps", help="sampling steps (default: the model's; --quick: 8)"),
     calibration_samples: Optional[int] = typer.Option(None, "--calibration-samples",
-                                                      help="calibration/validation samples for ditopt presets and MagCache ratios (default 8; --quick 2)"),
+                                                      help="calibration samples for ditopt presets and MagCache ratios (default 8; --quick 2)"),
+    validation_samples: Optional[int] = typer.Option(None, "--validation-samples",
+                                                     help="held-out samples the ditopt budget gate is checked on (default 16; --quick 2)"),
     out: Path = typer.Option(Path("benchmarks/results"), "--out", help="output directory"),
     quick: bool = typer.Option(False, "--quick", help="one setting per method and few steps (smoke test)"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
@@ -47,7 +49,8 @@ def bench_models_cmd(
         raise typer.Exit(2)
     command = "ditopt " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     result = run_models(list(model), methods, samples=samples, repeats=repeats, batch=batch, threads=threads,
-                        quick=quick, steps=steps, calibration_samples=calibration_samples, out_dir=out, command=command, progress=progress,
+                        quick=quick, steps=steps, calibration_samples=calibration_samples,
+                        validation_samples=validation_samples, out_dir=out, command=command, progress=progress,
                         merge=merge, setting_index=setting_index)
     from ditopt.bench import markdown_table
 

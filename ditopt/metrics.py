@@ -35,12 +35,15 @@ def psnr(x: torch.Tensor, ref: torch.Tensor, data_range: float = 1.0) -> float:
     A sample identical to its reference has infinite PSNR; if every sample is identical the result
     is ``inf``, and any identical sample makes the mean ``inf`` too (it is never NaN).
     """
+    vals = psnr_per_sample(x, ref, data_range)
+    return float(sum(vals) / len(vals))
+
+
+def psnr_per_sample(x: torch.Tensor, ref: torch.Tensor, data_range: float = 1.0) -> list[float]:
+    """``10 log10(range^2 / MSE_i)`` for each sample i (``inf`` where identical)."""
     x, ref = _check_pair(x, ref)
     mse = (x - ref).pow(2).flatten(1).mean(1)
-    vals = []
-    for m in mse.tolist():
-        vals.append(math.inf if m == 0.0 else 10.0 * math.log10(data_range ** 2 / m))
-    return float(sum(vals) / len(vals))
+    return [math.inf if m == 0.0 else 10.0 * math.log10(data_range ** 2 / m) for m in mse.tolist()]
 
 
 def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:

@@ -56,7 +56,9 @@ def test_pipeline_sampler_calibrates_a_budget_preset_on_the_pipelines_own_loop()
     assert reference.shape == (2, 3, 8, 8) and reference.dtype == torch.float32
     assert torch.equal(held_out(transformer), reference)  # a fresh generator per call: same trajectory
 
-    profile = {"name": "pipeline-balanced", "budget": {"min_psnr_db": 30, "max_rel_err": 1e-4},
+    # Two held-out samples bound the mean PSNR only loosely (t(0.9, 1 dof) = 3.08): this test is
+    # about the pipeline plumbing, so the gate checks the held-out mean itself.
+    profile = {"name": "pipeline-balanced", "budget": {"min_psnr_db": 30, "max_rel_err": 1e-4, "psnr_confidence": 0.5},
                "passes": [{"name": "calibrated_schedule", "order": "auto"}]}
     optimized = ditopt.optimize(transformer, profile, calibration=sampler, validation=held_out,
                                 example_inputs=example)

@@ -26,6 +26,11 @@ class Budget(BaseModel):
 
     min_psnr_db: float | None = Field(None, gt=0, description="PSNR of final samples vs the original, same seeds")
     max_rel_err: float | None = Field(1e-4, gt=0, description="relative L2 error of one denoiser call vs the original")
+    psnr_confidence: float = Field(
+        0.9, ge=0.5, lt=1.0,
+        description="one-sided confidence that the mean PSNR over new seeds meets min_psnr_db, judged from the "
+                    "held-out samples (Student t bound); 0.5 checks the held-out mean itself",
+    )
 
 
 class VerifySettings(BaseModel):
