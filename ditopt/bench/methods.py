@@ -351,7 +351,7 @@ def _build_ditopt(ctx: BuildContext, params: dict[str, Any]) -> Runner:
         if "substituted" in rep:  # attention passes: which layers changed, and why the others did not
             info["passes"][-1]["substituted"] = rep["substituted"]
             info["passes"][-1]["dense_reasons"] = sorted({d["reason"] for d in rep.get("dense", [])})
-    info["verification"] = [{k: v.get(k) for k in ("kind", "passed", "psnr_db", "max_rel_err") if k in v}
+    info["verification"] = [{k: v.get(k) for k in ("kind", "passed", "psnr_db", "psnr_lower_db", "max_rel_err") if k in v}
                             for v in report.get("verification", [])]
     return Runner(opt, opt.reset, info)
 
