@@ -103,6 +103,20 @@ def test_no_effect_is_marked_not_dropped(tmp_path, monkeypatch):
     assert "did not drop" in rows[1]["reason"]
 
 
+def test_a_missed_gate_is_marked_in_the_table_and_notes(quick_run):
+    from ditopt.bench.report import _notes, gate_missed
+
+    result, _ = quick_run
+    model = json.loads(json.dumps(result["models"]["dit-digits"]))
+    row = next(r for r in model["results"] if r["status"] == "ok")
+    assert not gate_missed(row)
+    row["info"] = {"passed": False, "profile": {"budget": {"min_psnr_db": 45.0}},
+                   "verification": [{"kind": "end-to-end", "passed": False, "psnr_db": 46.4, "psnr_lower_db": 44.9}]}
+    line = next(line for line in markdown_table(model).splitlines() if f"| {row['setting']} |" in line)
+    assert "ok, gate missed" in line
+    assert any("gate **missed**" in n and "44.9 dB" in n and "45.0 dB" in n for n in _notes(model))
+
+
 def test_settings_expand():
     full = settings_for(list(METHODS))
     assert full[0].method == "baseline"

@@ -30,7 +30,7 @@ def markdown_table(model: dict[str, Any]) -> str:
         q = r.get("quality") or {}
         t = r.get("timing") or {}
         macs = r.get("macs_per_sample")
-        status = r["status"]
+        status = r["status"] + (", gate missed" if gate_missed(r) else "")
         lines.append("| " + " | ".join([
             r["method"], r["setting"], status,
             _f(t.get("median_s_per_sample"), ".3f"),
@@ -46,11 +46,30 @@ def markdown_table(model: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def gate_missed(row: dict[str, Any]) -> bool:
+    """A ditopt row whose held-out budget gate still failed after optimize's retries (the
+    library returns such a model flagged, report.passed False, and the CLI exits 1)."""
+    return (row.get("info") or {}).get("passed") is False
+
+
+def gate_note(row: dict[str, Any]) -> str:
+    e2e = [v for v in (row.get("info") or {}).get("verification", []) if v.get("kind") == "end-to-end"]
+    bound = e2e[-1].get("psnr_lower_db") if e2e else None
+    profile = (row.get("info") or {}).get("profile")
+    budget = (f"{profile.get('budget', {}).get('min_psnr_db')} dB" if isinstance(profile, dict)
+              else f"the `{profile}` preset's")
+    return (f"- `{row['key']}`: held-out gate **missed** after optimize's retries (lower bound "
+            f"{bound if bound is None else round(bound, 2)} dB, budget {budget}): optimize returned it flagged "
+            "(report.passed False; the CLI would exit 1); the row shows what that model measured")
+
+
 def _notes(model: dict[str, Any]) -> list[str]:
     notes = []
     for r in model["results"]:
         if r["status"] in ("no effect", "unsupported", "failed"):
             notes.append(f"- `{r['key']}`: **{r['status']}** - {r.get('reason')}")
+        elif gate_missed(r):
+            notes.append(gate_note(r))
     return notes
 
 
