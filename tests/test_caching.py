@@ -166,6 +166,37 @@ def test_budget_search_gets_gentler_when_budget_tightens():
     assert chosen[45.0] > chosen[20.0]
 
 
+def test_a_missed_gate_retries_with_the_bounds_shortfall(monkeypatch):
+    """When the held-out lower bound misses, optimize re-runs the search with the target raised
+    by the bound's shortfall + 1 dB, and records the missed attempt."""
+    import sys
+
+    from ditopt.verify import Verification
+
+    opt_mod = sys.modules["ditopt.optimize"]  # the module (the package exports the function of that name)
+
+    real = opt_mod.verify_end_to_end
+    calls = []
+
+    def first_misses(sample_fn, reference, optimized, min_psnr_db, confidence=0.5):
+        result = real(sample_fn, reference, optimized, min_psnr_db, confidence)
+        calls.append(result)
+        if len(calls) == 1:  # the mean passes, the bound says 2.5 dB short
+            return Verification("end-to-end", None, None, result.psnr_db, result.budget, False,
+                                result.details, psnr_lower_db=min_psnr_db - 2.5)
+        return result
+
+    monkeypatch.setattr(opt_mod, "verify_end_to_end", first_misses)
+    model = AffineDiT(depth=3, scale=1.02).eval()
+    profile = {"name": "b", "budget": {"min_psnr_db": 20.0}, "passes": [{"name": "calibrated_schedule", "order": 0}]}
+    opt = ditopt.optimize(model, profile, example_inputs=toy_inputs(batch=2), calibration=_sampler(12), max_retries=1)
+    assert len(calls) == 2 and len(opt.report.retries) == 1
+    assert opt.report.retries[0]["psnr_lower_db"] == pytest.approx(17.5)
+    # target = budget + margin_db (1) + shortfall (2.5) + 1
+    assert opt.report.passes[0].report["target_psnr_db"] == pytest.approx(20.0 + 1.0 + 2.5 + 1.0)
+    assert opt.report.verification[-1]["passed"]
+
+
 def test_feature_forecast_recomputes_gate_by_hand():
     """TaylorSeer target='features': on a forecast step each block adds gate(t_now) * F(t_computed)."""
     from conftest import build_model, make_inputs
