@@ -157,7 +157,7 @@ def _round(xs):
 
 def render(result: dict, json_rel: str, png_rel: str, note: str | None = None) -> str:
     sys.path.insert(0, str(ROOT))
-    from ditopt.bench.report import gate_missed, gate_note, markdown_table
+    from ditopt.bench.report import markdown_table, row_notes
 
     m, c = result["machine"], result["config"]
     complete = result.get("complete", False)
@@ -218,9 +218,7 @@ def render(result: dict, json_rel: str, png_rel: str, note: str | None = None) -
             *_effect_summary(model),
             "",
         ]
-        notes = [f"- `{r['key']}`: **{r['status']}**: {r.get('reason')}" for r in model["results"]
-                 if r["status"] in ("no effect", "unsupported", "failed")]
-        notes += [gate_note(r) for r in model["results"] if r["status"] == "ok" and gate_missed(r)]
+        notes = row_notes(model)
         if notes:
             lines += ["Not effective / not supported / failed:", "", *notes, ""]
     return "\n".join(lines).rstrip() + "\n"

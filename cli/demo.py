@@ -168,7 +168,7 @@ def demo(
     bound = (e2e.get("details") or [{}])[0]
     table.add_row("PSNR measured (held-out seeds)", f"{_db(summary['measured_psnr_db_heldout'])} "
                   f"(end-to-end check on {bound.get('samples', '?')} seeds: mean {_db(e2e.get('psnr_db'))}, "
-                  f"{bound.get('confidence', 0.5):.0%} lower bound {_db(e2e.get('psnr_lower_db'))})")
+                  f"{e2e.get('budget', {}).get('confidence', 0.5):.0%} lower bound {_db(e2e.get('psnr_lower_db'))})")
     table.add_row("SSIM (held-out)", f"{summary['ssim_heldout']:.4f}")
     table.add_row("wall-clock speedup", f"{speedup:.2f}x ({threads} threads, median of {repeats})")
     table.add_row("MACs per sample", f"{macs_orig/1e9:.2f} G -> {macs_opt/1e9:.2f} G ({summary['macs_per_sample']['ratio']:.2f}x fewer)")

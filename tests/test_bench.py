@@ -104,7 +104,7 @@ def test_no_effect_is_marked_not_dropped(tmp_path, monkeypatch):
 
 
 def test_a_missed_gate_is_marked_in_the_table_and_notes(quick_run):
-    from ditopt.bench.report import _notes, gate_missed
+    from ditopt.bench.report import gate_missed, row_notes
 
     result, _ = quick_run
     model = json.loads(json.dumps(result["models"]["dit-digits"]))
@@ -114,7 +114,7 @@ def test_a_missed_gate_is_marked_in_the_table_and_notes(quick_run):
                    "verification": [{"kind": "end-to-end", "passed": False, "psnr_db": 46.4, "psnr_lower_db": 44.9}]}
     line = next(line for line in markdown_table(model).splitlines() if f"| {row['setting']} |" in line)
     assert "ok, gate missed" in line
-    assert any("gate **missed**" in n and "44.9 dB" in n and "45.0 dB" in n for n in _notes(model))
+    assert any("gate **missed**" in n and "44.9 dB" in n and "45.0 dB" in n for n in row_notes(model))
 
 
 def test_settings_expand():

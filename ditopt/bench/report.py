@@ -63,7 +63,8 @@ def gate_note(row: dict[str, Any]) -> str:
             "(report.passed False; the CLI would exit 1); the row shows what that model measured")
 
 
-def _notes(model: dict[str, Any]) -> list[str]:
+def row_notes(model: dict[str, Any]) -> list[str]:
+    """Why a row is not a plain measured result: not effective, unsupported, failed, or its gate missed."""
     notes = []
     for r in model["results"]:
         if r["status"] in ("no effect", "unsupported", "failed"):
@@ -86,7 +87,7 @@ def markdown_report(result: dict[str, Any]) -> str:
     for name, model in result["models"].items():
         out += [f"## {name} ({model['model_class']}, {model['steps']} steps, CFG {model['guidance_scale']})", "",
                 markdown_table(model)]
-        notes = _notes(model)
+        notes = row_notes(model)
         if notes:
             out += ["", *notes, ""]
     return "\n".join(out) + "\n"
