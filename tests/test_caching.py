@@ -166,6 +166,26 @@ def test_budget_search_gets_gentler_when_budget_tightens():
     assert chosen[45.0] > chosen[20.0]
 
 
+def test_budget_search_compares_placements_at_the_fewest_steps():
+    """With warmup and alpha on 'auto' the search compares several placements of the computed
+    steps; at the fewest computed steps that meet the target it keeps the one with the highest
+    calibration PSNR, and the stage runs exactly that quantile placement."""
+    from ditopt.passes.caching.schedule import quantile_schedule, span_residual_sketch, step_changes
+
+    model = AffineDiT(depth=3, scale=1.02).eval()
+    profile = {"name": "b", "budget": {"min_psnr_db": 20.0}, "passes": [{"name": "calibrated_schedule", "order": 0}]}
+    opt = ditopt.optimize(model, profile, example_inputs=toy_inputs(batch=2), calibration=_sampler(12), max_retries=0)
+    rep = opt.report.passes[0].report
+    k = rep["computed_steps"]
+    at_k = [t for t in rep["trials"] if t["computed_steps"] == k]
+    assert len({(t["warmup"], t["alpha"]) for t in at_k}) > 1
+    assert rep["predicted_psnr_db"] == max(t["psnr_db"] for t in at_k) >= rep["target_psnr_db"]
+    assert all(t["psnr_db"] < rep["target_psnr_db"] for t in rep["trials"] if t["computed_steps"] < k)
+    changes = step_changes(span_residual_sketch(opt.stats, 0, 2))
+    mask = quantile_schedule(changes, k, rep["warmup"], rep["alpha"])
+    assert rep["stages"][0]["compute_steps"] == [i for i, c in enumerate(mask) if c]
+
+
 def test_a_missed_gate_retries_with_the_bounds_shortfall(monkeypatch):
     """When the held-out lower bound misses, optimize re-runs the search with the target raised
     by the bound's shortfall + 1 dB, and records the missed attempt."""
@@ -195,6 +215,8 @@ def test_a_missed_gate_retries_with_the_bounds_shortfall(monkeypatch):
     # target = budget + margin_db (1) + shortfall (2.5) + 1
     assert opt.report.passes[0].report["target_psnr_db"] == pytest.approx(20.0 + 1.0 + 2.5 + 1.0)
     assert opt.report.verification[-1]["passed"]
+    # The retry re-uses the PSNR of plans it already sampled instead of sampling them again.
+    assert any(not t["sampled"] for t in opt.report.passes[0].report["trials"])
 
 
 def test_feature_forecast_recomputes_gate_by_hand():
