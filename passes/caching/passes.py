@@ -339,7 +339,7 @@ def calibrated_schedule(graph: DiTGraph, config: CalibratedScheduleConfig, ctx: 
         return PassResult(graph, False, {"skipped": f"no schedule reaches {target:.1f} dB on the calibration inputs", "trials": trials})
     # At the fewest computed steps, the placement (of the winning forecast) with the most
     # headroom: the held-out gate sees other seeds, and a margin there costs nothing here.
-    winner = next(v for v in reversed(variants) if v in passing)
+    winner = passing[-1]  # each later passing variant lowered best_k
     scored = [(psnr_for(v, best_k), -i, v) for i, v in enumerate(variants) if v[:2] == winner[:2] and best_k >= v[2] + 1]
     value, _, (forecast, order, warmup, alpha) = max(scored)
     mask = quantile_schedule(changes, best_k, warmup, alpha)
