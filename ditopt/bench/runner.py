@@ -100,8 +100,8 @@ def _chunks(xs: list[int], n: int) -> list[list[int]]:
 
 
 def _bench_model(name: str, methods: list[str], *, samples: int, repeats: int, batch: int, quick: bool,
-                 steps: int | None, calibration_samples: int, progress: _Progress,
-                 validation_samples: int | None = None, setting_index: int | None = None,
+                 steps: int | None, calibration_samples: int, validation_samples: int, progress: _Progress,
+                 setting_index: int | None = None,
                  checkpoint: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     from ditopt import metrics, zoo
 
@@ -110,7 +110,7 @@ def _bench_model(name: str, methods: list[str], *, samples: int, repeats: int, b
     steps = int(steps or (min(QUICK_STEPS, bundle.default_steps) if quick else bundle.default_steps))
     classes = [i % bundle.num_classes for i in range(samples)]
     seeds = [EVAL_SEED0 + i for i in range(samples)]
-    ncal, nval = calibration_samples, validation_samples or calibration_samples
+    ncal, nval = calibration_samples, validation_samples
     ctx = BuildContext(bundle=bundle, steps=steps,
                        calibration_classes=[i % 10 for i in range(ncal)], calibration_seeds=[CAL_SEED0 + i for i in range(ncal)],
                        validation_classes=[(i + 5) % 10 for i in range(nval)], validation_seeds=[VAL_SEED0 + i for i in range(nval)])

@@ -264,8 +264,14 @@ def calibrated_schedule(graph: DiTGraph, config: CalibratedScheduleConfig, ctx: 
     channels = sketch_channels(stats) if config.per_channel else None
     num_channels = int(stats.meta["stream_shape"][-1]) if channels is not None else None
 
+    fitted: dict[tuple[bool, ...], tuple] = {}  # the chosen mask's weights are not fitted twice
+
     def policy(forecast: str, mask: list[bool]) -> StaticSchedule:
-        weights = fit_forecast_weights(residual, mask, t_axis, config.history, channels, num_channels) if forecast == "fitted" else ()
+        weights: tuple = ()
+        if forecast == "fitted":
+            if tuple(mask) not in fitted:
+                fitted[tuple(mask)] = fit_forecast_weights(residual, mask, t_axis, config.history, channels, num_channels)
+            weights = fitted[tuple(mask)]
         return StaticSchedule(tuple(mask), times, config.on_mismatch, weights)
 
     def make(forecast: str, order: int, mask: list[bool]) -> DiTGraph:
