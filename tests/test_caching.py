@@ -186,6 +186,16 @@ def test_budget_search_compares_placements_at_the_fewest_steps():
     assert rep["stages"][0]["compute_steps"] == [i for i, c in enumerate(mask) if c]
 
 
+def test_schedule_warmup_must_leave_step_zero_computed():
+    from pydantic import ValidationError
+
+    from ditopt.passes.caching.passes import CalibratedScheduleConfig
+
+    assert CalibratedScheduleConfig().warmup == "auto" and CalibratedScheduleConfig(warmup=1).warmup == 1
+    with pytest.raises(ValidationError, match="greater than or equal to 1"):
+        CalibratedScheduleConfig(warmup=0)
+
+
 def test_a_missed_gate_retries_with_the_bounds_shortfall(monkeypatch):
     """When the held-out lower bound misses, optimize re-runs the search with the target raised
     by the bound's shortfall + 1 dB, and records the missed attempt."""

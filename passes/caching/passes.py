@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from ditopt.errors import CalibrationError, InvalidProfileError
 from ditopt.graph import DiTGraph
@@ -212,18 +212,11 @@ class CalibratedScheduleConfig(PassConfig):
     order: Union[int, Auto] = Field("auto", description="Taylor order 0..2, or 'auto' (taylor: 1 and 2; fitted and auto: 1)")
     computed_steps: int | None = Field(None, ge=1, description="fix the number of computed steps (no search)")
     compute_steps: tuple[int, ...] | None = Field(None, description="explicit computed steps (replay)")
-    warmup: Union[int, Auto] = Field("auto", description="leading steps always computed, >= 1; 'auto' searches 1, 2 and 3 (2 without a search)")
+    warmup: Union[Annotated[int, Field(ge=1)], Auto] = Field("auto", description="leading steps always computed, >= 1 (step 0 has nothing to forecast from); 'auto' searches 1, 2 and 3 (2 without a search)")
     alpha: Union[float, Auto] = Field("auto", description="0: even spacing; 1: spacing by residual change; 'auto' searches 0, 0.5 and 1")
     margin_db: float = Field(1.0, ge=0, description="PSNR margin over the budget on calibration inputs")
     on_mismatch: Literal["rederive", "error"] = "rederive"
     target: Literal["features", "residual"] = "residual"
-
-    @field_validator("warmup")
-    @classmethod
-    def _warmup_positive(cls, value: Any) -> Any:
-        if value != "auto" and value < 1:
-            raise ValueError("warmup must be >= 1 (step 0 has nothing to forecast from)")
-        return value
 
 
 def forecast_plan(graph: DiTGraph, policy: StaticSchedule, order: int, target: str) -> tuple[DiTGraph, Stage]:
@@ -331,7 +324,7 @@ def calibrated_schedule(graph: DiTGraph, config: CalibratedScheduleConfig, ctx: 
         return memo[key]
 
     best_k: int | None = None
-    passing: list[tuple[str, int, int, float]] = []
+    winner: tuple[str, int, int, float] | None = None  # the variant that set best_k
     for variant in variants:
         # Only fewer computed steps than the best so far can win: search below it.
         hi = steps if best_k is None else best_k - 1
@@ -339,13 +332,11 @@ def calibrated_schedule(graph: DiTGraph, config: CalibratedScheduleConfig, ctx: 
             continue
         k = smallest_passing(variant[2] + 1, hi, lambda k, v=variant: psnr_for(v, k) >= target)
         if k is not None:
-            best_k = k
-            passing.append(variant)
-    if best_k is None:
+            best_k, winner = k, variant
+    if best_k is None or winner is None:
         return PassResult(graph, False, {"skipped": f"no schedule reaches {target:.1f} dB on the calibration inputs", "trials": trials})
     # At the fewest computed steps, the placement (of the winning forecast) with the most
     # headroom: the held-out gate sees other seeds, and a margin there costs nothing here.
-    winner = passing[-1]  # each later passing variant lowered best_k
     scored = [(psnr_for(v, best_k), -i, v) for i, v in enumerate(variants) if v[:2] == winner[:2] and best_k >= v[2] + 1]
     value, _, (forecast, order, warmup, alpha) = max(scored)
     mask = quantile_schedule(changes, best_k, warmup, alpha)
