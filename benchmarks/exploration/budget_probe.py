@@ -1,0 +1,25 @@
+"""One ditopt.optimize at a preset or PSNR budget with the benchmark's calibration (4) and
+validation (16) seeds, printing the chosen schedule, predicted and held-out PSNR (not timed).
+
+    python benchmarks/exploration/budget_probe.py flux-digits 37.5
+
+Output: benchmarks/results/exploration/budget_probe.log.
+"""
+import sys, time, torch, ditopt, json
+from ditopt import zoo
+from ditopt.metrics import psnr_per_sample
+torch.set_num_threads(2)
+name = sys.argv[1]; prof = sys.argv[2]
+b = zoo.load(name); m = b.model
+fn = lambda classes, seeds: (lambda mm: b.sample(classes, seeds, model=mm))
+calA = fn([i % 10 for i in range(4)], [200000 + i for i in range(4)])
+val = fn([(i + 5) % 10 for i in range(16)], [300000 + i for i in range(16)])
+if prof[0].isdigit():
+    prof = {"name": "b", "budget": {"min_psnr_db": float(prof)}, "passes": [{"name": "calibrated_schedule", "order": "auto"}]}
+t = time.time()
+opt = ditopt.optimize(m, prof, example_inputs=b.make_inputs(2), calibration=calA, validation=val)
+rep = opt.report.to_dict()
+p = rep["passes"][0]["report"]
+print(name, prof if isinstance(prof, str) else prof["budget"], 'time %.0fs' % (time.time() - t), 'sampled', sum(t["sampled"] for t in p["trials"]), 'trials', len(p["trials"]))
+print(' k', p["computed_steps"], 'w', p.get("warmup"), 'a', p.get("alpha"), p["forecast"], 'target %.2f pred %.2f' % (p["target_psnr_db"], p["predicted_psnr_db"]), p["stages"][0]["compute_steps"])
+print(' e2e', [(v.get("psnr_db"), v.get("psnr_lower_db")) for v in rep["verification"][1:]], 'retries', [(r["psnr_db"], r["psnr_lower_db"]) for r in rep["retries"]])

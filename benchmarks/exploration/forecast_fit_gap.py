@@ -1,0 +1,29 @@
+"""Is the calibration-to-held-out PSNR gap of the fitted forecast over-fitting? Fits the
+weights on the 4 calibration seeds (A4) or on 12 other samples (B12), same schedule, and
+measures both on the calibration seeds and on 16 held-out seeds.
+
+    python benchmarks/exploration/forecast_fit_gap.py dit-digits 26
+
+Output: benchmarks/results/exploration/forecast_fit_gap_<model>_<k>.log (stdout, as run).
+"""
+import sys, time, torch, ditopt
+from ditopt import zoo
+from ditopt.metrics import psnr_per_sample
+torch.set_num_threads(2)
+name = sys.argv[1]; k = int(sys.argv[2])
+b = zoo.load(name)
+m = b.model
+def fn(classes, seeds):
+    return lambda mm: b.sample(classes, seeds, model=mm)
+calA = fn([i % 10 for i in range(4)], [200000 + i for i in range(4)])
+calB = fn([(i+3) % 10 for i in range(12)], [400000 + i for i in range(12)])
+val = fn([(i + 5) % 10 for i in range(16)], [300000 + i for i in range(16)])
+t=time.time()
+refA = calA(m); refV = val(m)
+print('refs', time.time()-t, flush=True)
+prof = {"name": "x", "passes": [{"name": "calibrated_schedule", "computed_steps": k, "forecast": "fitted", "order": 1, "alpha": 0.0}]}
+for label, cal in [("A4", calA), ("B12", calB)]:
+    opt = ditopt.optimize(m, prof, example_inputs=b.make_inputs(2), calibration=cal)
+    pa = torch.tensor(psnr_per_sample(calA(opt), refA)); opt.reset()
+    pv = torch.tensor(psnr_per_sample(val(opt), refV))
+    print(label, 'k', k, 'calA mean %.2f' % pa.mean(), 'val mean %.2f sd %.2f' % (pv.mean(), pv.std()), flush=True)

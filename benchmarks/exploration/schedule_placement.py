@@ -1,0 +1,40 @@
+"""Exploration behind the calibrated_schedule placement search (docs/design.md): PSNR of
+fixed-count schedules over nine placements (warm-up 1-3 x alpha 0/0.5/1, plus "+last": the
+last step forced computed) on 4 calibration seeds and 16 held-out seeds, fitted forecast.
+
+    python benchmarks/exploration/schedule_placement.py flux-digits 7,8,11
+
+Output: benchmarks/results/exploration/schedule_placement_<model>.log (stdout, as run).
+"""
+import sys, time, torch, ditopt
+from ditopt import zoo
+from ditopt.metrics import psnr_per_sample
+from ditopt.passes.caching.schedule import quantile_schedule, step_changes, span_residual_sketch
+torch.set_num_threads(2)
+name = sys.argv[1]; ks = [int(x) for x in sys.argv[2].split(',')]
+b = zoo.load(name); m = b.model
+fn = lambda classes, seeds: (lambda mm: b.sample(classes, seeds, model=mm))
+calA = fn([i % 10 for i in range(4)], [200000 + i for i in range(4)])
+val = fn([(i + 5) % 10 for i in range(16)], [300000 + i for i in range(16)])
+refA = calA(m); refV = val(m)
+base = {"name": "x", "passes": [{"name": "calibrated_schedule", "computed_steps": 3, "forecast": "fitted", "order": 1, "alpha": 0.0}]}
+opt = ditopt.optimize(m, base, example_inputs=b.make_inputs(2), calibration=calA)
+stats = opt.stats
+res = span_residual_sketch(stats, 0, stats.require("block_residual_sketch").shape[2]-1)
+changes = step_changes(res)
+steps = stats.num_steps
+def run(mask, label):
+    cs = tuple(i for i, c in enumerate(mask) if c)
+    prof = {"name": "x", "passes": [{"name": "calibrated_schedule", "compute_steps": cs, "forecast": "fitted", "order": 1}]}
+    o = ditopt.optimize(m, prof, example_inputs=b.make_inputs(2), stats=stats, calibration=calA)
+    pa = torch.tensor(psnr_per_sample(calA(o), refA)); o.reset()
+    pv = torch.tensor(psnr_per_sample(val(o), refV))
+    print(f"{label:28s} k={len(cs):2d} cal {pa.mean():6.2f} val {pv.mean():6.2f} {cs}", flush=True)
+for k in ks:
+    for w in (1, 2, 3):
+        for a in (0.0, 0.5, 1.0):
+            mask = quantile_schedule(changes, k, w, a)
+            run(mask, f"w{w} a{a}")
+            if not mask[-1]:
+                m2 = quantile_schedule(changes, k - 1, w, a); m2[-1] = True
+                run(m2, f"w{w} a{a} +last")
