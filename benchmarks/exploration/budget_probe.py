@@ -5,15 +5,11 @@ validation (16) seeds, printing the chosen schedule, predicted and held-out PSNR
 
 Output: benchmarks/results/exploration/budget_probe.log.
 """
-import sys, time, torch, ditopt, json
-from ditopt import zoo
-from ditopt.metrics import psnr_per_sample
-torch.set_num_threads(2)
+import sys, time, ditopt
+from explore_setup import setup
+
 name = sys.argv[1]; prof = sys.argv[2]
-b = zoo.load(name); m = b.model
-fn = lambda classes, seeds: (lambda mm: b.sample(classes, seeds, model=mm))
-calA = fn([i % 10 for i in range(4)], [200000 + i for i in range(4)])
-val = fn([(i + 5) % 10 for i in range(16)], [300000 + i for i in range(16)])
+b, m, calA, val = setup(name)
 if prof[0].isdigit():
     prof = {"name": "b", "budget": {"min_psnr_db": float(prof)}, "passes": [{"name": "calibrated_schedule", "order": "auto"}]}
 t = time.time()

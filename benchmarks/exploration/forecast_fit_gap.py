@@ -7,17 +7,12 @@ measures both on the calibration seeds and on 16 held-out seeds.
 Output: benchmarks/results/exploration/forecast_fit_gap_<model>_<k>.log (stdout, as run).
 """
 import sys, time, torch, ditopt
-from ditopt import zoo
 from ditopt.metrics import psnr_per_sample
-torch.set_num_threads(2)
+from explore_setup import sampler, setup
+
 name = sys.argv[1]; k = int(sys.argv[2])
-b = zoo.load(name)
-m = b.model
-def fn(classes, seeds):
-    return lambda mm: b.sample(classes, seeds, model=mm)
-calA = fn([i % 10 for i in range(4)], [200000 + i for i in range(4)])
-calB = fn([(i+3) % 10 for i in range(12)], [400000 + i for i in range(12)])
-val = fn([(i + 5) % 10 for i in range(16)], [300000 + i for i in range(16)])
+b, m, calA, val = setup(name)
+calB = sampler(b, [(i+3) % 10 for i in range(12)], [400000 + i for i in range(12)])
 t=time.time()
 refA = calA(m); refV = val(m)
 print('refs', time.time()-t, flush=True)

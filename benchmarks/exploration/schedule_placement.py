@@ -6,23 +6,15 @@ last step forced computed) on 4 calibration seeds and 16 held-out seeds, fitted 
 
 Output: benchmarks/results/exploration/schedule_placement_<model>.log (stdout, as run).
 """
-import sys, time, torch, ditopt
-from ditopt import zoo
+import sys, torch, ditopt
 from ditopt.metrics import psnr_per_sample
-from ditopt.passes.caching.schedule import quantile_schedule, step_changes, span_residual_sketch
-torch.set_num_threads(2)
+from ditopt.passes.caching.schedule import quantile_schedule
+from explore_setup import calibrated, setup
+
 name = sys.argv[1]; ks = [int(x) for x in sys.argv[2].split(',')]
-b = zoo.load(name); m = b.model
-fn = lambda classes, seeds: (lambda mm: b.sample(classes, seeds, model=mm))
-calA = fn([i % 10 for i in range(4)], [200000 + i for i in range(4)])
-val = fn([(i + 5) % 10 for i in range(16)], [300000 + i for i in range(16)])
+b, m, calA, val = setup(name)
 refA = calA(m); refV = val(m)
-base = {"name": "x", "passes": [{"name": "calibrated_schedule", "computed_steps": 3, "forecast": "fitted", "order": 1, "alpha": 0.0}]}
-opt = ditopt.optimize(m, base, example_inputs=b.make_inputs(2), calibration=calA)
-stats = opt.stats
-res = span_residual_sketch(stats, 0, stats.require("block_residual_sketch").shape[2]-1)
-changes = step_changes(res)
-steps = stats.num_steps
+stats, changes = calibrated(b, m, calA)
 def run(mask, label):
     cs = tuple(i for i, c in enumerate(mask) if c)
     prof = {"name": "x", "passes": [{"name": "calibrated_schedule", "compute_steps": cs, "forecast": "fitted", "order": 1}]}

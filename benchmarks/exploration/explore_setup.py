@@ -1,0 +1,29 @@
+"""Shared setup of the exploration scripts: the zoo model, the benchmark's seed sets (4
+calibration seeds, 16 held-out seeds, disjoint classes/seeds) and their reference samples."""
+import torch
+import ditopt
+from ditopt import zoo
+from ditopt.passes.caching.schedule import span_residual_sketch, step_changes
+
+torch.set_num_threads(2)
+
+
+def sampler(bundle, classes, seeds):
+    """fn(model) -> samples for these (class, seed) pairs, as optimize's calibration argument."""
+    return lambda model: bundle.sample(classes, seeds, model=model)
+
+
+def setup(name: str):
+    """(bundle, model, calibration fn, held-out fn)."""
+    bundle = zoo.load(name)
+    calibration = sampler(bundle, [i % 10 for i in range(4)], [200000 + i for i in range(4)])
+    held_out = sampler(bundle, [(i + 5) % 10 for i in range(16)], [300000 + i for i in range(16)])
+    return bundle, bundle.model, calibration, held_out
+
+
+def calibrated(bundle, model, calibration):
+    """Calibration stats on `calibration` and the per-step residual change the placements use."""
+    profile = {"name": "x", "passes": [{"name": "calibrated_schedule", "computed_steps": 3, "forecast": "fitted", "order": 1, "alpha": 0.0}]}
+    stats = ditopt.optimize(model, profile, example_inputs=bundle.make_inputs(2), calibration=calibration).stats
+    residual = span_residual_sketch(stats, 0, stats.require("block_residual_sketch").shape[2] - 1)
+    return stats, step_changes(residual)
