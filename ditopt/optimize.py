@@ -200,7 +200,7 @@ def optimize(
             break
         # Missed on held-out inputs: ask the search for the shortfall plus a margin, and retry.
         shortfall = prof.budget.min_psnr_db - (end_to_end.psnr_lower_db or 0.0)
-        ctx.extras["psnr_tighten_db"] = ctx.extras.get("psnr_tighten_db", 0.0) + shortfall + 1.0
+        ctx.extras["psnr_tighten_db"] = ctx.extras.get("psnr_tighten_db", 0.0) + shortfall + prof.budget.retry_margin_db
 
     report = OptimizationReport(
         profile=prof.dump(),

@@ -196,9 +196,11 @@ def test_schedule_warmup_must_leave_step_zero_computed():
         CalibratedScheduleConfig(warmup=0)
 
 
-def test_a_missed_gate_retries_with_the_bounds_shortfall(monkeypatch):
+@pytest.mark.parametrize("retry_margin", [None, 0.25])
+def test_a_missed_gate_retries_with_the_bounds_shortfall(monkeypatch, retry_margin):
     """When the held-out lower bound misses, optimize re-runs the search with the target raised
-    by the bound's shortfall + 1 dB, and records the missed attempt."""
+    by the bound's shortfall + the budget's retry margin (1 dB unless set), and records the
+    missed attempt."""
     import sys
 
     from ditopt.verify import Verification
@@ -218,12 +220,14 @@ def test_a_missed_gate_retries_with_the_bounds_shortfall(monkeypatch):
 
     monkeypatch.setattr(opt_mod, "verify_end_to_end", first_misses)
     model = AffineDiT(depth=3, scale=1.02).eval()
-    profile = {"name": "b", "budget": {"min_psnr_db": 20.0}, "passes": [{"name": "calibrated_schedule", "order": 0}]}
+    budget = {"min_psnr_db": 20.0} if retry_margin is None else {"min_psnr_db": 20.0, "retry_margin_db": retry_margin}
+    profile = {"name": "b", "budget": budget, "passes": [{"name": "calibrated_schedule", "order": 0}]}
     opt = ditopt.optimize(model, profile, example_inputs=toy_inputs(batch=2), calibration=_sampler(12), max_retries=1)
     assert len(calls) == 2 and len(opt.report.retries) == 1
     assert opt.report.retries[0]["psnr_lower_db"] == pytest.approx(17.5)
-    # target = budget + margin_db (1) + shortfall (2.5) + 1
-    assert opt.report.passes[0].report["target_psnr_db"] == pytest.approx(20.0 + 1.0 + 2.5 + 1.0)
+    # target = budget + margin_db (1) + shortfall (2.5) + retry margin
+    expected = 20.0 + 1.0 + 2.5 + (1.0 if retry_margin is None else retry_margin)
+    assert opt.report.passes[0].report["target_psnr_db"] == pytest.approx(expected)
     assert opt.report.verification[-1]["passed"]
     # The retry re-uses the PSNR of plans it already sampled instead of sampling them again.
     assert any(not t["sampled"] for t in opt.report.passes[0].report["trials"])

@@ -50,3 +50,6 @@ def test_budget_confidence_is_validated():
     assert Budget(min_psnr_db=30).psnr_confidence == 0.9
     with pytest.raises(ValueError, match="psnr_confidence"):
         Budget(min_psnr_db=30, psnr_confidence=1.0)
+    assert Budget(min_psnr_db=30).retry_margin_db == 1.0
+    with pytest.raises(ValueError, match="retry_margin_db"):
+        Budget(min_psnr_db=30, retry_margin_db=-0.5)

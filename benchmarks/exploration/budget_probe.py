@@ -1,7 +1,7 @@
 """One ditopt.optimize at a preset or PSNR budget with the benchmark's calibration (4) and
 validation (16) seeds, printing the chosen schedule, predicted and held-out PSNR (not timed).
 
-    python benchmarks/exploration/budget_probe.py flux-digits 37.5
+    python benchmarks/exploration/budget_probe.py flux-digits 37.5 [RETRY_MARGIN_DB]
 
 Output: benchmarks/results/exploration/budget_probe.log.
 """
@@ -11,7 +11,10 @@ from explore_setup import setup
 name = sys.argv[1]; prof = sys.argv[2]
 b, m, calA, val = setup(name)
 if prof[0].isdigit():
-    prof = {"name": "b", "budget": {"min_psnr_db": float(prof)}, "passes": [{"name": "calibrated_schedule", "order": "auto"}]}
+    budget = {"min_psnr_db": float(prof)}
+    if len(sys.argv) > 3:
+        budget["retry_margin_db"] = float(sys.argv[3])
+    prof = {"name": "b", "budget": budget, "passes": [{"name": "calibrated_schedule", "order": "auto"}]}
 t = time.time()
 opt = ditopt.optimize(m, prof, example_inputs=b.make_inputs(2), calibration=calA, validation=val)
 rep = opt.report.to_dict()

@@ -31,6 +31,11 @@ class Budget(BaseModel):
         description="one-sided confidence that the mean PSNR over new seeds meets min_psnr_db, judged from the "
                     "held-out samples (Student t bound); 0.5 checks the held-out mean itself",
     )
+    retry_margin_db: float = Field(
+        1.0, ge=0,
+        description="after a held-out miss, the search's PSNR target on the calibration inputs rises by the "
+                    "shortfall plus this margin: smaller lands nearer the budget, at the risk of another retry",
+    )
 
 
 class VerifySettings(BaseModel):
