@@ -350,6 +350,28 @@ def forecast_overhead_section(results_dir: Path) -> list[str]:
     return lines + [""]
 
 
+def grid_gap_section(results_dir: Path) -> list[str]:
+    """A side run filling a gap of the matrix's budget grid (benchmarks/exploration/grid_gap.py)."""
+    path = results_dir / "exploration" / "grid_gap" / "models.json"
+    if not path.exists():
+        return []
+    r = json.loads(path.read_text())
+    lines = ["## Side run: a budget between `fast` and `balanced` (dit-digits)", "",
+             "The matrix above has no ditopt point between 25 and 30 dB on dit-digits, so a peer at 26.4 dB met "
+             "`balanced`. Same protocol, only these settings, one run. "
+             f"Command: `{r['command'].strip()}`; {r['date']} (UTC); {r['machine']['cpu_model']}, "
+             f"{r['machine'].get('torch_threads')} threads.", "",
+             "| method | setting | speedup | PSNR dB | MAC reduction | computed steps |", "|---|---|---|---|---|---|"]
+    for name, model in r["models"].items():
+        for row in _ok_rows(model):
+            stages = (row.get("info") or {}).get("passes", [{}])[0].get("stages") or [{}]
+            steps = len(stages[0].get("compute_steps", [])) if row["provider"] == "ditopt" else "-"
+            mac = f"{1 / row['mac_ratio']:.2f}x" if row.get("mac_ratio") else "-"
+            lines.append(f"| {row['method']} | `{row['setting']}` | {row['speedup']:.2f}x | {row['quality']['psnr_db']:.2f} | "
+                         f"{mac} | {steps} |")
+    return lines + [""]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "models.json")
@@ -362,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     png_rel = os.path.relpath(args.json.resolve().parent / "models_pareto.png", base)
     note = args.note_file.read_text() if args.note_file else None
     results_dir = args.json.resolve().parent
-    sections = (attention_section, quality_at_scale_section, forecast_overhead_section)
+    sections = (grid_gap_section, attention_section, quality_at_scale_section, forecast_overhead_section)
     text = render(result, json_rel, png_rel, note) + "\n".join(["", *(line for s in sections for line in s(results_dir))])
     sys.path.insert(0, str(ROOT))
     from ditopt.io import atomic_write_text
