@@ -15,10 +15,10 @@ if prof[0].isdigit():
     if len(sys.argv) > 3:
         budget["retry_margin_db"] = float(sys.argv[3])
     prof = {"name": "b", "budget": budget, "passes": [{"name": "calibrated_schedule", "order": "auto"}]}
-t = time.time()
+start = time.time()
 opt = ditopt.optimize(m, prof, example_inputs=b.make_inputs(2), calibration=calA, validation=val)
 rep = opt.report.to_dict()
 p = rep["passes"][0]["report"]
-print(name, prof if isinstance(prof, str) else prof["budget"], 'time %.0fs' % (time.time() - t), 'sampled', sum(t["sampled"] for t in p["trials"]), 'trials', len(p["trials"]))
+print(name, prof if isinstance(prof, str) else prof["budget"], 'time %.0fs' % (time.time() - start), 'sampled', sum(trial["sampled"] for trial in p["trials"]), 'trials', len(p["trials"]))
 print(' k', p["computed_steps"], 'w', p.get("warmup"), 'a', p.get("alpha"), p["forecast"], 'target %.2f pred %.2f' % (p["target_psnr_db"], p["predicted_psnr_db"]), p["stages"][0]["compute_steps"])
 print(' e2e', [(v.get("psnr_db"), v.get("psnr_lower_db")) for v in rep["verification"][1:]], 'retries', [(r["psnr_db"], r["psnr_lower_db"]) for r in rep["retries"]])

@@ -1,5 +1,6 @@
 """Shared setup of the exploration scripts: the zoo model, the benchmark's seed sets (4
-calibration seeds, 16 held-out seeds, disjoint classes/seeds) and their reference samples."""
+calibration seeds, 16 held-out seeds, disjoint classes/seeds), calibration stats, and the
+per-sample PSNR of an optimized model on both seed sets."""
 import torch
 import ditopt
 from ditopt import zoo
@@ -19,6 +20,15 @@ def setup(name: str):
     calibration = sampler(bundle, [i % 10 for i in range(4)], [200000 + i for i in range(4)])
     held_out = sampler(bundle, [(i + 5) % 10 for i in range(16)], [300000 + i for i in range(16)])
     return bundle, bundle.model, calibration, held_out
+
+
+def psnr_both(optimized, calibration, ref_calibration, held_out, ref_held_out):
+    """Per-sample PSNR tensors on the calibration and held-out seeds (a fresh generation each)."""
+    from ditopt.metrics import psnr_per_sample
+
+    on_calibration = torch.tensor(psnr_per_sample(calibration(optimized), ref_calibration))
+    optimized.reset()
+    return on_calibration, torch.tensor(psnr_per_sample(held_out(optimized), ref_held_out))
 
 
 def calibrated(bundle, model, calibration):

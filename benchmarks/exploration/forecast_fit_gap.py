@@ -6,9 +6,8 @@ measures both on the calibration seeds and on 16 held-out seeds.
 
 Output: benchmarks/results/exploration/forecast_fit_gap_<model>_<k>.log (stdout, as run).
 """
-import sys, time, torch, ditopt
-from ditopt.metrics import psnr_per_sample
-from explore_setup import sampler, setup
+import sys, time, ditopt
+from explore_setup import psnr_both, sampler, setup
 
 name = sys.argv[1]; k = int(sys.argv[2])
 b, m, calA, val = setup(name)
@@ -19,6 +18,5 @@ print('refs', time.time()-t, flush=True)
 prof = {"name": "x", "passes": [{"name": "calibrated_schedule", "computed_steps": k, "forecast": "fitted", "order": 1, "alpha": 0.0}]}
 for label, cal in [("A4", calA), ("B12", calB)]:
     opt = ditopt.optimize(m, prof, example_inputs=b.make_inputs(2), calibration=cal)
-    pa = torch.tensor(psnr_per_sample(calA(opt), refA)); opt.reset()
-    pv = torch.tensor(psnr_per_sample(val(opt), refV))
+    pa, pv = psnr_both(opt, calA, refA, val, refV)
     print(label, 'k', k, 'calA mean %.2f' % pa.mean(), 'val mean %.2f sd %.2f' % (pv.mean(), pv.std()), flush=True)

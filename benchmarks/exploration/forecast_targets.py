@@ -7,10 +7,9 @@ recomputed (TaylorSeer's target). 4 calibration seeds, 16 held-out seeds.
 
 Output: benchmarks/results/exploration/forecast_targets_<model>.log (stdout, as run).
 """
-import sys, torch, ditopt
-from ditopt.metrics import psnr_per_sample
+import sys, ditopt
 from ditopt.passes.caching.schedule import quantile_schedule
-from explore_setup import calibrated, setup
+from explore_setup import calibrated, psnr_both, setup
 
 name = sys.argv[1]; ks = [int(x) for x in sys.argv[2].split(',')]
 placements = [(1, 0.0), (2, 0.0), (2, 1.0)]
@@ -24,6 +23,5 @@ for k in ks:
         for f, o, tgt in forecasts:
             prof = {"name": "x", "passes": [{"name": "calibrated_schedule", "compute_steps": cs, "forecast": f, "order": o, "target": tgt}]}
             o_ = ditopt.optimize(m, prof, example_inputs=b.make_inputs(2), stats=stats, calibration=calA)
-            pa = torch.tensor(psnr_per_sample(calA(o_), refA)); o_.reset()
-            pv = torch.tensor(psnr_per_sample(val(o_), refV))
+            pa, pv = psnr_both(o_, calA, refA, val, refV)
             print(f"k={k:2d} w{w} a{a} {f:6s} o{o} {tgt:8s} cal {pa.mean():6.2f} val {pv.mean():6.2f}", flush=True)

@@ -6,10 +6,9 @@ last step forced computed) on 4 calibration seeds and 16 held-out seeds, fitted 
 
 Output: benchmarks/results/exploration/schedule_placement_<model>.log (stdout, as run).
 """
-import sys, torch, ditopt
-from ditopt.metrics import psnr_per_sample
+import sys, ditopt
 from ditopt.passes.caching.schedule import quantile_schedule
-from explore_setup import calibrated, setup
+from explore_setup import calibrated, psnr_both, setup
 
 name = sys.argv[1]; ks = [int(x) for x in sys.argv[2].split(',')]
 b, m, calA, val = setup(name)
@@ -19,8 +18,7 @@ def run(mask, label):
     cs = tuple(i for i, c in enumerate(mask) if c)
     prof = {"name": "x", "passes": [{"name": "calibrated_schedule", "compute_steps": cs, "forecast": "fitted", "order": 1}]}
     o = ditopt.optimize(m, prof, example_inputs=b.make_inputs(2), stats=stats, calibration=calA)
-    pa = torch.tensor(psnr_per_sample(calA(o), refA)); o.reset()
-    pv = torch.tensor(psnr_per_sample(val(o), refV))
+    pa, pv = psnr_both(o, calA, refA, val, refV)
     print(f"{label:28s} k={len(cs):2d} cal {pa.mean():6.2f} val {pv.mean():6.2f} {cs}", flush=True)
 for k in ks:
     for w in (1, 2, 3):
