@@ -360,6 +360,17 @@ def test_forecast_history_applies_scalar_and_per_channel_weights_by_hand():
     assert torch.equal(b, before)  # forecasting leaves the cached values alone
     with pytest.raises(ValueError, match="3 forecast weights for 2 cached steps"):
         h.predict(((1.0,), (1.0,), (1.0,)))
+    # With a base per leading value (the skipped span's inputs), the forecast is added in the
+    # same pass; values beyond the bases (unpaired outputs) are forecast alone.
+    base = torch.randn(2, 4, 3, generator=g)
+    base_before = base.clone()
+    weights = ((0.5, 2.0, -1.0), (0.25, 0.25, 0.25))
+    img_b, txt_b = h.predict(weights, base=[base])
+    torch.testing.assert_close(img_b, base_before + img)
+    torch.testing.assert_close(txt_b, txt)
+    assert torch.equal(base, base_before)
+    (scalar_b,) = h.predict(((1.5,),), base=[base])[:1]
+    torch.testing.assert_close(scalar_b, base + 1.5 * b)
 
 
 def test_fit_recovers_per_channel_geometric_decay_that_one_weight_cannot():

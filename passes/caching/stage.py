@@ -27,6 +27,7 @@ generation.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -119,9 +120,11 @@ class ForecastHistory:
         self.values = [list(values)] + self.values[: self.size - 1]
         self.times = [t] + self.times[: self.size - 1]
 
-    def predict(self, weights: tuple[tuple[float, ...], ...]) -> list[torch.Tensor]:
+    def predict(self, weights: tuple[tuple[float, ...], ...], base: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """sum_j weights[j] * values[j]; weights[j] is one weight, or one per channel (last
-        dimension) of the tensors that have that many channels (the mean weight for others)."""
+        dimension) of the tensors that have that many channels (the mean weight for others).
+        With `base` (one tensor per leading value), ``base[i] +`` that sum: the skipped span's
+        output in one pass less than forecasting and adding apart."""
         if not self.values:
             raise RuntimeError("forecast requested before any computed step")
         if len(weights) > len(self.values):
@@ -131,7 +134,10 @@ class ForecastHistory:
             for i, v in enumerate(vals):
                 w = _multiplier(wj, v)
                 if j == 0:
-                    out.append(torch.mul(v, w))
+                    if base is not None and i < len(base):
+                        out.append(torch.add(base[i], v, alpha=w) if isinstance(w, float) else torch.addcmul(base[i], v, w))
+                    else:
+                        out.append(torch.mul(v, w))
                 elif isinstance(w, float):
                     out[i].add_(v, alpha=w)
                 else:
@@ -148,8 +154,16 @@ def _multiplier(weights: tuple[float, ...], value: torch.Tensor) -> float | torc
     if len(weights) == 1:
         return float(weights[0])
     if value.dim() and value.shape[-1] == len(weights):
-        return torch.tensor(weights, dtype=value.dtype, device=value.device)
+        return _channel_weights(weights, value.dtype, value.device)
     return sum(weights) / len(weights)
+
+
+@functools.lru_cache(maxsize=4096)
+def _channel_weights(weights: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The per-channel weight tensor, made once per (weights, dtype, device): every skipped step
+    of every generation asks for the same few, and building a tensor from a tuple of floats
+    costs as much as the multiply-add it feeds at the zoo models' width. Read-only by use."""
+    return torch.tensor(weights, dtype=dtype, device=device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,23 +296,25 @@ class CachedSpan(Stage):
             state["cached_run"] = 0
             state["history"].append(t)
         else:
-            predicted = self._forecast(state["taylor"], ctx, t)
+            inputs = [env[i] for i, _ in io.pairs]
+            predicted, added = self._forecast(state["taylor"], ctx, t, inputs)
             for k, (i, o) in enumerate(io.pairs):
-                env[o] = env[i] + predicted[k]
+                env[o] = predicted[k] if added else inputs[k] + predicted[k]
             for k, o in enumerate(io.unpaired):
                 # An unpaired output may be the model's output: never hand the cache itself out.
                 env[o] = predicted[len(io.pairs) + k].clone()
             state["cached_run"] += 1
             ctx.record.setdefault("cached", []).extend(self.blocks)
 
-    def _forecast(self, cache: Any, ctx: StepContext, t: float) -> list[torch.Tensor]:
+    def _forecast(self, cache: Any, ctx: StepContext, t: float, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], bool]:
+        """(forecast values, whether the paired inputs are already added to them)."""
         if not isinstance(cache, ForecastHistory):
-            return cache.predict(t)
+            return cache.predict(t), False
         weights = self.policy.weights[ctx.step] if self.policy.matches(ctx) else ()
         if weights and len(weights) <= len(cache.values):
-            return cache.predict(weights)
+            return cache.predict(weights, base=inputs), True
         # Another step count than calibrated: the weights belong to other steps; use Taylor.
-        return cache.taylor(t, min(self.order, len(cache.values) - 1))
+        return cache.taylor(t, min(self.order, len(cache.values) - 1)), False
 
     def _decide(self, graph: DiTGraph, env: dict[str, Any], ctx: StepContext, state: dict, t: float, io: SpanIO) -> bool:
         policy = self.policy
