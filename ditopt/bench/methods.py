@@ -378,20 +378,21 @@ def _budget_profile(min_psnr_db: float) -> dict:
     was asked for, and each lands 1-3 dB above it (held-out gate), so the grid is dense enough to
     put a ditopt point just above each peer's PSNR."""
     return {"name": f"schedule-{min_psnr_db:g}dB", "budget": {"min_psnr_db": min_psnr_db, "max_rel_err": 1e-4},
-            "passes": [{"name": "calibrated_schedule", "order": "auto"}]}
+            "passes": [{"name": "calibrated_schedule", "order": "auto"}, {"name": "timestep_memo"}]}
 
 
 def _attention_profile(name: str, attention: dict, budget_db: float | None = None, forced: bool = True) -> dict:
     """Attention substitution, optionally composed with the calibrated cache schedule at a PSNR
-    budget. ``forced``: on every layer (min_mass 0, cost guard off: the zoo models' attention is
-    broad and their 16-token blocks make PISA cost more than dense, so the calibrated choice
+    budget (and the timestep memo, as the presets are). ``forced``: on every layer (min_mass 0,
+    cost guard off: the zoo models' attention is broad and their 16-token blocks make PISA cost
+    more than dense, so the calibrated choice
     substitutes nothing; this shows the quality each pattern costs). Otherwise the pass decides
     from calibration with its defaults, as a user's profile would. Per-call rollback is off
     (max_rel_err 1): the end-to-end PSNR is what is measured."""
     passes = [{"min_mass": 0.0, "max_cost": None, **attention} if forced else dict(attention)]
     budget: dict[str, Any] = {"max_rel_err": 1.0}
     if budget_db is not None:
-        passes.append({"name": "calibrated_schedule", "order": "auto"})
+        passes += [{"name": "calibrated_schedule", "order": "auto"}, {"name": "timestep_memo"}]
         budget["min_psnr_db"] = budget_db
     return {"name": name, "budget": budget, "passes": passes}
 
@@ -436,7 +437,9 @@ def _specs() -> dict[str, dict[str, Any]]:
                                        S("fast", profile="fast")]},
         "ditopt-budget": {"family": "ditopt calibrated_schedule at a PSNR budget", "provider": "ditopt",
                           "build": _build_ditopt,
-                          "settings": [S(f"{db:g} dB", profile=_budget_profile(db)) for db in (50.0, 48.0, 47.0, 45.0, 42.0, 41.0, 40.0, 37.5, 32.5)]},
+                          "settings": [S(f"{db:g} dB", profile=_budget_profile(db)) for db in (50.0, 48.0, 47.0, 45.0, 42.0, 41.0, 40.0, 37.5, 32.5, 27.5)]},
+        "ditopt-memo": {"family": "ditopt timestep_memo", "provider": "ditopt", "build": _build_ditopt,
+                        "settings": [S("exact", profile={"name": "timestep-memo", "passes": [{"name": "timestep_memo"}]})]},
         "ditopt-taylor": {"family": "ditopt taylor_forecast", "provider": "ditopt", "build": _build_ditopt,
                           "settings": [S("o2,N=2", profile=_taylor_profile(2, 2, 3)),
                                        S("o2,N=3", profile=_taylor_profile(2, 3, 3)),
