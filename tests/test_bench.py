@@ -47,7 +47,7 @@ def test_rows_and_fields(quick_run):
     assert keys[0] == "baseline[reference]"
     assert {r["method"] for r in model["results"]} == {"baseline", *METHODS_UNDER_TEST}
     for r in model["results"]:
-        assert r["status"] in ("reference", "ok", "no effect", "unsupported", "failed"), r
+        assert r["status"] in ("reference", "ok", "exact", "no effect", "unsupported", "failed"), r
         if r["status"] in ("unsupported", "failed"):
             continue
         assert len(r["timing"]["s_per_sample"]) == 1
@@ -101,6 +101,32 @@ def test_no_effect_is_marked_not_dropped(tmp_path, monkeypatch):
     rows = result["models"]["dit-digits"]["results"]
     assert [r["status"] for r in rows] == ["reference", "no effect"]
     assert "did not drop" in rows[1]["reason"]
+
+
+def test_an_exact_setting_must_keep_the_samples(monkeypatch):
+    """A setting declared exact is 'exact' when its samples equal the reference bit for bit and
+    'failed' when they do not (a perturbing model stands in for a broken exact pass)."""
+    import ditopt.bench.methods as methods
+
+    class Perturbed(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args, **kwargs):
+            out = self.inner(*args, **kwargs)
+            return (out[0] * (1 + 1e-3),) + tuple(out[1:])
+
+    builds = {"same": lambda ctx, p: Runner(ctx.bundle.model, None, {}),
+              "changed": lambda ctx, p: Runner(Perturbed(ctx.bundle.model), None, {})}
+    for name, build in builds.items():
+        monkeypatch.setitem(methods.METHODS, f"exact-{name}", {"family": "exact", "provider": "test", "build": build,
+                                                             "settings": [("exact", {"exact": True})]})
+    result = run_models(["dit-digits"], ["exact-same", "exact-changed"], samples=2, repeats=1, batch=2, threads=1,
+                        quick=True, steps=2, progress=False)
+    status = {r["method"]: (r["status"], r["reason"]) for r in result["models"]["dit-digits"]["results"]}
+    assert status["exact-same"] == ("exact", "samples identical to the reference")
+    assert status["exact-changed"] == ("failed", "an exact pass changed the samples")
 
 
 def test_a_missed_gate_is_marked_in_the_table_and_notes(quick_run):

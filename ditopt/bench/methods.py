@@ -439,7 +439,7 @@ def _specs() -> dict[str, dict[str, Any]]:
                           "build": _build_ditopt,
                           "settings": [S(f"{db:g} dB", profile=_budget_profile(db)) for db in (50.0, 48.0, 47.0, 45.0, 42.0, 41.0, 40.0, 37.5, 32.5, 27.5)]},
         "ditopt-memo": {"family": "ditopt timestep_memo", "provider": "ditopt", "build": _build_ditopt,
-                        "settings": [S("exact", profile={"name": "timestep-memo", "passes": [{"name": "timestep_memo"}]})]},
+                        "settings": [S("exact", exact=True, profile={"name": "timestep-memo", "passes": [{"name": "timestep_memo"}]})]},
         "ditopt-taylor": {"family": "ditopt taylor_forecast", "provider": "ditopt", "build": _build_ditopt,
                           "settings": [S("o2,N=2", profile=_taylor_profile(2, 2, 3)),
                                        S("o2,N=3", profile=_taylor_profile(2, 3, 3)),

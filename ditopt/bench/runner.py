@@ -15,7 +15,9 @@ Phases per model (all settings of a phase run before the next phase starts):
    round-robin, starting one setting later each round, so machine noise hits all settings alike.
    Reported: median seconds per sample.
 
-A peer setting whose MACs do not drop below the reference is marked ``no effect``.
+A peer setting whose MACs do not drop below the reference is marked ``no effect``. A setting
+declared exact (``exact=True``: the timestep memo) is marked ``exact`` when its samples equal
+the reference's bit for bit, ``failed`` otherwise; it is timed but not on the Pareto curve.
 """
 
 from __future__ import annotations
@@ -199,6 +201,12 @@ def _bench_model(name: str, methods: list[str], *, samples: int, repeats: int, b
         row["mac_ratio"] = (m / base_macs) if (m is not None and base_macs) else None
         if row["method"] == "baseline":
             row["status"] = "reference"
+        elif row["params"].get("exact"):
+            # An exact pass saves time, not MACs; what it must keep is the samples, bit for bit.
+            identical = row["quality"]["identical_to_reference"]
+            row["status"] = "exact" if identical else "failed"
+            row["reason"] = ("samples identical to the reference" if identical else
+                             "an exact pass changed the samples")
         elif row["mac_ratio"] is not None and row["mac_ratio"] < 1.0 - 1e-4:
             row["status"] = "ok"
         else:
