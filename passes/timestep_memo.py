@@ -115,6 +115,15 @@ def _inputs(node: fx.Node) -> list[fx.Node]:
     return list(node.all_input_nodes)
 
 
+def _repeatable(node: fx.Node) -> bool:
+    """Whether a call gives the same value for the same inputs without side effects: random
+    ops (a remembered draw would be reused) and in-place ops stay where they are."""
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return torch.Tag.nondeterministic_seeded not in target.tags and not target._schema.is_mutable
+    return target is operator.getitem
+
+
 def timestep_subgraph(gm: fx.GraphModule, timestep_index: int) -> tuple[list[fx.Node], list[fx.Node]]:
     """(hoisted nodes in graph order, frontier nodes): the call nodes computed from the
     `timestep_index`-th placeholder, weights and constants only; the frontier are those whose
@@ -127,9 +136,9 @@ def timestep_subgraph(gm: fx.GraphModule, timestep_index: int) -> tuple[list[fx.
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             free.add(node)
-        elif node.op in ("call_function", "call_method", "call_module"):
+        elif node.op == "call_function" and _repeatable(node):
             ins = _inputs(node)
-            if all(i in free for i in ins) and not (node.op == "call_module"):
+            if all(i in free for i in ins):
                 free.add(node)
                 if any(i in depends for i in ins):
                     depends.add(node)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import build_model, make_inputs
-from toy_models import AffineDiT, toy_inputs
+from toy_models import AffineBlock, AffineDiT, toy_inputs
 
 import ditopt
 from ditopt.passes.timestep_memo import MEMO_MODULE, TimestepMemo
@@ -107,6 +107,50 @@ def test_does_not_fire_without_a_timestep_only_computation():
     assert not record.modified
     assert "no segment computes >= 4 ops from the timestep alone" in record.report["reason"]
     assert not _memos(optimized.programs[0])
+
+
+class NoisyEmbeddingDiT(torch.nn.Module):
+    """A timestep embedding with a random term after its MLP: the MLP may be remembered, the
+    draw must stay live (and so must everything after it)."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.SiLU(), torch.nn.Linear(width, width))
+        self.width = width
+        self.blocks = torch.nn.ModuleList([AffineBlock(width, 1.0, i) for i in range(2)])
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        freqs = torch.exp(-torch.arange(self.width // 2, dtype=torch.float32))
+        angles = timestep[:, None].float() * freqs[None]
+        emb = self.mlp(torch.cat([angles.sin(), angles.cos()], -1))
+        emb = emb + 0.1 * torch.randn_like(emb)
+        h = x + emb[:, None]
+        for block in self.blocks:
+            h = block(h, timestep)
+        return h
+
+
+def test_random_ops_are_never_remembered():
+    model = NoisyEmbeddingDiT().eval()
+    kwargs = toy_inputs()
+    optimized = ditopt.optimize(model, {"name": "memo", "budget": {"max_rel_err": 1.0}, "passes": [{"name": "timestep_memo"}]},
+                                example_inputs=kwargs)
+    graph = optimized.programs[0]
+    memos = _memos(graph)
+    assert memos, optimized.report.passes[0].report
+    head_ops = set().union(*(_ops(m.head) for m in memos))
+    live_ops = set().union(*(_ops(seg.module) for seg in graph.segments))
+    assert "aten.sin.default" in head_ops and "aten.randn_like.default" not in head_ops
+    assert "aten.randn_like.default" in live_ops
+    with torch.no_grad():
+        torch.manual_seed(1)
+        first = optimized(**kwargs)
+        torch.manual_seed(2)
+        second = optimized(**kwargs)
+        torch.manual_seed(2)
+        again = optimized(**kwargs)
+    assert memos[0].hits >= 2  # the MLP was remembered ...
+    assert not torch.equal(first, second) and torch.equal(second, again)  # ... the draw was not
 
 
 def test_autograd_and_dtype_changes_bypass_or_clear_the_memo():
