@@ -163,7 +163,9 @@ def demo(
             + f", computes {len(s.get('compute_steps', []))}/{s.get('steps')} steps"
             for s in stages
         )
-        table.add_row(f"pass {p['name']}", ("applied: " if p["applied"] else "rolled back: ") + desc)
+        desc = desc or p["report"].get("summary") or p["report"].get("reason") or ""
+        status = "rolled back: " if not p["applied"] else "applied: " if p["modified"] else "no change: "
+        table.add_row(f"pass {p['name']}", status + desc)
     table.add_row("PSNR predicted (calibration seeds)", _db(summary["predicted_psnr_db"]))
     bound = (e2e.get("details") or [{}])[0]
     table.add_row("PSNR measured (held-out seeds)", f"{_db(summary['measured_psnr_db_heldout'])} "

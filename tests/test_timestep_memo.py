@@ -45,6 +45,7 @@ def test_graph_before_and_after_on_diffusers_dit():
     record = optimized.report.passes[0]
     assert record.applied and record.verification["passed"]
     assert set(record.report["segments"]) == {"block.0", "block.1", "epilogue"}
+    assert f"{record.report['ops_per_call']} timestep-only ops in 3 segments" in record.report["summary"]
     for name in record.report["segments"]:
         old, new = before.segment(name).module, after.segment(name).module
         assert "aten.sin.default" in _ops(old) and "aten.sin.default" not in _ops(new)
