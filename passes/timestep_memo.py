@@ -37,8 +37,8 @@ from ditopt.registry import PassConfig, PassContext, PassResult, register_pass
 
 MEMO_MODULE = "timestep_memo"
 
-# Ops that only move metadata; they do not count towards `min_ops`.
-_FREE_OPS = {"getitem", "view", "reshape", "unsqueeze", "squeeze", "expand", "slice", "select", "t",
+# Ops that only move metadata or check it; they do not count towards `min_ops`.
+_NON_COMPUTE_OPS = {"getitem", "view", "reshape", "unsqueeze", "squeeze", "expand", "slice", "select", "t",
              "transpose", "permute", "_assert_tensor_metadata", "to", "alias", "detach"}
 
 
@@ -88,11 +88,7 @@ class TimestepMemo(nn.Module):
 
 
 def _tracing() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(
-        torch.jit.is_tracing()
-        or (compiler is not None and (compiler.is_compiling() or getattr(compiler, "is_exporting", lambda: False)()))
-    )
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
 def timestep_key(t: torch.Tensor) -> tuple:
@@ -111,10 +107,6 @@ def _op_name(node: fx.Node) -> str:
     return name.split(".")[0]
 
 
-def _inputs(node: fx.Node) -> list[fx.Node]:
-    return list(node.all_input_nodes)
-
-
 def _repeatable(node: fx.Node) -> bool:
     """Whether a call gives the same value for the same inputs without side effects: random
     ops (a remembered draw would be reused) and in-place ops stay where they are."""
@@ -124,10 +116,10 @@ def _repeatable(node: fx.Node) -> bool:
     return target is operator.getitem
 
 
-def timestep_subgraph(gm: fx.GraphModule, timestep_index: int) -> tuple[list[fx.Node], list[fx.Node]]:
-    """(hoisted nodes in graph order, frontier nodes): the call nodes computed from the
-    `timestep_index`-th placeholder, weights and constants only; the frontier are those whose
-    value is used outside that set."""
+def timestep_subgraph(gm: fx.GraphModule, timestep_index: int) -> tuple[fx.Node, list[fx.Node], list[fx.Node]]:
+    """(the timestep placeholder, hoisted nodes in graph order, frontier nodes): the call nodes
+    computed from the `timestep_index`-th placeholder, weights and constants only; the frontier
+    are those whose value is used outside that set."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     t = placeholders[timestep_index]
     free: set[fx.Node] = {t}  # depends on nothing but t, weights, constants
@@ -137,7 +129,7 @@ def timestep_subgraph(gm: fx.GraphModule, timestep_index: int) -> tuple[list[fx.
         if node.op == "get_attr":
             free.add(node)
         elif node.op == "call_function" and _repeatable(node):
-            ins = _inputs(node)
+            ins = node.all_input_nodes
             if all(i in free for i in ins):
                 free.add(node)
                 if any(i in depends for i in ins):
@@ -145,27 +137,25 @@ def timestep_subgraph(gm: fx.GraphModule, timestep_index: int) -> tuple[list[fx.
                     hoisted.append(node)
     inside = set(hoisted)
     frontier = [n for n in hoisted if any(u not in inside for u in n.users)]
-    return hoisted, frontier
+    return t, hoisted, frontier
 
 
 def memoize_segment(gm: fx.GraphModule, timestep_index: int, config: TimestepMemoConfig) -> tuple[fx.GraphModule, int] | None:
     """A copy of `gm` whose timestep-only subgraph runs through a `TimestepMemo`, and the number
     of compute ops moved; None when there is nothing worth moving."""
-    hoisted, frontier = timestep_subgraph(gm, timestep_index)
-    compute = sum(1 for n in hoisted if _op_name(n) not in _FREE_OPS)
+    t, hoisted, frontier = timestep_subgraph(gm, timestep_index)
+    compute = sum(1 for n in hoisted if _op_name(n) not in _NON_COMPUTE_OPS)
     if compute < config.min_ops or not frontier:
         return None
     hoisted_names = {n.name for n in hoisted}
 
     # The head: placeholder t, the hoisted nodes and the weights/constants they read.
     head_graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    t = [n for n in gm.graph.nodes if n.op == "placeholder"][timestep_index]
-    env[t] = head_graph.placeholder("timestep")
+    env: dict[fx.Node, fx.Node] = {t: head_graph.placeholder("timestep")}
     needed: set[fx.Node] = set(hoisted)
     for node in reversed(list(gm.graph.nodes)):
         if node in needed:
-            needed.update(i for i in _inputs(node) if i is not t)
+            needed.update(i for i in node.all_input_nodes if i is not t)
     for node in gm.graph.nodes:
         if node in needed and node is not t:
             env[node] = head_graph.node_copy(node, lambda n: env[n])
