@@ -135,7 +135,8 @@ class ForecastHistory:
                 w = _multiplier(wj, v)
                 if j == 0:
                     if base is not None and i < len(base):
-                        out.append(torch.add(base[i], v, alpha=w) if isinstance(w, float) else torch.addcmul(base[i], v, w))
+                        buf = laid_out_like(v, base[i])
+                        out.append(torch.add(base[i], v, alpha=w, out=buf) if isinstance(w, float) else torch.addcmul(base[i], v, w, out=buf))
                     else:
                         out.append(torch.mul(v, w))
                 elif isinstance(w, float):
@@ -148,6 +149,21 @@ class ForecastHistory:
         """Taylor forecast from the cached steps (for step counts the weights were not fitted for)."""
         times = self.times[: order + 1][::-1]
         return self.predict(tuple((w,) for w in taylor_weights(times, t, order)))
+
+
+def laid_out_like(value: torch.Tensor, other: torch.Tensor) -> torch.Tensor | None:
+    """An output buffer with `value`'s memory layout for an elementwise op of `value` and
+    `other`, or None (the op picks) where autograd must record the op (it cannot record `out=`).
+
+    A forecast adds cached values (laid out as the computed span wrote them) to the span's
+    input, and the op would take the input's layout: on diffusers' DiT the patch embedding's
+    transpose leaves the stream channel-strided, so every later pass over a forecast output (the
+    remaining multiply-adds, the final layer norm) ran on strided memory, 4-5x slower than
+    contiguous at the zoo models' width (`benchmarks/exploration/skip_step_cost.py`). A skipped
+    step's output now has the layout a computed step's has."""
+    if torch.is_grad_enabled() and (value.requires_grad or other.requires_grad):
+        return None
+    return torch.empty_like(value)
 
 
 def _multiplier(weights: tuple[float, ...], value: torch.Tensor) -> float | torch.Tensor:
@@ -299,7 +315,7 @@ class CachedSpan(Stage):
             inputs = [env[i] for i, _ in io.pairs]
             predicted, added = self._forecast(state["taylor"], ctx, t, inputs)
             for k, (i, o) in enumerate(io.pairs):
-                env[o] = predicted[k] if added else inputs[k] + predicted[k]
+                env[o] = predicted[k] if added else torch.add(inputs[k], predicted[k], out=laid_out_like(predicted[k], inputs[k]))
             for k, o in enumerate(io.unpaired):
                 # An unpaired output may be the model's output: never hand the cache itself out.
                 env[o] = predicted[len(io.pairs) + k].clone()
