@@ -34,6 +34,8 @@ ACTIVATION_OPS = {
     aten.sigmoid.default: "sigmoid",
 }
 TIMESTEP_NAMES = ("timestep", "timesteps", "t", "sigma", "sigmas")
+# The noisy sample a sampler feeds back every step (diffusers: hidden_states; DiT reference: x).
+LATENT_NAMES = ("hidden_states", "x", "sample", "latents", "latent_model_input")
 
 
 # --------------------------------------------------------------------------------------------
@@ -517,6 +519,7 @@ def _capture_kwargs(model: nn.Module, kwargs: dict[str, Any]) -> DiTGraph:
     _annotate(segments, infos)
 
     timestep = next((n for n in TIMESTEP_NAMES if n in signature.input_names), None)
+    latent = next((n for n in LATENT_NAMES if n in signature.input_names), None)
     graph = DiTGraph(
         model_class=type(model).__name__,
         signature=signature,
@@ -526,6 +529,7 @@ def _capture_kwargs(model: nn.Module, kwargs: dict[str, Any]) -> DiTGraph:
         text_tokens=text_tokens,
         grid=grid,
         timestep_input=timestep,
+        latent_input=latent,
         param_count=sum(p.numel() for p in model.parameters()),
         meta={"block_modules": tuple(blocks)},
     )

@@ -123,6 +123,7 @@ class DiTGraph:
     notes: tuple[str, ...] = ()  # what the passes did, in order
     meta: dict[str, Any] = field(default_factory=dict)
     early_steps: tuple[Any, ...] = ()  # EarlySteps rules (ditopt.plan): blocks that run a variant on the first steps
+    latent_input: str | None = None  # placeholder carrying the noisy sample (changes every step)
 
     def __post_init__(self) -> None:
         if not self.plan:

@@ -1,19 +1,23 @@
-"""Timestep memo: compute what depends on the timestep alone once per distinct timestep.
+"""Conditioning memo: compute what depends on the conditioning alone once per distinct value.
 
-A DiT turns the diffusion timestep into an embedding (sinusoid, then an MLP) on every call, and
-several architectures do it more than once per call: diffusers' DiT gives every block its own
-`AdaLayerNormZero` embedder, and its final layer recomputes the first one. Those ops depend on
-nothing but the timestep and the weights, and a sampler calls the model with the same few
-timesteps in every generation, so their results can be kept.
+A DiT turns its conditioning (the diffusion timestep, a class label, pooled text, position ids)
+into embeddings and modulation on every call, and several architectures do it more than once
+per call: diffusers' DiT gives every block its own `AdaLayerNormZero` embedder (timestep MLP +
+class embedding + the block's shift/scale/gate linear), its final layer recomputes the first
+one, and FLUX-style models rebuild the rotary tables from the position ids every call. None of
+that reads the noisy sample, and a sampler calls the model with the same conditioning on every
+step and the same few timesteps in every generation, so those results can be kept.
 
-The pass finds, in each segment that reads the timestep input, the subgraph whose values depend
-on the timestep and on nothing else but weights and constants, moves it into a submodule
-(`TimestepMemo`) and replaces its uses by that submodule's outputs. The memo is keyed on the
-timestep tensor's bytes, dtype, shape and device (so CFG rows with different timesteps, or a
-new schedule, simply miss), and falls back to computing when tracing or exporting, so an
-exported segment is the original computation. At the zoo models' width the per-step small ops
-are a visible share of a skipped cache step (docs/design.md, "Skipped-step overhead"); at
-FLUX or DiT-XL width they are not, and the pass changes little there.
+The pass finds, in each segment, the ops whose values depend on conditioning inputs (every call
+input except the latent, up to `max_key_numel` elements) and on nothing else but weights and
+constants, and moves them into submodules (`ConditioningMemo`), one per set of inputs they read:
+the rotary tables, keyed on the ids alone, hit on every call, while the timestep embedding,
+keyed on the timestep, hits once per distinct timestep. A memo is keyed on its inputs' bytes,
+dtypes, shapes and devices (so CFG rows with other timesteps, another prompt or a new schedule
+simply miss), and computes normally when tracing or exporting, so an exported segment is the
+original computation. At the zoo models' width these small per-step ops are a visible share
+of a skipped cache step (docs/design.md, "Skipped-step overhead"); at FLUX or DiT-XL width
+they are not, and the pass changes little there.
 
 Results are bitwise the original's: the same ops run on the same inputs, only less often.
 Weights are assumed frozen (inference): the memo is cleared by `.to()`/`.half()` and by
@@ -35,52 +39,55 @@ from torch import nn
 from ditopt.graph import DiTGraph
 from ditopt.registry import PassConfig, PassContext, PassResult, register_pass
 
-MEMO_MODULE = "timestep_memo"
+MEMO_MODULE = "conditioning_memo"
 
 # Ops that only move metadata or check it; they do not count towards `min_ops`.
 _NON_COMPUTE_OPS = {"getitem", "view", "reshape", "unsqueeze", "squeeze", "expand", "slice", "select", "t",
-             "transpose", "permute", "_assert_tensor_metadata", "to", "alias", "detach"}
+                    "transpose", "permute", "_assert_tensor_metadata", "to", "alias", "detach"}
 
 
-class TimestepMemoConfig(PassConfig):
-    min_ops: int = Field(4, ge=1, description="hoist a segment's timestep-only subgraph only when it has at least this many compute ops (views and checks not counted)")
-    max_entries: int = Field(1024, ge=1, description="distinct timestep tensors remembered per segment; the least recently used is dropped")
+class ConditioningMemoConfig(PassConfig):
+    min_ops: int = Field(4, ge=1, description="hoist a segment's conditioning-only ops only when they are at least this many compute ops (views and checks not counted)")
+    max_entries: int = Field(1024, ge=1, description="distinct input values remembered per memo; the least recently used is dropped")
+    max_key_numel: int = Field(1 << 16, ge=1, description="a call input is a memo key only up to this many elements (hashing a larger one, e.g. a full text encoding, costs more than it saves)")
 
 
-class TimestepMemo(nn.Module):
-    """`head(timestep)`, remembered per distinct timestep tensor."""
+class ConditioningMemo(nn.Module):
+    """`head(*keys, *values)`, remembered per distinct key tensors. The extra values are
+    results of memos on fewer keys (functions of these keys), so the keys decide the result."""
 
-    def __init__(self, head: fx.GraphModule, max_entries: int) -> None:
+    def __init__(self, head: fx.GraphModule, keys: tuple[str, ...], max_entries: int) -> None:
         super().__init__()
         self.head = head
+        self.keys = keys  # the call inputs this memo is keyed on (for reports and tests)
         self.max_entries = max_entries
         self._memo: OrderedDict[tuple, tuple[torch.Tensor, ...]] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
     def clear(self) -> None:
-        """Forget every remembered timestep (and zero the hit/miss counters)."""
+        """Forget every remembered value (and zero the hit/miss counters)."""
         self._memo.clear()
         self.hits = self.misses = 0
 
-    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "TimestepMemo":
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "ConditioningMemo":
         # .to()/.half()/.cuda(): remembered values have the old dtype/device.
         self.clear()
         return super()._apply(fn, *args, **kwargs)
 
-    def forward(self, timestep: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if _tracing() or (torch.is_grad_enabled() and any(p.requires_grad for p in self.head.parameters())):
             # An exported graph must compute the embedding; with trainable weights under
             # autograd a remembered tensor would carry the graph of an earlier call.
-            return tuple(self.head(timestep))
-        key = timestep_key(timestep)
+            return tuple(self.head(*inputs))
+        key = tuple(tensor_key(x) for x in inputs[: len(self.keys)])
         found = self._memo.get(key)
         if found is not None:
             self._memo.move_to_end(key)
             self.hits += 1
             return found
         self.misses += 1
-        values = tuple(self.head(timestep))
+        values = tuple(self.head(*inputs))
         self._memo[key] = values
         if len(self._memo) > self.max_entries:
             self._memo.popitem(last=False)
@@ -91,12 +98,14 @@ def _tracing() -> bool:
     return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
-def timestep_key(t: torch.Tensor) -> tuple:
-    """Exact identity of a timestep tensor: its bytes (read on the host, like the runtime's own
-    timestep read), dtype, shape and device."""
-    flat = t.detach().reshape(-1).contiguous().cpu()
-    raw = flat.view(torch.uint8) if flat.numel() else flat
-    return (str(t.dtype), tuple(t.shape), str(t.device), raw.numpy().tobytes() if flat.numel() else b"")
+def tensor_key(x: Any) -> tuple:
+    """Exact identity of an input: a tensor's bytes (read on the host, like the runtime's own
+    timestep read), dtype, shape and device; anything else as itself."""
+    if not isinstance(x, torch.Tensor):
+        return (type(x).__name__, x)
+    flat = x.detach().reshape(-1).contiguous().cpu()
+    raw = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+    return (str(x.dtype), tuple(x.shape), str(x.device), raw)
 
 
 def _op_name(node: fx.Node) -> str:
@@ -116,102 +125,165 @@ def _repeatable(node: fx.Node) -> bool:
     return target is operator.getitem
 
 
-def timestep_subgraph(gm: fx.GraphModule, timestep_index: int) -> tuple[fx.Node, list[fx.Node], list[fx.Node]]:
-    """(the timestep placeholder, hoisted nodes in graph order, frontier nodes): the call nodes
-    computed from the `timestep_index`-th placeholder, weights and constants only; the frontier
-    are those whose value is used outside that set."""
+def conditioning_subgraph(gm: fx.GraphModule, key_indices: set[int]) -> dict[frozenset[fx.Node], list[fx.Node]]:
+    """The call nodes computed from the placeholders at `key_indices`, weights and constants
+    only, grouped by the set of those placeholders each one reads (graph order within a group)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    t = placeholders[timestep_index]
-    free: set[fx.Node] = {t}  # depends on nothing but t, weights, constants
-    depends: set[fx.Node] = {t}  # depends on t
-    hoisted: list[fx.Node] = []
+    reads: dict[fx.Node, frozenset[fx.Node]] = {placeholders[i]: frozenset({placeholders[i]}) for i in key_indices}
+    groups: dict[frozenset[fx.Node], list[fx.Node]] = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr":
-            free.add(node)
+            reads[node] = frozenset()
         elif node.op == "call_function" and _repeatable(node):
             ins = node.all_input_nodes
-            if all(i in free for i in ins):
-                free.add(node)
-                if any(i in depends for i in ins):
-                    depends.add(node)
-                    hoisted.append(node)
-    inside = set(hoisted)
-    frontier = [n for n in hoisted if any(u not in inside for u in n.users)]
-    return t, hoisted, frontier
+            if all(i in reads for i in ins):
+                reads[node] = frozenset().union(*(reads[i] for i in ins))
+                if reads[node]:
+                    groups.setdefault(reads[node], []).append(node)
+    return groups
 
 
-def memoize_segment(gm: fx.GraphModule, timestep_index: int, config: TimestepMemoConfig) -> tuple[fx.GraphModule, int] | None:
-    """A copy of `gm` whose timestep-only subgraph runs through a `TimestepMemo`, and the number
-    of compute ops moved; None when there is nothing worth moving."""
-    t, hoisted, frontier = timestep_subgraph(gm, timestep_index)
-    compute = sum(1 for n in hoisted if _op_name(n) not in _NON_COMPUTE_OPS)
-    if compute < config.min_ops or not frontier:
+def _merge_private_groups(gm: fx.GraphModule, groups: dict[frozenset[fx.Node], list[fx.Node]]) -> dict[frozenset[fx.Node], list[fx.Node]]:
+    """Fold a group whose values only one other group reads into that group: diffusers' DiT
+    embeds the timestep and the class label apart and adds them; one memo on both inputs then
+    hits as often as the sum would, without two more lookups per call."""
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
+    groups = dict(groups)
+    while True:
+        group_of = {n: keys for keys, nodes in groups.items() for n in nodes}
+        for keys, nodes in groups.items():
+            readers = {group_of.get(u) for n in nodes for u in n.users if group_of.get(u) != keys}
+            if len(readers) == 1 and None not in readers:
+                (into,) = readers
+                groups[into] = sorted(groups[into] + nodes, key=position.__getitem__)
+                del groups[keys]
+                break
+        else:
+            return groups
+
+
+def memoize_segment(gm: fx.GraphModule, key_indices: set[int], config: ConditioningMemoConfig) -> tuple[fx.GraphModule, dict[str, int]] | None:
+    """A copy of `gm` whose conditioning-only ops run through `ConditioningMemo`s (one per set
+    of key inputs read), and the compute ops moved per memo (by its keys); None when there is
+    nothing worth moving."""
+    groups = _merge_private_groups(gm, conditioning_subgraph(gm, key_indices))
+    # A group's ops read values of groups on fewer keys (a strict subset): memos run in that order.
+    ordered = sorted(groups.items(), key=lambda kv: (len(kv[0]), min(n.name for n in kv[0])))
+    hoisted = [n for _, nodes in ordered for n in nodes]
+    compute = {keys: sum(1 for n in nodes if _op_name(n) not in _NON_COMPUTE_OPS) for keys, nodes in ordered}
+    if sum(compute.values()) < config.min_ops:
         return None
-    hoisted_names = {n.name for n in hoisted}
+    group_of = {n: keys for keys, nodes in ordered for n in nodes}
+    placeholder_order = [n for n in gm.graph.nodes if n.op == "placeholder"]
 
-    # The head: placeholder t, the hoisted nodes and the weights/constants they read.
-    head_graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {t: head_graph.placeholder("timestep")}
-    needed: set[fx.Node] = set(hoisted)
-    for node in reversed(list(gm.graph.nodes)):
-        if node in needed:
-            needed.update(i for i in node.all_input_nodes if i is not t)
-    for node in gm.graph.nodes:
-        if node in needed and node is not t:
-            env[node] = head_graph.node_copy(node, lambda n: env[n])
-    head_graph.output(tuple(env[n] for n in frontier))
-    head = fx.GraphModule(gm, head_graph)
-    head.graph.eliminate_dead_code()
-    head.recompile()
-
-    # The segment: one call of the memo, its outputs in place of the frontier values.
     new = fx.GraphModule(gm, copy.deepcopy(gm.graph))
     by_name = {n.name: n for n in new.graph.nodes}
-    new_t = by_name[t.name]
-    new.add_submodule(MEMO_MODULE, TimestepMemo(head, config.max_entries))
-    first = by_name[hoisted[0].name]
-    with new.graph.inserting_before(first):
-        memo = new.graph.call_module(MEMO_MODULE, (new_t,))
-        values = [new.graph.call_function(operator.getitem, (memo, i)) for i in range(len(frontier))]
-    # Shapes recorded at capture stay readable on the new nodes (export and span analysis read them).
-    memo.meta["val"] = tuple(n.meta.get("val") for n in frontier)
-    for node, value in zip(frontier, values):
-        value.meta.update({k: v for k, v in node.meta.items() if k in ("val", "tensor_meta")})
+    hoisted_new = {by_name[h.name] for h in hoisted}
+    # A memo goes right after the last of its key inputs (placeholders may sit between ops in
+    # an exported graph); memos after the same input keep their order. Every op of a group reads
+    # all its keys, and a memo on fewer keys never sits after one on more: inputs come first.
+    cursor: dict[fx.Node, fx.Node] = {}
+    replaced: dict[fx.Node, fx.Node] = {}  # old hoisted node -> its memo output in `new`
+    moved: dict[str, int] = {}
     output = next(n for n in new.graph.nodes if n.op == "output")
-    for node, value in zip(frontier, values):
-        old = by_name[node.name]
-        if old in output.all_input_nodes:
-            # A segment output must never be the remembered tensor itself: callers may write to it.
-            with new.graph.inserting_after(value):
-                copied = new.graph.call_function(torch.ops.aten.clone.default, (value,))
-            copied.meta.update(value.meta)
-            value = copied
-        old.replace_all_uses_with(value, delete_user_cb=lambda user: user.name not in hoisted_names)
-    for node in reversed(hoisted):
-        new.graph.erase_node(by_name[node.name])
+    for index, (keys, nodes) in enumerate(ordered):
+        inside = set(nodes)
+        frontier = [n for n in nodes if any(u not in inside for u in n.users)]
+        if not frontier:
+            continue
+        key_nodes = [p for p in placeholder_order if p in keys]
+        # Values from memos on fewer keys that this group reads.
+        extern = [i for n in nodes for i in n.all_input_nodes if i in group_of and group_of[i] != keys]
+        extern = list(dict.fromkeys(extern))
+
+        head_graph = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {p: head_graph.placeholder(p.name) for p in key_nodes}
+        env.update({e: head_graph.placeholder(e.name) for e in extern})
+        # The group's ops and the weights and weight-only ops they read.
+        needed = set(nodes)
+        for node in reversed(list(gm.graph.nodes)):
+            if node in needed:
+                needed.update(i for i in node.all_input_nodes if i not in env)
+        for node in gm.graph.nodes:
+            if node in needed and node not in env:
+                env[node] = head_graph.node_copy(node, lambda n: env[n])
+        head_graph.output(tuple(env[n] for n in frontier))
+        head = fx.GraphModule(gm, head_graph)
+        head.graph.eliminate_dead_code()
+        head.recompile()
+
+        name = MEMO_MODULE if index == 0 else f"{MEMO_MODULE}_{index}"
+        key_names = tuple(p.name for p in key_nodes)
+        new.add_submodule(name, ConditioningMemo(head, key_names, config.max_entries))
+        anchor = by_name[key_nodes[-1].name]
+        with new.graph.inserting_after(cursor.get(anchor, anchor)):
+            memo = new.graph.call_module(name, tuple(by_name[p.name] for p in key_nodes) + tuple(replaced[e] for e in extern))
+        last = memo
+        values = []
+        for i in range(len(frontier)):
+            with new.graph.inserting_after(last):
+                last = new.graph.call_function(operator.getitem, (memo, i))
+            values.append(last)
+        # Shapes recorded at capture stay readable on the new nodes (export and span analysis read them).
+        memo.meta["val"] = tuple(n.meta.get("val") for n in frontier)
+        for node, value in zip(frontier, values):
+            value.meta.update({k: v for k, v in node.meta.items() if k in ("val", "tensor_meta")})
+            replaced[node] = value
+            old = by_name[node.name]
+            if old in output.all_input_nodes:
+                # A segment output must never be the remembered tensor itself: callers may write to it.
+                with new.graph.inserting_after(last):
+                    copied = last = new.graph.call_function(torch.ops.aten.clone.default, (value,))
+                copied.meta.update(value.meta)
+                value = copied
+            old.replace_all_uses_with(value, delete_user_cb=lambda user: user not in hoisted_new)
+        cursor[anchor] = last
+        moved[",".join(key_names)] = compute[keys]
+    for node in reversed(list(new.graph.nodes)):
+        if node in hoisted_new:
+            new.graph.erase_node(node)
     new.graph.eliminate_dead_code()
     new.delete_all_unused_submodules()
     new.recompile()
-    return new, compute
+    return new, moved
 
 
-@register_pass("timestep_memo", TimestepMemoConfig, level="node")
-def timestep_memo(graph: DiTGraph, config: TimestepMemoConfig, ctx: PassContext) -> PassResult:
-    """Compute each segment's timestep-only subgraph once per distinct timestep (exact)."""
-    if graph.timestep_input is None:
-        return PassResult(graph, False, {"reason": "the model has no timestep input"})
-    moved: dict[str, int] = {}
+def memo_keys(graph: DiTGraph, config: ConditioningMemoConfig) -> set[str]:
+    """The call inputs a memo may be keyed on: the timestep, and, when the graph knows which
+    input is the latent, every other tensor input up to `max_key_numel` elements."""
+    keys = {graph.timestep_input} if graph.timestep_input else set()
+    if graph.latent_input is None:
+        return keys
+    sizes: dict[str, Any] = {}
     for seg in graph.segments:
-        if graph.timestep_input not in seg.inputs:
-            continue
-        result = memoize_segment(seg.module, seg.inputs.index(graph.timestep_input), config)
+        placeholders = [n for n in seg.module.graph.nodes if n.op == "placeholder"]
+        for name, node in zip(seg.inputs, placeholders):
+            if name in graph.signature.input_names:
+                sizes.setdefault(name, node.meta.get("val"))
+    for name, val in sizes.items():
+        if name != graph.latent_input and isinstance(val, torch.Tensor) and val.numel() <= config.max_key_numel:
+            keys.add(name)
+    return keys
+
+
+@register_pass("conditioning_memo", ConditioningMemoConfig, level="node")
+def conditioning_memo(graph: DiTGraph, config: ConditioningMemoConfig, ctx: PassContext) -> PassResult:
+    """Compute each segment's conditioning-only ops once per distinct conditioning (exact)."""
+    keys = memo_keys(graph, config)
+    if not keys:
+        return PassResult(graph, False, {"reason": "the model has no timestep or conditioning input"})
+    moved: dict[str, dict[str, int]] = {}
+    for seg in graph.segments:
+        indices = {i for i, name in enumerate(seg.inputs) if name in keys}
+        result = memoize_segment(seg.module, indices, config) if indices else None
         if result is None:
             continue
         module, ops = result
         graph = graph.with_segment(seg.replace_module(module))
         moved[seg.name] = ops
     if not moved:
-        return PassResult(graph, False, {"reason": f"no segment computes >= {config.min_ops} ops from the timestep alone"})
-    ops = sum(moved.values())
-    summary = f"{ops} timestep-only ops in {len(moved)} segments, computed once per distinct timestep (exact)"
-    return PassResult(graph, True, {"segments": moved, "ops_per_call": ops, "summary": summary})
+        return PassResult(graph, False, {"reason": f"no segment computes >= {config.min_ops} ops from {sorted(keys)} alone"})
+    total = sum(n for per in moved.values() for n in per.values())
+    memos = sum(len(per) for per in moved.values())
+    summary = f"{total} conditioning-only ops in {len(moved)} segments ({memos} memos), computed once per distinct input (exact)"
+    return PassResult(graph, True, {"keys": sorted(keys), "segments": moved, "ops_per_call": total, "summary": summary})

@@ -1,4 +1,4 @@
-"""Timestep memo: the timestep-only subgraph moves into a memo, outputs stay bitwise equal."""
+"""Conditioning memo: conditioning-only subgraphs move into memos, outputs stay bitwise equal."""
 
 from __future__ import annotations
 
@@ -8,17 +8,17 @@ from conftest import build_model, make_inputs
 from toy_models import AffineBlock, AffineDiT, toy_inputs
 
 import ditopt
-from ditopt.passes.timestep_memo import MEMO_MODULE, TimestepMemo
+from ditopt.passes.conditioning_memo import MEMO_MODULE, ConditioningMemo
 
-MEMO = {"name": "memo", "passes": [{"name": "timestep_memo"}]}
+MEMO = {"name": "memo", "passes": [{"name": "conditioning_memo"}]}
 
 
 def _ops(module: torch.fx.GraphModule) -> set[str]:
     return {str(n.target) for n in module.graph.nodes if n.op == "call_function"}
 
 
-def _memos(graph) -> list[TimestepMemo]:
-    return [m for seg in graph.segments for m in seg.module.modules() if isinstance(m, TimestepMemo)]
+def _memos(graph) -> list[ConditioningMemo]:
+    return [m for seg in graph.segments for m in seg.module.modules() if isinstance(m, ConditioningMemo)]
 
 
 def _timestep_key(kwargs: dict) -> str:
@@ -35,8 +35,9 @@ def _first(out) -> torch.Tensor:
 
 
 def test_graph_before_and_after_on_diffusers_dit():
-    """diffusers' DiT embeds the timestep in every block (AdaLayerNormZero) and again in the
-    final layer: the sinusoid and MLP leave those segments for the memo's head."""
+    """diffusers' DiT embeds the timestep and the class label in every block (AdaLayerNormZero)
+    and again in the final layer: the sinusoid, MLP, class embedding and the block's
+    shift/scale/gate linear leave those segments for one memo keyed on both inputs."""
     model = build_model("dit")
     kwargs = make_inputs("dit", model)
     before = ditopt.capture(model, kwargs)
@@ -44,17 +45,47 @@ def test_graph_before_and_after_on_diffusers_dit():
     after = optimized.programs[0]
     record = optimized.report.passes[0]
     assert record.applied and record.verification["passed"]
+    assert record.report["keys"] == ["class_labels", "timestep"]  # never the latent
     assert set(record.report["segments"]) == {"block.0", "block.1", "epilogue"}
-    assert f"{record.report['ops_per_call']} timestep-only ops in 3 segments" in record.report["summary"]
+    assert f"{record.report['ops_per_call']} conditioning-only ops in 3 segments (3 memos)" in record.report["summary"]
+    moved = {"aten.sin.default", "aten.cos.default", "aten.silu.default", "aten.embedding.default", "aten.linear.default"}
     for name in record.report["segments"]:
         old, new = before.segment(name).module, after.segment(name).module
-        assert "aten.sin.default" in _ops(old) and "aten.sin.default" not in _ops(new)
-        head = getattr(new, MEMO_MODULE).head
-        assert {"aten.sin.default", "aten.cos.default", "aten.silu.default"} <= _ops(head)
-        # What reads the class label (and the hidden states) stays in the segment.
-        assert "aten.embedding.default" in _ops(new) and "aten.embedding.default" not in _ops(head)
-    # The prologue (patch embedding) does not read the timestep and is left alone.
+        memo = getattr(new, MEMO_MODULE)
+        assert memo.keys == ("timestep", "class_labels") or memo.keys == ("class_labels", "timestep")
+        assert moved <= _ops(old) and moved <= _ops(memo.head)
+        assert not {"aten.sin.default", "aten.embedding.default"} & _ops(new)
+        # What reads the hidden states (the modulated norm, attention, FFN) stays in the segment.
+        assert "aten.layer_norm.default" in _ops(new) and "aten.layer_norm.default" not in _ops(memo.head)
+    # The prologue (patch embedding) reads only the latent and is left alone.
     assert after.prologue.module.code == before.prologue.module.code
+
+
+def test_flux_rotary_tables_are_keyed_on_the_ids_alone():
+    """FLUX rebuilds its rotary tables from the position ids every call; that memo is keyed on
+    the ids only, so it hits at every new timestep while the timestep embedding's memo misses.
+    An input over `max_key_numel` is never a key: what reads it stays live."""
+    model = build_model("flux")
+    kwargs = make_inputs("flux", model)
+    optimized = ditopt.optimize(model, MEMO, example_inputs=kwargs)
+    memos = {m.keys: m for m in _memos(optimized.programs[0])}
+    ids = next(k for k in memos if "timestep" not in k and set(k) <= {"img_ids", "txt_ids"})
+    timed = next(k for k in memos if "timestep" in k)
+    assert {"aten.cos.default", "aten.sin.default"} <= _ops(memos[ids].head)
+    assert not any("hidden_states" in k for k in memos)
+    for m in memos.values():
+        m.clear()
+    with torch.no_grad():
+        for t in (900.0, 500.0, 20.0):
+            call = _with_timestep(kwargs, torch.full_like(kwargs["timestep"], t))
+            torch.testing.assert_close(_first(optimized(**call)), _first(model(**call)), rtol=1e-4, atol=1e-5)
+    assert (memos[ids].misses, memos[ids].hits) == (1, 2)
+    assert (memos[timed].misses, memos[timed].hits) == (3, 0)
+
+    small = {"name": "memo", "passes": [{"name": "conditioning_memo", "max_key_numel": kwargs["encoder_hidden_states"].numel() - 1}]}
+    limited = ditopt.optimize(model, small, example_inputs=kwargs)
+    assert "encoder_hidden_states" not in limited.report.passes[0].report["keys"]
+    assert not any("encoder_hidden_states" in m.keys for m in _memos(limited.programs[0]))
 
 
 @pytest.mark.parametrize("arch", ["dit", "pixart", "sd3", "flux", "wan", "plain"])
@@ -80,7 +111,10 @@ def test_outputs_bitwise_equal_to_the_captured_graph_across_generations(arch):
                 for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want), strict=True):
                     assert torch.equal(a, b)
                 torch.testing.assert_close(_first(got), _first(model(**call)), rtol=1e-4, atol=1e-5)
-    assert memos and all(m.misses == 3 and m.hits == 3 for m in memos)
+    assert memos
+    for m in memos:  # a memo on the timestep misses once per timestep; others once in all
+        expected = (3, 3) if any(k in m.keys for k in ("timestep", "t")) else (1, 5)
+        assert (m.misses, m.hits) == expected, (m.keys, m.misses, m.hits)
 
 
 def test_rows_with_other_timesteps_miss_instead_of_reusing():
@@ -96,17 +130,17 @@ def test_rows_with_other_timesteps_miss_instead_of_reusing():
         for rows in ([10, 700], [700, 10], [10, 700]):
             call = _with_timestep(kwargs, torch.tensor(rows))
             assert torch.equal(_first(memo(**call)), _first(plain(**call)))
-    assert all(m.misses == 2 for m in _memos(memo.programs[0]))
+    assert all(m.misses == 2 for m in _memos(memo.programs[0]) if "timestep" in m.keys)
 
 
-def test_does_not_fire_without_a_timestep_only_computation():
-    """The toy DiT uses the raw timestep (t * w): no op depends on the timestep alone, so there
-    is nothing to remember and the graph is returned unchanged."""
+def test_does_not_fire_without_a_conditioning_only_computation():
+    """The toy DiT uses the raw timestep (t * w): no op depends on the conditioning alone, so
+    there is nothing to remember and the graph is returned unchanged."""
     model = AffineDiT().eval()
     optimized = ditopt.optimize(model, MEMO, example_inputs=toy_inputs())
     record = optimized.report.passes[0]
     assert not record.modified
-    assert "no segment computes >= 4 ops from the timestep alone" in record.report["reason"]
+    assert "no segment computes >= 4 ops from ['timestep'] alone" in record.report["reason"]
     assert not _memos(optimized.programs[0])
 
 
@@ -134,7 +168,7 @@ class NoisyEmbeddingDiT(torch.nn.Module):
 def test_random_ops_are_never_remembered():
     model = NoisyEmbeddingDiT().eval()
     kwargs = toy_inputs()
-    optimized = ditopt.optimize(model, {"name": "memo", "budget": {"max_rel_err": 1.0}, "passes": [{"name": "timestep_memo"}]},
+    optimized = ditopt.optimize(model, {"name": "memo", "budget": {"max_rel_err": 1.0}, "passes": [{"name": "conditioning_memo"}]},
                                 example_inputs=kwargs)
     graph = optimized.programs[0]
     memos = _memos(graph)

@@ -23,7 +23,7 @@ bundle, model, _, _ = setup(name)
 inputs = bundle.make_inputs(4)
 graphs = {
     "captured": ditopt.optimize(model, "identity", example_inputs=inputs).programs[0],
-    "memo": ditopt.optimize(model, {"name": "m", "passes": [{"name": "timestep_memo"}]}, example_inputs=inputs).programs[0],
+    "memo": ditopt.optimize(model, {"name": "m", "passes": [{"name": "conditioning_memo"}]}, example_inputs=inputs).programs[0],
 }
 scheduler = bundle.make_scheduler()
 scheduler.set_timesteps(bundle.default_steps)

@@ -378,7 +378,7 @@ def _budget_profile(min_psnr_db: float) -> dict:
     was asked for, and each lands 1-3 dB above it (held-out gate), so the grid is dense enough to
     put a ditopt point just above each peer's PSNR."""
     return {"name": f"schedule-{min_psnr_db:g}dB", "budget": {"min_psnr_db": min_psnr_db, "max_rel_err": 1e-4},
-            "passes": [{"name": "calibrated_schedule", "order": "auto"}, {"name": "timestep_memo"}]}
+            "passes": [{"name": "calibrated_schedule", "order": "auto"}, {"name": "conditioning_memo"}]}
 
 
 def _attention_profile(name: str, attention: dict, budget_db: float | None = None, forced: bool = True) -> dict:
@@ -392,7 +392,7 @@ def _attention_profile(name: str, attention: dict, budget_db: float | None = Non
     passes = [{"min_mass": 0.0, "max_cost": None, **attention} if forced else dict(attention)]
     budget: dict[str, Any] = {"max_rel_err": 1.0}
     if budget_db is not None:
-        passes += [{"name": "calibrated_schedule", "order": "auto"}, {"name": "timestep_memo"}]
+        passes += [{"name": "calibrated_schedule", "order": "auto"}, {"name": "conditioning_memo"}]
         budget["min_psnr_db"] = budget_db
     return {"name": name, "budget": budget, "passes": passes}
 
@@ -438,8 +438,8 @@ def _specs() -> dict[str, dict[str, Any]]:
         "ditopt-budget": {"family": "ditopt calibrated_schedule at a PSNR budget", "provider": "ditopt",
                           "build": _build_ditopt,
                           "settings": [S(f"{db:g} dB", profile=_budget_profile(db)) for db in (50.0, 48.0, 47.0, 45.0, 42.0, 41.0, 40.0, 37.5, 32.5, 27.5)]},
-        "ditopt-memo": {"family": "ditopt timestep_memo", "provider": "ditopt", "build": _build_ditopt,
-                        "settings": [S("exact", exact=True, profile={"name": "timestep-memo", "passes": [{"name": "timestep_memo"}]})]},
+        "ditopt-memo": {"family": "ditopt conditioning_memo", "provider": "ditopt", "build": _build_ditopt,
+                        "settings": [S("exact", exact=True, profile={"name": "conditioning-memo", "passes": [{"name": "conditioning_memo"}]})]},
         "ditopt-taylor": {"family": "ditopt taylor_forecast", "provider": "ditopt", "build": _build_ditopt,
                           "settings": [S("o2,N=2", profile=_taylor_profile(2, 2, 3)),
                                        S("o2,N=3", profile=_taylor_profile(2, 3, 3)),
