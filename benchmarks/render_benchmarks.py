@@ -48,7 +48,7 @@ How each number is measured (ditopt/bench/runner.py, ditopt/bench/measure.py):
   rows of the same table).
 - **Effect check**: every peer runs on its own `copy.deepcopy` of the model. A setting whose
   MACs per sample do not drop below the reference is marked **no effect** and kept in the table.
-  A setting declared exact (ditopt's `timestep_memo` row) is marked **exact** when its samples
+  A setting declared exact (ditopt's `conditioning_memo` and `patch_layout` rows) is marked **exact** when its samples
   equal the reference's bit for bit (**failed** otherwise); it is timed, not on the Pareto curve.
 """
 
@@ -99,10 +99,11 @@ def _targets(name: str, model: dict) -> list[str]:
             ffd_d = (q["ffd"] - bq["ffd"]) / bq["ffd"] if bq.get("ffd") else float("nan")
             out.append(f"- `balanced` class accuracy {q['class_accuracy']:.3f} vs baseline {bq['class_accuracy']:.3f} "
                        f"({acc_d:+.3f}); FFD {q['ffd']:.1f} vs {bq['ffd']:.1f} ({ffd_d:+.1%}) (target: within 2%)")
-    memo = rows.get(("ditopt-memo", "exact"))
-    if memo and memo.get("speedup") is not None:
-        out.append(f"- `timestep_memo` alone (in the presets and budget rows): {memo['speedup']:.2f}x, "
-                   f"status **{memo['status']}** ({memo.get('reason')}); the realized / MAC ratios below include it")
+    for method, name in (("ditopt-memo", "conditioning_memo"), ("ditopt-layout", "patch_layout")):
+        row = rows.get((method, "exact"))
+        if row and row.get("speedup") is not None:
+            out.append(f"- `{name}` alone (exact; in the presets and budget rows): {row['speedup']:.2f}x, "
+                       f"status **{row['status']}** ({row.get('reason')}); the realized / MAC ratios below include it")
     realized = []
     for r in _ok_rows(model):
         if r["provider"] == "ditopt" and r["family"] in CACHING_FAMILIES and r.get("mac_ratio"):

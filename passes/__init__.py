@@ -4,3 +4,4 @@ the core finds this package through the `ditopt.plugins` entry point."""
 from ditopt.passes import caching  # noqa: F401
 from ditopt.passes import attention  # noqa: F401
 from ditopt.passes import conditioning_memo  # noqa: F401
+from ditopt.passes import patch_layout  # noqa: F401

@@ -146,7 +146,7 @@ def test_a_missed_gate_is_marked_in_the_table_and_notes(quick_run):
 def test_settings_expand():
     full = settings_for(list(METHODS))
     assert full[0].method == "baseline"
-    exact = {"baseline", "ditopt-memo"}  # no quality trade-off to sweep
+    exact = {"baseline", "ditopt-memo", "ditopt-layout"}  # no quality trade-off to sweep
     for m in METHODS:
         n = sum(1 for s in full if s.method == m)
         assert n >= (1 if m in exact else 3), m

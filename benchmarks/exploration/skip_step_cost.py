@@ -1,7 +1,8 @@
 """Where a cached generation's time goes, by wall clock: each forward call of the optimized model
 is timed and filed as computed or skipped (the runtime's record says which), the rest of the
 generation is the sampler. The fixed schedule (computed step indices) is given, with the fitted
-forecast, with and without `timestep_memo`; the eager model is timed in the same rounds.
+forecast, alone, with `conditioning_memo` and with `patch_layout` too; the eager model is timed
+in the same rounds.
 4 samples (CFG batch 8) per generation, 1 warm-up then 7 rounds round-robin; medians.
 
     python benchmarks/exploration/skip_step_cost.py dit-digits 0,1,7,12,18,23,29,34,40,45
@@ -22,7 +23,9 @@ name, steps = sys.argv[1], tuple(int(s) for s in sys.argv[2].split(","))
 bundle, model, calibration, _ = setup(name)
 schedule = {"name": "calibrated_schedule", "compute_steps": steps, "forecast": "fitted", "order": 1}
 plain = ditopt.optimize(model, {"name": "s", "passes": [schedule]}, example_inputs=bundle.make_inputs(4), calibration=calibration)
-memo = ditopt.optimize(model, {"name": "s+m", "passes": [schedule, {"name": "timestep_memo"}]},
+memo = ditopt.optimize(model, {"name": "s+m", "passes": [schedule, {"name": "conditioning_memo"}]},
+                       example_inputs=bundle.make_inputs(4), calibration=calibration, stats=plain.stats)
+laid = ditopt.optimize(model, {"name": "s+m+l", "passes": [schedule, {"name": "conditioning_memo"}, {"name": "patch_layout"}]},
                        example_inputs=bundle.make_inputs(4), calibration=calibration, stats=plain.stats)
 
 
@@ -42,7 +45,7 @@ class Timed(torch.nn.Module):
 
 
 classes, seeds = [i % 10 for i in range(4)], [500 + i for i in range(4)]
-runs = {"eager": Timed(model), "schedule": Timed(plain), "schedule+memo": Timed(memo)}
+runs = {"eager": Timed(model), "schedule": Timed(plain), "schedule+memo": Timed(memo), "schedule+memo+layout": Timed(laid)}
 macs = {}
 for key, timed in runs.items():
     bundle.sample(classes, seeds, model=timed)  # warm-up: captures this call shape, fills the memo
@@ -64,7 +67,7 @@ eager_call = statistics.median(r[1] / r[3] for r in rows["eager"])
 print(f"{name}: compute steps {list(steps)} of {rows['eager'][0][3]}, fitted forecast, "
       f"{torch.get_num_threads()} threads, 7 rounds; medians per generation of 4 samples")
 print(f"eager: {eager_total * 1e3:.1f} ms per generation, {eager_call * 1e3:.2f} ms per call")
-for key in ("schedule", "schedule+memo"):
+for key in ("schedule", "schedule+memo", "schedule+memo+layout"):
     total = statistics.median(r[0] for r in rows[key])
     n_c, n_s = rows[key][0][3], rows[key][0][4]
     per_c = statistics.median(r[1] / r[3] for r in rows[key])

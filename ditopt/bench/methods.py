@@ -372,18 +372,24 @@ def _residual_profile(interval: int, warmup: int, order: int) -> dict:
         {"name": "residual_cache", "interval": interval, "warmup": warmup, "order": order}]}
 
 
+# The exact passes the presets run after the schedule (they change no value, only what is recomputed
+# and how tokens sit in memory); the budget and attention rows run them too, so every ditopt
+# caching row is the same stack at another budget.
+_EXACT_PASSES = ({"name": "conditioning_memo"}, {"name": "patch_layout"})
+
+
 def _budget_profile(min_psnr_db: float) -> dict:
     """The calibrated schedule at a user-stated PSNR budget (what the presets are, at other budgets):
     ditopt's curve between the presets and above ``lossless``. Points exist only where a budget
     was asked for, and each lands 1-3 dB above it (held-out gate), so the grid is dense enough to
     put a ditopt point just above each peer's PSNR."""
     return {"name": f"schedule-{min_psnr_db:g}dB", "budget": {"min_psnr_db": min_psnr_db, "max_rel_err": 1e-4},
-            "passes": [{"name": "calibrated_schedule", "order": "auto"}, {"name": "conditioning_memo"}]}
+            "passes": [{"name": "calibrated_schedule", "order": "auto"}, *_EXACT_PASSES]}
 
 
 def _attention_profile(name: str, attention: dict, budget_db: float | None = None, forced: bool = True) -> dict:
     """Attention substitution, optionally composed with the calibrated cache schedule at a PSNR
-    budget (and the timestep memo, as the presets are). ``forced``: on every layer (min_mass 0,
+    budget (and the exact passes, as the presets are). ``forced``: on every layer (min_mass 0,
     cost guard off: the zoo models' attention is broad and their 16-token blocks make PISA cost
     more than dense, so the calibrated choice
     substitutes nothing; this shows the quality each pattern costs). Otherwise the pass decides
@@ -392,7 +398,7 @@ def _attention_profile(name: str, attention: dict, budget_db: float | None = Non
     passes = [{"min_mass": 0.0, "max_cost": None, **attention} if forced else dict(attention)]
     budget: dict[str, Any] = {"max_rel_err": 1.0}
     if budget_db is not None:
-        passes += [{"name": "calibrated_schedule", "order": "auto"}, {"name": "conditioning_memo"}]
+        passes += [{"name": "calibrated_schedule", "order": "auto"}, *_EXACT_PASSES]
         budget["min_psnr_db"] = budget_db
     return {"name": name, "budget": budget, "passes": passes}
 
@@ -440,6 +446,8 @@ def _specs() -> dict[str, dict[str, Any]]:
                           "settings": [S(f"{db:g} dB", profile=_budget_profile(db)) for db in (50.0, 48.0, 47.0, 45.0, 42.0, 41.0, 40.0, 37.5, 32.5, 27.5)]},
         "ditopt-memo": {"family": "ditopt conditioning_memo", "provider": "ditopt", "build": _build_ditopt,
                         "settings": [S("exact", exact=True, profile={"name": "conditioning-memo", "passes": [{"name": "conditioning_memo"}]})]},
+        "ditopt-layout": {"family": "ditopt patch_layout", "provider": "ditopt", "build": _build_ditopt,
+                          "settings": [S("exact", exact=True, profile={"name": "patch-layout", "passes": [{"name": "patch_layout"}]})]},
         "ditopt-taylor": {"family": "ditopt taylor_forecast", "provider": "ditopt", "build": _build_ditopt,
                           "settings": [S("o2,N=2", profile=_taylor_profile(2, 2, 3)),
                                        S("o2,N=3", profile=_taylor_profile(2, 3, 3)),
