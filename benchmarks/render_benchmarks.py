@@ -102,6 +102,12 @@ def _targets(name: str, model: dict) -> list[str]:
     for method, name in (("ditopt-memo", "conditioning_memo"), ("ditopt-layout", "patch_layout")):
         row = rows.get((method, "exact"))
         if row and row.get("speedup") is not None:
+            passes = (row.get("info") or {}).get("passes") or [{}]
+            if passes[0].get("modified") is False:
+                why = (passes[0].get("search") or {}).get("reason", "no change")
+                out.append(f"- `{name}` does not fire on this model ({why}): its row, {row['speedup']:.2f}x, is the "
+                           f"captured program unchanged against the eager model")
+                continue
             out.append(f"- `{name}` alone (exact; in the presets and budget rows): {row['speedup']:.2f}x, "
                        f"status **{row['status']}** ({row.get('reason')}); the realized / MAC ratios below include it")
     realized = []

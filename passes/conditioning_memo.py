@@ -180,8 +180,9 @@ def memoize_segment(gm: fx.GraphModule, key_indices: set[int], config: Condition
     by_name = {n.name: n for n in new.graph.nodes}
     hoisted_new = {by_name[h.name] for h in hoisted}
     # A memo goes right after the last of its key inputs (placeholders may sit between ops in
-    # an exported graph); memos after the same input keep their order. Every op of a group reads
-    # all its keys, and a memo on fewer keys never sits after one on more: inputs come first.
+    # an exported graph), memos after the same input in `ordered` order. What reads a memo's
+    # values reads all its keys, so it comes later; the memos it reads are on a subset of its
+    # keys, so they sit no later.
     cursor: dict[fx.Node, fx.Node] = {}
     replaced: dict[fx.Node, fx.Node] = {}  # old hoisted node -> its memo output in `new`
     moved: dict[str, int] = {}

@@ -1,11 +1,13 @@
-"""What the timestep memo saves per segment call: the captured graph with and without the
-`timestep_memo` pass, each segment timed on its own over the model's 50 (or 28) sampling
+"""What the conditioning memo saves per segment call: the captured graph with and without the
+`conditioning_memo` pass (named `timestep_memo`, timestep-only, when the 2026-11-24 log was
+taken), each segment timed on its own over the model's 50 (or 28) sampling
 timesteps, 6 rounds after a warm round that fills the memo, alternating the two graphs; median
 per segment. Also checks both give bitwise-equal segment outputs.
 
-    python benchmarks/exploration/timestep_memo_segments.py dit-digits
+    python benchmarks/exploration/conditioning_memo_segments.py dit-digits
 
-Output: benchmarks/results/exploration/timestep_memo_segments_MODEL.log (stdout, as run).
+Output: benchmarks/results/exploration/conditioning_memo_segments_MODEL.log (stdout, as run;
+timestep_memo_segments_dit-digits.log is the timestep-only pass's).
 """
 import statistics
 import sys

@@ -16,7 +16,7 @@ Phases per model (all settings of a phase run before the next phase starts):
    Reported: median seconds per sample.
 
 A peer setting whose MACs do not drop below the reference is marked ``no effect``. A setting
-declared exact (``exact=True``: the timestep memo) is marked ``exact`` when its samples equal
+declared exact (``exact=True``: the conditioning memo, the patch layout) is marked ``exact`` when its samples equal
 the reference's bit for bit, ``failed`` otherwise; it is timed but not on the Pareto curve.
 """
 
