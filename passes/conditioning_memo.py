@@ -49,6 +49,7 @@ _NON_COMPUTE_OPS = {"getitem", "view", "reshape", "unsqueeze", "squeeze", "expan
 class ConditioningMemoConfig(PassConfig):
     min_ops: int = Field(4, ge=1, description="hoist a segment's conditioning-only ops only when they are at least this many compute ops (views and checks not counted)")
     max_entries: int = Field(1024, ge=1, description="distinct input values remembered per memo; the least recently used is dropped")
+    max_bytes: int = Field(64 << 20, ge=0, description="bytes (keys + remembered outputs) one memo may hold; the least recently used entries are dropped beyond it (a server that sees a new prompt per request must not grow)")
     max_key_numel: int = Field(1 << 16, ge=1, description="a call input is a memo key only up to this many elements (hashing a larger one, e.g. a full text encoding, costs more than it saves)")
 
 
@@ -56,19 +57,23 @@ class ConditioningMemo(nn.Module):
     """`head(*keys, *values)`, remembered per distinct key tensors. The extra values are
     results of memos on fewer keys (functions of these keys), so the keys decide the result."""
 
-    def __init__(self, head: fx.GraphModule, keys: tuple[str, ...], max_entries: int) -> None:
+    def __init__(self, head: fx.GraphModule, keys: tuple[str, ...], max_entries: int, max_bytes: int = 64 << 20) -> None:
         super().__init__()
         self.head = head
         self.keys = keys  # the call inputs this memo is keyed on (for reports and tests)
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
         self._memo: OrderedDict[tuple, tuple[torch.Tensor, ...]] = OrderedDict()
+        self._sizes: dict[tuple, int] = {}
+        self.nbytes = 0  # keys + remembered outputs now held
         self.hits = 0
         self.misses = 0
 
     def clear(self) -> None:
         """Forget every remembered value (and zero the hit/miss counters)."""
         self._memo.clear()
-        self.hits = self.misses = 0
+        self._sizes.clear()
+        self.hits = self.misses = self.nbytes = 0
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "ConditioningMemo":
         # .to()/.half()/.cuda(): remembered values have the old dtype/device.
@@ -88,9 +93,15 @@ class ConditioningMemo(nn.Module):
             return found
         self.misses += 1
         values = tuple(self.head(*inputs))
-        self._memo[key] = values
-        if len(self._memo) > self.max_entries:
-            self._memo.popitem(last=False)
+        size = sum(len(k[-1]) for k in key if isinstance(k[-1], bytes))
+        size += sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor))
+        if size > self.max_bytes:
+            return values  # too big to keep at all
+        self._memo[key], self._sizes[key] = values, size
+        self.nbytes += size
+        while len(self._memo) > self.max_entries or self.nbytes > self.max_bytes:
+            old, _ = self._memo.popitem(last=False)
+            self.nbytes -= self._sizes.pop(old)
         return values
 
 
@@ -215,7 +226,7 @@ def memoize_segment(gm: fx.GraphModule, key_indices: set[int], config: Condition
 
         name = MEMO_MODULE if index == 0 else f"{MEMO_MODULE}_{index}"
         key_names = tuple(p.name for p in key_nodes)
-        new.add_submodule(name, ConditioningMemo(head, key_names, config.max_entries))
+        new.add_submodule(name, ConditioningMemo(head, key_names, config.max_entries, config.max_bytes))
         anchor = by_name[key_nodes[-1].name]
         with new.graph.inserting_after(cursor.get(anchor, anchor)):
             memo = new.graph.call_module(name, tuple(by_name[p.name] for p in key_nodes) + tuple(replaced[e] for e in extern))

@@ -219,3 +219,26 @@ def test_exported_segments_compute_the_embedding(tmp_path):
         with torch.no_grad():
             ref = model(**call)[0]
         torch.testing.assert_close(runner(**call)[0], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_memory_stays_within_max_bytes_when_every_call_brings_a_new_prompt():
+    """A server sees a new prompt per request: the memo keyed on the text must drop old entries
+    to stay within `max_bytes` instead of growing to `max_entries`, and stay exact."""
+    model = build_model("flux")
+    kwargs = make_inputs("flux", model)
+    probe = ditopt.optimize(model, MEMO, example_inputs=kwargs)
+    text = next(m for m in _memos(probe.programs[0]) if m.keys == ("encoder_hidden_states",))
+    entry = text.nbytes // max(len(text._memo), 1)  # filled by optimize's verification calls
+    assert entry > 0
+    budget = 2 * entry + entry // 2  # room for two prompts' entries
+    optimized = ditopt.optimize(model, {"name": "memo", "passes": [{"name": "conditioning_memo", "max_bytes": budget}]},
+                                example_inputs=kwargs)
+    memos = _memos(optimized.programs[0])
+    text = next(m for m in memos if m.keys == ("encoder_hidden_states",))
+    with torch.no_grad():
+        for seed in range(6):
+            prompt = torch.randn(kwargs["encoder_hidden_states"].shape, generator=torch.Generator().manual_seed(seed))
+            call = {**kwargs, "encoder_hidden_states": prompt}
+            torch.testing.assert_close(_first(optimized(**call)), _first(model(**call)), rtol=1e-4, atol=1e-5)
+            assert all(m.nbytes <= budget for m in memos)
+    assert len(text._memo) == 2 and text.misses >= 6
