@@ -27,6 +27,7 @@ Weights are assumed frozen (inference): the memo is cleared by `.to()`/`.half()`
 from __future__ import annotations
 
 import copy
+import math
 import operator
 from collections import OrderedDict
 from typing import Any
@@ -57,7 +58,7 @@ class ConditioningMemo(nn.Module):
     """`head(*keys, *values)`, remembered per distinct key tensors. The extra values are
     results of memos on fewer keys (functions of these keys), so the keys decide the result."""
 
-    def __init__(self, head: fx.GraphModule, keys: tuple[str, ...], max_entries: int, max_bytes: int = 64 << 20) -> None:
+    def __init__(self, head: fx.GraphModule, keys: tuple[str, ...], max_entries: int, max_bytes: int) -> None:
         super().__init__()
         self.head = head
         self.keys = keys  # the call inputs this memo is keyed on (for reports and tests)
@@ -85,7 +86,7 @@ class ConditioningMemo(nn.Module):
             # An exported graph must compute the embedding; with trainable weights under
             # autograd a remembered tensor would carry the graph of an earlier call.
             return tuple(self.head(*inputs))
-        key = tuple(tensor_key(x) for x in inputs[: len(self.keys)])
+        key = tuple(value_key(x) for x in inputs[: len(self.keys)])
         found = self._memo.get(key)
         if found is not None:
             self._memo.move_to_end(key)
@@ -109,9 +110,10 @@ def _tracing() -> bool:
     return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
-def tensor_key(x: Any) -> tuple:
-    """Exact identity of an input: a tensor's bytes (read on the host, like the runtime's own
-    timestep read), dtype, shape and device; anything else as itself."""
+def value_key(x: Any) -> tuple:
+    """Exact identity of an input's value (ditopt.graph.tensor_key is only its shape): a
+    tensor's bytes (read on the host, like the runtime's own timestep read), dtype, shape and
+    device; anything else as itself."""
     if not isinstance(x, torch.Tensor):
         return (type(x).__name__, x)
     flat = x.detach().reshape(-1).contiguous().cpu()
@@ -266,14 +268,9 @@ def memo_keys(graph: DiTGraph, config: ConditioningMemoConfig) -> set[str]:
     keys = {graph.timestep_input} if graph.timestep_input else set()
     if graph.latent_input is None:
         return keys
-    sizes: dict[str, Any] = {}
-    for seg in graph.segments:
-        placeholders = [n for n in seg.module.graph.nodes if n.op == "placeholder"]
-        for name, node in zip(seg.inputs, placeholders):
-            if name in graph.signature.input_names:
-                sizes.setdefault(name, node.meta.get("val"))
-    for name, val in sizes.items():
-        if name != graph.latent_input and isinstance(val, torch.Tensor) and val.numel() <= config.max_key_numel:
+    # The capture's call key has each input leaf's shape (ditopt.graph.tensor_key), in input order.
+    for name, leaf in zip(graph.signature.input_names, graph.signature.key[1]):
+        if name != graph.latent_input and leaf[0] == "tensor" and math.prod(leaf[1]) <= config.max_key_numel:
             keys.add(name)
     return keys
 
