@@ -315,3 +315,13 @@ def tensor_key(leaf: Any) -> tuple:
     if isinstance(leaf, torch.Tensor):
         return ("tensor", tuple(leaf.shape), str(leaf.dtype), leaf.device.type)
     return ("const", repr(leaf))
+
+
+def latent_halves_equal(graph: DiTGraph, env: dict[str, Any]) -> bool:
+    """Whether a call is batched CFG as pipelines build it: the two halves of the latent input's
+    rows hold the same values (``torch.cat([latents] * 2)``)."""
+    latent = env.get(graph.latent_input) if graph.latent_input else None
+    if not isinstance(latent, torch.Tensor) or latent.dim() == 0 or latent.shape[0] % 2:
+        return False
+    rows = latent.shape[0] // 2
+    return torch.equal(latent[:rows], latent[rows:])

@@ -28,6 +28,10 @@ class StepContext:
     state: dict[str, Any]  # this branch's state, shared by the stages; cleared per generation
     num_steps: int | None = None  # steps the plan was calibrated for, when known
     record: dict[str, Any] = field(default_factory=dict)  # what this call did (computed blocks, ...)
+    # The program for the second half of this call's batch rows (with batched CFG: the
+    # conditional rows), captured on first use, or why there is none (str); None where the
+    # runtime offers none.
+    second_half: Callable[[], "DiTGraph | str"] | None = field(default=None, repr=False)
 
 
 class Stage:
@@ -44,6 +48,10 @@ class Stage:
     def describe(self) -> dict[str, Any]:
         """JSON description for reports and export manifests."""
         return {"kind": self.kind, "segments": list(self.segment_names())}
+
+    def uses_second_half(self) -> bool:
+        """Whether some steps run the half-batch program (`StepContext.second_half`)."""
+        return False
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ steps. How calls map to steps (documented in docs/design.md):
   generation and clears all state. `reset()` (or `with model.generation():`) starts one
   explicitly. Models without a timestep input count every call as a step; a generation then
   ends after the calibrated number of steps, or at `reset()`.
+* With CFG batched into one call, a cached span may compute only the second half of the rows
+  on some steps (`second_half_program`, captured on first use) and rebuild the first half.
 * Blocks with early-step variants (`ditopt.plan.EarlySteps`, e.g. attention substitution's
   `dense_steps`) run those variants on the first steps of every generation (`DiTGraph.at_step`).
 
@@ -105,6 +107,7 @@ class OptimizedDiT(nn.Module):
         # They share parameter tensors with the original model (no copy); rewrites make new ones.
         self.segment_modules = nn.ModuleDict()
         self._program_ids: dict[tuple, str] = {}
+        self._halves: dict[tuple, tuple[int | None] | str] = {}  # call key -> how to halve it, or why it cannot be
         self._next_id = 0
         self._max_programs = max_programs
         self.tracker = StepTracker(num_steps)
@@ -160,6 +163,51 @@ class OptimizedDiT(nn.Module):
             self._remember(key, graph)
         return graph
 
+    def prepare(self, *args: Any, **kwargs: Any) -> None:
+        """Capture now every program a call like this one will run (its own and, where the plan
+        computes half batches on some steps, the half-batch one), so that no capture happens
+        inside the first generation (timing, profiling)."""
+        call = normalize_call(self._original, args, kwargs)
+        graph = self.program_for(call)
+        if graph.latent_input is not None and any(stage.uses_second_half() for stage in graph.plan):
+            leaves, _ = pytree.tree_flatten(((), call))
+            self.second_half_program(call, graph.bind(leaves)[graph.latent_input])
+
+    def second_half_program(self, call: dict[str, Any], latent: torch.Tensor) -> DiTGraph | str:
+        """The program for the call made of the second half of every batch-carrying input (the
+        conditional rows of a batched-CFG call), for steps that compute only those
+        (`calibrated_schedule`'s conditional-only steps); or why there is none.
+
+        Batch-carrying: a tensor whose first dim is the latent's. That can also be a tensor of
+        another meaning that happens to be as long (FLUX's text ids with as many text tokens as
+        rows): when the capture with every such tensor halved fails, each is tried whole in
+        turn. A stage using the program still checks the shapes of what it reads."""
+        rows = latent.shape[0] if latent.dim() else 0
+        if rows < 2 or rows % 2:
+            return f"a batch of {rows} rows has no second half"
+        leaves, spec = pytree.tree_flatten(call)
+        long = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == rows and v is not latent]
+
+        def halved(whole: int | None) -> dict[str, Any]:
+            return pytree.tree_unflatten([v[rows // 2 :] if i in long and i != whole or v is latent else v for i, v in enumerate(leaves)], spec)
+
+        key = call_key(call)
+        known = self._halves.get(key)  # which input stays whole (None: none), or why no choice captures
+        if known is not None:
+            return known if isinstance(known, str) else self.program_for(halved(known[0]))
+        errors = []
+        for whole in [None, *long]:
+            try:
+                graph = self.program_for(halved(whole))
+            except Exception as exc:  # a capture that fails for this choice of batch inputs
+                errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+                continue
+            self._halves[key] = (whole,)
+            return graph
+        reason = "no half-batch capture succeeded (" + "; ".join(errors[:2]) + ")"
+        self._halves[key] = reason
+        return reason
+
     @property
     def programs(self) -> list[DiTGraph]:
         return list(self._programs.values())
@@ -190,6 +238,8 @@ class OptimizedDiT(nn.Module):
         early = [r.block for r in graph.early_rules_at(ctx.step)]
         if early:
             ctx.record["early_steps"] = early
+        if graph.latent_input is not None:
+            ctx.second_half = lambda: self.second_half_program(call, env[graph.latent_input])
         graph = graph.at_step(ctx.step)
         for stage in graph.plan:
             stage.run(graph, env, ctx)

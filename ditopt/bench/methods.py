@@ -308,12 +308,13 @@ def _ditopt_model(ctx: BuildContext) -> nn.Module:
 
 
 def _prebuild(opt, bundle, batch: int | None) -> None:
-    """Capture the program for the benchmark's batch shape now, outside counting and timing.
+    """Capture the programs for the benchmark's batch shape now (with the half-batch one of
+    conditional-only steps), outside counting and timing.
     The call must match the sampler's exactly (it passes ``return_dict=False``): a program is
     kept per call signature, and a miss would capture again inside the MAC count (torch.export's
     trace counts as one forward)."""
     if batch:
-        opt.program_for({**bundle.make_inputs(batch), "return_dict": False})
+        opt.prepare(**bundle.make_inputs(batch), return_dict=False)
 
 
 def _build_ditopt(ctx: BuildContext, params: dict[str, Any]) -> Runner:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import CalibrationError
-from ..graph import DiTGraph
+from ..graph import DiTGraph, latent_halves_equal
 from ..io import atomic_write_bytes
 from ..plan import RunSegments, Stage, StepContext
 from ..runtime import OptimizedDiT
@@ -111,7 +111,7 @@ class TrajectoryRecorder(Stage):
             after = env[out_name]
             residuals.append(self.sink.sketch(after - before) if before is not None else None)
             stream_in = out_name
-        self.sink.add(ctx, residuals)
+        self.sink.add(ctx, residuals, batched_cfg=latent_halves_equal(graph, env))
         ctx.record.setdefault("computed", []).extend(self.block_names)
 
 
@@ -134,9 +134,10 @@ class Recording:
             self.row_shape = tuple(residual.shape[1:])
         return flat[:, self.index.to(flat.device)].cpu()
 
-    def add(self, ctx: StepContext, residuals: list[torch.Tensor]) -> None:
+    def add(self, ctx: StepContext, residuals: list[torch.Tensor], batched_cfg: bool = False) -> None:
         self.calls.append(
-            {"generation": ctx.generation, "step": ctx.step, "branch": ctx.branch, "timestep": ctx.timestep, "res": torch.stack(residuals, 1)}
+            {"generation": ctx.generation, "step": ctx.step, "branch": ctx.branch, "timestep": ctx.timestep, "res": torch.stack(residuals, 1),
+             "batched_cfg": batched_cfg}
         )
 
 
@@ -235,6 +236,9 @@ def _summarise(graph: DiTGraph, recording: Recording, samples: Any) -> CalibStat
             "blocks": [s.name for s in graph.block_segments],
             "sketch": int(stacked.shape[-1]),
             "stream_shape": list(recording.row_shape),
+            # Every call had equal latent halves: CFG batched into one call (rows of the first
+            # half unconditional). Lets calibrated_schedule try conditional-only steps.
+            "batched_cfg": all(c["batched_cfg"] for c in calls),
         },
         reference_samples=reference,
     )

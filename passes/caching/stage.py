@@ -21,6 +21,16 @@ Which steps compute is decided on the host, between segments:
 * `ConfidenceGate` (CG-Taylor / FoCa): the first block always computes and is compared with its
   own forecast; the rest is forecast only while that error stays under a threshold.
 
+A `StaticSchedule` may also mark computed steps `cond_only` (FasterCache's CFG reuse): with
+CFG batched into one call (first half of the rows unconditional, second half conditional, the
+same latents in both), the span computes only the second half and rebuilds the first:
+
+    R_first(t) = R_second(t) + (R_first - R_second)(last full step),
+
+on the program the runtime captures for the half batch (`StepContext.second_half`). A call
+whose halves do not hold the same latents, or whose half program reads other shapes, computes
+in full instead (and says so in the call record): the mask never changes what a call means.
+
 All cross-step values live in `ctx.state`, which the runtime keeps per CFG branch and clears per
 generation.
 """
@@ -34,9 +44,9 @@ from typing import Any
 
 import torch
 
-from ditopt.calibration.streams import SpanIO, span_io
+from ditopt.calibration.streams import SpanIO, span_io, value_shapes
 from ditopt.errors import CalibrationError
-from ditopt.graph import DiTGraph
+from ditopt.graph import DiTGraph, latent_halves_equal
 from ditopt.plan import RunSegments, Stage, StepContext
 
 
@@ -194,9 +204,18 @@ class StaticSchedule:
     # first), each one weight or one per channel; () on computed steps. Empty: Taylor
     # forecasting of the stage's order.
     weights: tuple[tuple[tuple[float, ...], ...], ...] = ()
+    # Per calibrated step: True computes only the second half of a batched-CFG call's rows and
+    # rebuilds the first half (see the module docstring). Empty: every computed step is full.
+    cond_only: tuple[bool, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.cond_only and (len(self.cond_only) != len(self.compute) or any(h and not c for h, c in zip(self.cond_only, self.compute))):
+            raise ValueError("cond_only marks computed steps only, one flag per step")
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"policy": "static", "compute_steps": [i for i, c in enumerate(self.compute) if c], "steps": len(self.compute)}
+        if any(self.cond_only):
+            out["cond_only_steps"] = [i for i, h in enumerate(self.cond_only) if h]
         out["forecast"] = "fitted" if self.weights else "taylor"
         if self.weights:
             # The mean over channels per history step: the full table can be 10^4 numbers.
@@ -270,6 +289,46 @@ def static_decision(policy: StaticSchedule, ctx: StepContext, state: dict) -> bo
     return rederived_compute(policy, ctx.step, ctx.timestep, state["history"])
 
 
+def _half_difference(values: list[torch.Tensor]) -> list[torch.Tensor]:
+    """first half minus second half of each value's rows."""
+    return [v[: v.shape[0] // 2] - v[v.shape[0] // 2 :] for v in values]
+
+
+def _half_inputs(graph: DiTGraph, half: DiTGraph, blocks: tuple[str, ...], io: SpanIO, env: dict[str, Any]) -> dict[str, Any] | str:
+    """The span's inputs for the half-batch program (the second half of the rows of every value
+    whose shape there has half the rows), or why they cannot be formed. The check runs once per
+    pair of programs."""
+    memo = graph.meta.setdefault("_cond_only_inputs", {})
+    if blocks not in memo or memo[blocks][0] is not half:
+        memo[blocks] = (half, _half_input_plan(graph, half, blocks, io))
+    plan = memo[blocks][1]
+    if isinstance(plan, str):
+        return plan
+    return {name: (env[name][env[name].shape[0] // 2 :] if sliced else env[name]) for name, sliced in plan}
+
+
+def _half_input_plan(graph: DiTGraph, half: DiTGraph, blocks: tuple[str, ...], io: SpanIO) -> tuple[tuple[str, bool], ...] | str:
+    try:
+        half_io = cached_span_io(half, blocks)
+    except KeyError:
+        return "the half-batch program has other block segments"
+    if (half_io.inputs, half_io.pairs, half_io.unpaired) != (io.inputs, io.pairs, io.unpaired):
+        return "the half-batch program's span reads or writes other values"
+    full_shapes, half_shapes = value_shapes(graph), value_shapes(half)
+    plan = []
+    for name in io.inputs:
+        full, want = full_shapes.get(name), half_shapes.get(name)
+        if full is None or want is None:
+            return f"no shape recorded for span input {name!r}"
+        if full == want:
+            plan.append((name, False))
+        elif len(full) == len(want) and full[0] == 2 * want[0] and full[1:] == want[1:]:
+            plan.append((name, True))
+        else:
+            return f"span input {name!r} is {list(full)} here and {list(want)} in the half-batch program"
+    return tuple(plan)
+
+
 # --------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------
@@ -294,6 +353,9 @@ class CachedSpan(Stage):
     def io(self, graph: DiTGraph) -> SpanIO:
         return cached_span_io(graph, self.blocks)
 
+    def uses_second_half(self) -> bool:
+        return isinstance(self.policy, StaticSchedule) and any(self.policy.cond_only)
+
     # -- one call ------------------------------------------------------------------------------
     def run(self, graph: DiTGraph, env: dict[str, Any], ctx: StepContext) -> None:
         fitted = isinstance(self.policy, StaticSchedule) and bool(self.policy.weights)
@@ -305,9 +367,13 @@ class CachedSpan(Stage):
             RunSegments(self.probe).run(graph, env, ctx)
         compute = self._decide(graph, env, ctx, state, t, io)
         if compute:
-            before = [env[i] for i, _ in io.pairs]
-            RunSegments(self.blocks).run(graph, env, ctx)
-            values = [env[o] - b for (_, o), b in zip(io.pairs, before)] + [env[o].clone() for o in io.unpaired]
+            values = self._cond_only(graph, env, ctx, state, io) if self._wants_cond_only(ctx) else None
+            if values is None:
+                before = [env[i] for i, _ in io.pairs]
+                RunSegments(self.blocks).run(graph, env, ctx)
+                values = [env[o] - b for (_, o), b in zip(io.pairs, before)] + [env[o].clone() for o in io.unpaired]
+                if isinstance(self.policy, StaticSchedule) and any(self.policy.cond_only):
+                    state["cfg_delta"] = _half_difference(values) if latent_halves_equal(graph, env) else None
             state["taylor"].update(values, t)
             state["cached_run"] = 0
             state["history"].append(t)
@@ -321,6 +387,42 @@ class CachedSpan(Stage):
                 env[o] = predicted[len(io.pairs) + k].clone()
             state["cached_run"] += 1
             ctx.record.setdefault("cached", []).extend(self.blocks)
+
+    def _wants_cond_only(self, ctx: StepContext) -> bool:
+        policy = self.policy
+        return isinstance(policy, StaticSchedule) and bool(policy.cond_only) and policy.matches(ctx) and policy.cond_only[ctx.step]
+
+    def _cond_only(self, graph: DiTGraph, env: dict[str, Any], ctx: StepContext, state: dict, io: SpanIO) -> list[torch.Tensor] | None:
+        """Compute the span on the second half of the rows and rebuild the first half from the
+        difference kept at the last full step; None (compute in full) where that is not valid
+        for this call, with the reason in the call record."""
+        reason = None
+        delta = state.get("cfg_delta")
+        if delta is None:
+            reason = "no full step with batched CFG (equal latent halves) since the last generation start"
+        elif not latent_halves_equal(graph, env):
+            reason = "the two halves of the batch hold different latents (not batched CFG)"
+        elif ctx.second_half is None:
+            reason = "the runtime offers no half-batch program"
+        if reason is None:
+            half = ctx.second_half()
+            inputs = half if isinstance(half, str) else _half_inputs(graph, half, self.blocks, io, env)
+            if isinstance(inputs, str):
+                reason = inputs
+        if reason is not None:
+            ctx.record.setdefault("cond_only_declined", []).append(reason)
+            return None
+        half_env = dict(inputs)
+        before = [half_env[i] for i, _ in io.pairs]
+        RunSegments(self.blocks).run(half.at_step(ctx.step), half_env, ctx)
+        second = [half_env[o] - b for (_, o), b in zip(io.pairs, before)] + [half_env[o] for o in io.unpaired]
+        values = [torch.cat([v + d, v]) for v, d in zip(second, delta)]
+        for k, (i, o) in enumerate(io.pairs):
+            env[o] = env[i] + values[k]
+        for k, o in enumerate(io.unpaired):
+            env[o] = values[len(io.pairs) + k].clone()
+        ctx.record.setdefault("cond_only", []).extend(self.blocks)
+        return values
 
     def _forecast(self, cache: Any, ctx: StepContext, t: float, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], bool]:
         """(forecast values, whether the paired inputs are already added to them)."""
