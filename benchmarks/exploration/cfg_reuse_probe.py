@@ -1,0 +1,56 @@
+"""What conditional-only steps cost in PSNR, at the model-output level and with every step
+otherwise computed: on the marked steps the model runs on the conditional half of the CFG batch
+and the unconditional half is rebuilt as the conditional output plus the difference of the last
+full step. Held-out seeds of the benchmark; also the time of a half-batch call against a full one.
+
+    python benchmarks/exploration/cfg_reuse_probe.py dit-digits
+"""
+import sys, time, torch
+from explore_setup import setup
+from ditopt.metrics import psnr_per_sample
+
+name = sys.argv[1]
+bundle, model, calibration, held_out = setup(name)
+
+class CondOnly(torch.nn.Module):
+    def __init__(self, m, pattern):
+        super().__init__(); self.m = m; self.pattern = pattern; self.step = 0; self.delta = None
+    def forward(self, return_dict=False, **kw):
+        n2 = kw["hidden_states"].shape[0]; n = n2 // 2
+        if self.pattern(self.step) or self.delta is None:
+            out = self.m(**kw, return_dict=False)[0]
+            self.delta = out[:n] - out[n:]
+        else:
+            half = {}
+            for k, v in kw.items():
+                half[k] = v[n:] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n2 else v
+            c = self.m(**half, return_dict=False)[0]
+            out = torch.cat([c + self.delta, c], 0)
+        self.step += 1
+        return (out,)
+
+ref = held_out(model)
+steps = bundle.default_steps
+patterns = [("every other step", lambda s: s % 2 == 0), ("every 3rd full", lambda s: s % 3 == 0),
+            ("every 4th full", lambda s: s % 4 == 0),
+            ("every other, last half", lambda s: s < steps // 2 or s % 2 == 0),
+            ("every other, last third", lambda s: s < 2 * steps // 3 or s % 2 == 0),
+            ("every other after 10", lambda s: s < 10 or s % 2 == 0)]
+for label, pat in patterns:
+    w = CondOnly(model, pat)
+    x = held_out(w)
+    p = torch.tensor(psnr_per_sample(x, ref))
+    full = sum(1 for s in range(steps) if pat(s) or s == 0)
+    print(f"{label:20s} full {full}/{steps}  psnr mean {p.mean():.2f} min {p.min():.2f}", flush=True)
+
+# timing of full vs half batch
+kw = bundle.make_inputs(4)
+half = {k: (v[4:] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == 8 else v) for k, v in kw.items()}
+with torch.inference_mode():
+    for _ in range(3): model(**kw); model(**half)
+    tf, th = [], []
+    for _ in range(15):
+        t0 = time.perf_counter(); model(**kw); tf.append(time.perf_counter() - t0)
+        t0 = time.perf_counter(); model(**half); th.append(time.perf_counter() - t0)
+tf.sort(); th.sort()
+print(f"full-batch call {tf[7]*1e3:.2f} ms, half-batch {th[7]*1e3:.2f} ms, ratio {th[7]/tf[7]:.3f}")
