@@ -152,6 +152,23 @@ def _effect_summary(model: dict) -> list[str]:
     return out
 
 
+def _schedules(model: dict) -> list[str]:
+    """The static schedule each calibrated ditopt row ran: computed steps, and how many of them
+    computed only the conditional half of the CFG batch."""
+    out = []
+    for r in _ok_rows(model):
+        if r["provider"] != "ditopt":
+            continue
+        for p in (r.get("info") or {}).get("passes", []):
+            stage = (p.get("stages") or [{}])[0]
+            if p.get("name") == "calibrated_schedule" and p.get("modified") and "compute_steps" in stage:
+                cond = stage.get("cond_only_steps", [])
+                out.append(f"- `{r['key']}`: {len(stage['compute_steps'])} of {stage.get('steps')} steps computed"
+                           + (f", {len(cond)} of them conditional-only (steps {', '.join(map(str, cond))})" if cond else ""))
+    return ["ditopt's calibrated schedules (conditional-only: only the conditional half of the CFG batch computed, "
+            "the other half rebuilt):", "", *out, ""] if out else []
+
+
 def _load_warning(result: dict) -> list[str]:
     cpus = result["machine"].get("logical_cpus") or 1
     loads = []
@@ -233,6 +250,7 @@ def render(result: dict, json_rel: str, png_rel: str, note: str | None = None) -
             "",
             *_effect_summary(model),
             "",
+            *_schedules(model),
         ]
         notes = row_notes(model)
         if notes:
