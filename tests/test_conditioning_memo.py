@@ -242,3 +242,13 @@ def test_memory_stays_within_max_bytes_when_every_call_brings_a_new_prompt():
             torch.testing.assert_close(_first(optimized(**call)), _first(model(**call)), rtol=1e-4, atol=1e-5)
             assert all(m.nbytes <= budget for m in memos)
     assert len(text._memo) == 2 and text.misses >= 6
+
+
+def test_value_key_reads_a_one_element_view_of_an_expanded_tensor():
+    """The half-batch call of a one-sample CFG batch holds timestep[1:] of an expanded scalar:
+    one element with stride 0, which a bytes view of .contiguous() rejected (the demo failed)."""
+    from ditopt.passes.conditioning_memo import value_key
+
+    half = torch.tensor(7).expand(2)[1:]
+    assert value_key(half) == value_key(torch.tensor([7]))
+    assert value_key(half) != value_key(torch.tensor([8]))
