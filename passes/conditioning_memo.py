@@ -116,10 +116,11 @@ def value_key(x: Any) -> tuple:
     device; anything else as itself."""
     if not isinstance(x, torch.Tensor):
         return (type(x).__name__, x)
-    # A fresh buffer, not .contiguous(): a one-element view of an expanded tensor keeps stride 0
-    # (size-1 dims count as contiguous), and viewing it as bytes then fails.
-    flat = x.detach().reshape(-1).cpu()
-    flat = torch.empty(flat.shape, dtype=flat.dtype).copy_(flat)
+    flat = x.detach().reshape(-1).contiguous().cpu()
+    if flat.numel() == 1 and flat.stride(0) != 1:
+        # A one-element view of an expanded tensor keeps stride 0 (size-1 dims count as
+        # contiguous), and viewing it as bytes fails; copy only then (this runs every call).
+        flat = flat.clone(memory_format=torch.contiguous_format)
     raw = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
     return (str(x.dtype), tuple(x.shape), str(x.device), raw)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Callable, Literal, Union
 
 from pydantic import Field
 
@@ -224,7 +224,8 @@ class CalibratedScheduleConfig(PassConfig):
     cond_only_steps: tuple[int, ...] | None = Field(None, description="explicit conditional-only steps (replay); computed steps only")
     cond_only_cost: float = Field(
         0.55, gt=0, le=1, description="time of a conditional-only step relative to a full one, to rank schedules "
-        "(a half-batch call took 0.56x / 0.54x of a full one on dit-/flux-digits, 2 CPU threads)")
+        "(a half-batch call took 0.553x / 0.552x of a full one on dit-/flux-digits, 2 CPU threads; "
+        "benchmarks/exploration/cfg_reuse_probe.py)")
 
 
 def forecast_plan(graph: DiTGraph, policy: StaticSchedule, order: int, target: str) -> tuple[DiTGraph, Stage]:
@@ -363,8 +364,8 @@ def calibrated_schedule(graph: DiTGraph, config: CalibratedScheduleConfig, ctx: 
     k, cond_only = best_k, 0
     extra: dict[str, Any] = {}
     if config.cfg_reuse == "auto" and config.target == "residual" and stats.meta.get("batched_cfg"):
-        k, cond_only, value = _search_cond_only(chosen, best_k, value, steps, config.cond_only_cost,
-                                                lambda k, c: psnr_for(chosen, k, c) >= target, psnr_for)
+        k, cond_only, value = _search_cond_only(lambda k, c: psnr_for(chosen, k, c), target, chosen[2], best_k, value,
+                                                steps, config.cond_only_cost)
         extra["cond_only_cost"] = config.cond_only_cost
     mask = quantile_schedule(changes, k, warmup, alpha)
     cond = cond_only_placement(mask, warmup, cond_only) if cond_only else None
@@ -372,28 +373,29 @@ def calibrated_schedule(graph: DiTGraph, config: CalibratedScheduleConfig, ctx: 
                                           "warmup": warmup, "alpha": alpha, **extra, "trials": trials}, cond)
 
 
-def _search_cond_only(variant, best_k: int, best_value: float, steps: int, cost: float, ok, psnr_for) -> tuple[int, int, float]:
+def _search_cond_only(psnr: Callable[[int, int], float], target: float, warmup: int, best_k: int, best_value: float,
+                      steps: int, cost: float) -> tuple[int, int, float]:
     """(computed steps, conditional-only steps among them, calibration PSNR) of the cheapest
     schedule meeting the target, counting a conditional-only step as `cost` of a full one: at
     the fewest computed steps and at one more (a denser schedule with conditional-only steps
     can beat a sparse full one), the most conditional-only steps that still meet the target
     (bisection, PSNR assumed to fall as more steps are conditional-only). One more, not two:
     each count costs a bisection of sampling runs, and on dit-digits at 48 dB two more added
-    about two minutes to the search for a schedule 2% cheaper by this count."""
-    warmup = variant[2]
+    about two minutes to the search for a schedule 2% cheaper by this count. `psnr(k, c)`: the
+    calibration PSNR of k computed steps, c of them conditional-only (memoised by the caller)."""
     best = (float(best_k), best_k, 0, best_value)
     for k in range(best_k, min(best_k + 1, steps) + 1):
         slots = k - min(warmup, k)  # computed steps after the warm-up
         if slots == 0 or k - slots * (1 - cost) >= best[0]:
             continue  # even all of them conditional-only would not be cheaper
         # fewest full steps m (after the warm-up) that still pass: conditional-only = slots - m
-        m = smallest_passing(0, slots, lambda m, k=k: ok(k, slots - m))
+        m = smallest_passing(0, slots, lambda m, k=k: psnr(k, slots - m) >= target)
         if m is None:
             continue
         c = slots - m
         price = k - c * (1 - cost)
         if price < best[0]:
-            best = (price, k, c, psnr_for(variant, k, c))
+            best = (price, k, c, psnr(k, c))
     return best[1], best[2], best[3]
 
 

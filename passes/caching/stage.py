@@ -372,7 +372,7 @@ class CachedSpan(Stage):
                 before = [env[i] for i, _ in io.pairs]
                 RunSegments(self.blocks).run(graph, env, ctx)
                 values = [env[o] - b for (_, o), b in zip(io.pairs, before)] + [env[o].clone() for o in io.unpaired]
-                if isinstance(self.policy, StaticSchedule) and any(self.policy.cond_only):
+                if self.uses_second_half():
                     state["cfg_delta"] = _half_difference(values) if latent_halves_equal(graph, env) else None
             state["taylor"].update(values, t)
             state["cached_run"] = 0
