@@ -198,9 +198,19 @@ def optimize(
         attempts.append(end_to_end.to_dict())
         if end_to_end.passed or attempt == max_retries:
             break
-        # Missed on held-out inputs: ask the search for the shortfall plus a margin, and retry.
+        relaxed = _relax_on_miss(prof, records)
+        if relaxed is not None:
+            # Missed: first drop the option a pass marked as the one the calibration judges worst.
+            prof, change = relaxed
+            attempts[-1]["details"].append({"next": "relax", **change})
+            continue
+        # Missed on held-out inputs: the plan's calibration PSNR overstated the held-out bound
+        # by its headroom over the target plus the shortfall, so ask the search for that much
+        # more (plus a margin): the rejected plan cannot be chosen again.
         shortfall = prof.budget.min_psnr_db - (end_to_end.psnr_lower_db or 0.0)
-        ctx.extras["psnr_tighten_db"] = ctx.extras.get("psnr_tighten_db", 0.0) + shortfall + prof.budget.retry_margin_db
+        headroom = _search_headroom(records)
+        ctx.extras["psnr_tighten_db"] = ctx.extras.get("psnr_tighten_db", 0.0) + headroom + shortfall + prof.budget.retry_margin_db
+        attempts[-1]["details"].append({"next": "tighten", "headroom_db": headroom, "psnr_tighten_db": ctx.extras["psnr_tighten_db"]})
 
     report = OptimizationReport(
         profile=prof.dump(),
@@ -222,6 +232,30 @@ def optimize(
     optimized.report = report
     optimized.stats = stats
     return optimized
+
+
+def _search_headroom(records: list[PassRecord]) -> float:
+    """How far above its PSNR target a budget search's chosen plan measured on the calibration
+    inputs (the largest over the applied passes that report both), 0 when none did."""
+    gaps = [r.report["predicted_psnr_db"] - r.report["target_psnr_db"] for r in records
+            if r.applied and isinstance(r.report.get("predicted_psnr_db"), (int, float))
+            and isinstance(r.report.get("target_psnr_db"), (int, float))]
+    return max([0.0, *gaps])
+
+
+def _relax_on_miss(prof: Profile, records: list[PassRecord]) -> tuple[Profile, dict[str, Any]] | None:
+    """The profile with the first config change a pass proposed for a held-out miss
+    (`report["on_miss"]`, e.g. calibrated_schedule dropping conditional-only steps), or None.
+    `records` parallels `prof.passes` (the main apply skips none)."""
+    for i, (entry, record) in enumerate(zip(prof.passes, records)):
+        change = record.report.get("on_miss") if record.applied else None
+        if not change or all(getattr(entry.config, k, None) == v for k, v in change.items()):
+            continue
+        config = type(entry.config).model_validate({**entry.config.model_dump(), **change})
+        passes = list(prof.passes)
+        passes[i] = entry.model_copy(update={"config": config})
+        return prof.model_copy(update={"passes": tuple(passes)}), {"pass": entry.name, **change}
+    return None
 
 
 def _runtime(model, prof, ctx, kwargs, graph, rolled_back, resolved, num_steps) -> OptimizedDiT:

@@ -128,6 +128,49 @@ def test_budget_search_uses_cond_only_steps_only_on_batched_cfg():
     assert not any(t.get("cond_only") for t in no_cfg.report.passes[0].report["trials"])
 
 
+@pytest.mark.parametrize("misses", [1, 2])
+def test_a_held_out_miss_drops_cond_only_steps_before_tightening(monkeypatch, misses):
+    """The first held-out miss of a schedule with conditional-only steps retries the same
+    target without them (cfg_reuse='off' in the profile the report shows); a further miss
+    tightens the target as usual."""
+    import sys
+
+    from ditopt.verify import Verification
+
+    opt_mod = sys.modules["ditopt.optimize"]
+    real = opt_mod.verify_end_to_end
+    calls = []
+
+    def misses_first(sample_fn, reference, optimized, min_psnr_db, confidence=0.5):
+        result = real(sample_fn, reference, optimized, min_psnr_db, confidence)
+        calls.append(optimized.programs[0].plan[1].policy.cond_only)
+        if len(calls) <= misses:
+            return Verification("end-to-end", None, None, result.psnr_db, result.budget, False,
+                                result.details, psnr_lower_db=min_psnr_db - 0.5)
+        return result
+
+    torch.manual_seed(3)
+    model = CondAffineDiT(depth=3, scale=1.02).eval()
+    times = [1.0 - i / 12 for i in range(12)]
+    x0, u, c = torch.randn(1, 4, 8), torch.zeros(1, 8), 1e-6 * torch.randn(1, 8)
+    sampler, example = cfg_sampler(x0, u, c, times), _inputs(x0, u, c, times[0])
+    monkeypatch.setattr(opt_mod, "verify_end_to_end", misses_first)
+    profile = {"name": "b", "budget": {"min_psnr_db": 70.0},
+               "passes": [{"name": "calibrated_schedule", "order": 1, "warmup": 2, "alpha": 0.0}]}
+    opt = ditopt.optimize(model, profile, example_inputs=example, calibration=sampler, max_retries=2)
+    assert len(calls) == misses + 1
+    assert any(calls[0]) and not any(calls[1]) and not any(calls[-1])  # with, then without
+    steps = [r["details"][-1] for r in opt.report.retries]
+    assert steps[0] == {"next": "relax", "pass": "calibrated_schedule", "cfg_reuse": "off"}
+    report = opt.report.passes[0].report
+    assert opt.report.profile["passes"][0]["cfg_reuse"] == "off" and "cond_only_steps" not in report
+    if misses == 1:  # same target: 70 dB + the pass's 1 dB margin
+        assert report["target_psnr_db"] == pytest.approx(71.0)
+    else:
+        assert steps[1]["next"] == "tighten" and report["target_psnr_db"] > 71.5
+    assert opt.report.verification[-1]["passed"]
+
+
 class _WithCond(torch.nn.Module):
     """Feeds a fixed `cond` to a model called as model(x=..., timestep=...)."""
 
