@@ -204,12 +204,13 @@ def optimize(
             prof, change = relaxed
             attempts[-1]["details"].append({"next": "relax", **change})
             continue
-        # Missed on held-out inputs: the plan's calibration PSNR overstated the held-out bound
-        # by its headroom over the target plus the shortfall, so ask the search for that much
-        # more (plus a margin): the rejected plan cannot be chosen again.
+        # Missed on held-out inputs: ask the search for the shortfall plus a margin more, and at
+        # least for more than the rejected plan measured on the calibration inputs, so that the
+        # retry cannot spend a held-out run on that plan again.
         shortfall = prof.budget.min_psnr_db - (end_to_end.psnr_lower_db or 0.0)
         headroom = _search_headroom(records)
-        ctx.extras["psnr_tighten_db"] = ctx.extras.get("psnr_tighten_db", 0.0) + headroom + shortfall + prof.budget.retry_margin_db
+        tighten = ctx.extras.get("psnr_tighten_db", 0.0)
+        ctx.extras["psnr_tighten_db"] = max(tighten + shortfall + prof.budget.retry_margin_db, tighten + headroom + 1e-3)
         attempts[-1]["details"].append({"next": "tighten", "headroom_db": headroom, "psnr_tighten_db": ctx.extras["psnr_tighten_db"]})
 
     report = OptimizationReport(
