@@ -125,11 +125,15 @@ def write_attention_heatmap(stats: Any, report: Path) -> Optional[Path]:
 
 
 def _print_report(data: dict[str, Any]) -> None:
+    from ditopt.optimize import describe_retry
+
     out = Console()
     out.print(f"[bold]{data['model_class']}[/] with profile [bold]{data['profile']['name']}[/] (graph {data['graph_hash']})")
     for p in data["passes"]:
         state = "applied" if p["applied"] else "ROLLED BACK"
         out.print(f"  pass {p['name']}: {state}; {json.dumps(p['report'], default=str)[:300]}")
+    for attempt in data.get("retries", []):
+        out.print(f"  {describe_retry(attempt)}")
     for v in data["verification"]:
         out.print(f"  verification ({v['kind']}): passed={v['passed']} max_rel_err={v.get('max_rel_err')} psnr_db={v.get('psnr_db')}")
 

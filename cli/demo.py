@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ditopt.errors import DitoptError
+from ditopt.optimize import describe_retry
 
 from ditopt.zoo import VALIDATION_CLASSES as VAL_CLASSES, VALIDATION_SEEDS as VAL_SEEDS
 
@@ -161,11 +162,14 @@ def demo(
         desc = "; ".join(
             f"{s.get('policy')}, " + ("fitted forecast" if s.get("forecast") == "fitted" else f"Taylor order {s.get('order')}")
             + f", computes {len(s.get('compute_steps', []))}/{s.get('steps')} steps"
+            + (f" ({len(s['cond_only_steps'])} conditional-only)" if s.get("cond_only_steps") else "")
             for s in stages
         )
         desc = desc or p["report"].get("summary") or p["report"].get("reason") or ""
         status = "rolled back: " if not p["applied"] else "applied: " if p["modified"] else "no change: "
         table.add_row(f"pass {p['name']}", status + desc)
+    for attempt in report.get("retries", []):
+        table.add_row("retry", describe_retry(attempt))
     table.add_row("PSNR predicted (calibration seeds)", _db(summary["predicted_psnr_db"]))
     bound = (e2e.get("details") or [{}])[0]
     table.add_row("PSNR measured (held-out seeds)", f"{_db(summary['measured_psnr_db_heldout'])} "

@@ -44,7 +44,7 @@ class OptimizationReport:
     passes: list[PassRecord] = field(default_factory=list)
     verification: list[dict[str, Any]] = field(default_factory=list)
     environment: dict[str, Any] = field(default_factory=dict)
-    retries: list[dict[str, Any]] = field(default_factory=list)  # end-to-end checks that missed and were tightened
+    retries: list[dict[str, Any]] = field(default_factory=list)  # end-to-end checks that missed; details[-1] says what the retry changed
 
     @property
     def passed(self) -> bool:
@@ -66,6 +66,21 @@ class OptimizationReport:
 
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), default=str, **kwargs)
+
+
+def describe_retry(attempt: dict[str, Any]) -> str:
+    """One line for a held-out check that missed (an entry of `report["retries"]`): what it
+    measured and what the next attempt changed."""
+    bound, mean = attempt.get("psnr_lower_db"), attempt.get("psnr_db")
+    line = (f"held-out check missed: mean {mean:.2f} dB, lower bound {bound:.2f} dB"
+            if isinstance(mean, (int, float)) and isinstance(bound, (int, float)) else "held-out check missed")
+    step = next((d for d in reversed(attempt.get("details", [])) if "next" in d), {})
+    if step.get("next") == "relax":
+        change = ", ".join(f"{k}={v}" for k, v in step.items() if k not in ("next", "pass"))
+        return f"{line}; retried with {step.get('pass')} {change}"
+    if step.get("next") == "tighten":
+        return f"{line}; retried with the search target raised by {step['psnr_tighten_db']:.2f} dB in all"
+    return line
 
 
 def environment() -> dict[str, Any]:

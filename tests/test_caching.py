@@ -3,8 +3,6 @@ re-derivation, stats round-trip, and the budget search."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from toy_models import AffineDiT, euler_sampler, toy_inputs
@@ -13,7 +11,7 @@ import ditopt
 from ditopt.calibration import CalibStats, calibrate
 from ditopt.errors import CalibrationError, InvalidProfileError
 from ditopt.plan import RunSegments
-from ditopt.passes.caching import CachedSpan, StaticSchedule
+from ditopt.passes.caching import CachedSpan
 
 TIMES = [4.0, 3.0, 2.0, 1.0]
 
@@ -233,6 +231,10 @@ def test_a_missed_gate_retries_with_the_bounds_shortfall(monkeypatch, retry_marg
     assert step["next"] == "tighten" and 15 < step["headroom_db"] < 24
     margin = 1.0 if retry_margin is None else retry_margin
     assert step["psnr_tighten_db"] == pytest.approx(max(shortfall + margin, step["headroom_db"] + 1e-3))
+    from ditopt.optimize import describe_retry
+
+    line = describe_retry(opt.report.retries[0])
+    assert f"lower bound {20.0 - shortfall:.2f} dB" in line and f"raised by {step['psnr_tighten_db']:.2f} dB" in line
     report = opt.report.passes[0].report
     assert report["target_psnr_db"] == pytest.approx(20.0 + 1.0 + step["psnr_tighten_db"])
     assert report["computed_steps"] > 2 and report["predicted_psnr_db"] >= report["target_psnr_db"]

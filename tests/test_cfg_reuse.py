@@ -39,6 +39,7 @@ def test_cond_only_steps_rebuild_the_first_half_by_hand():
     stage = opt.programs[0].plan[1]
     assert isinstance(stage, CachedSpan) and stage.policy.cond_only == (False, False, True, True)
     assert opt.report.passes[0].report["cond_only_steps"] == [2, 3]
+    assert "on_miss" not in opt.report.passes[0].report  # given steps, not searched: nothing to drop
     C = model.total_c()
     with torch.no_grad():
         for step, t in enumerate(TIMES):
@@ -162,6 +163,9 @@ def test_a_held_out_miss_drops_cond_only_steps_before_tightening(monkeypatch, mi
     assert any(calls[0]) and not any(calls[1]) and not any(calls[-1])  # with, then without
     steps = [r["details"][-1] for r in opt.report.retries]
     assert steps[0] == {"next": "relax", "pass": "calibrated_schedule", "cfg_reuse": "off"}
+    from ditopt.optimize import describe_retry
+
+    assert describe_retry(opt.report.retries[0]).endswith("retried with calibrated_schedule cfg_reuse=off")
     report = opt.report.passes[0].report
     assert opt.report.profile["passes"][0]["cfg_reuse"] == "off" and "cond_only_steps" not in report
     if misses == 1:  # same target: 70 dB + the pass's 1 dB margin

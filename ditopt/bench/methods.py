@@ -357,6 +357,10 @@ def _build_ditopt(ctx: BuildContext, params: dict[str, Any]) -> Runner:
             info["passes"][-1]["dense_reasons"] = sorted({d["reason"] for d in rep.get("dense", [])})
     info["verification"] = [{k: v.get(k) for k in ("kind", "passed", "psnr_db", "psnr_lower_db", "max_rel_err") if k in v}
                             for v in report.get("verification", [])]
+    if report.get("retries"):  # held-out misses before the shipped plan, and what each retry changed
+        from ditopt.optimize import describe_retry
+
+        info["retries"] = [describe_retry(a) for a in report["retries"]]
     return Runner(opt, opt.reset, info)
 
 
