@@ -89,8 +89,8 @@ def test_cond_only_steps_must_be_computed_steps():
 
 
 def _budget(model, sampler, example, mode="auto"):
-    profile = {"name": "b", "budget": {"min_psnr_db": 70.0},
-               "passes": [{"name": "calibrated_schedule", "order": 1, "warmup": 2, "alpha": 0.0, "cfg_reuse": mode}]}
+    schedule = {"name": "calibrated_schedule", "order": 1, "warmup": 2, "alpha": 0.0}
+    profile = {"name": "b", "budget": {"min_psnr_db": 70.0}, "passes": [schedule if mode is None else {**schedule, "cfg_reuse": mode}]}
     return ditopt.optimize(model, profile, example_inputs=example, calibration=sampler, max_retries=0)
 
 
@@ -113,6 +113,10 @@ def test_budget_search_uses_cond_only_steps_only_on_batched_cfg():
     off = _budget(model, sampler, example, mode="off")
     k_off = off.report.passes[0].report["computed_steps"]
     assert "cond_only_steps" not in off.report.passes[0].report
+    # opt-in: the default searches none (the schedule 'off' chose)
+    default = _budget(model, sampler, example, mode=None)
+    assert default.report.passes[0].config["cfg_reuse"] == "off"
+    assert default.report.passes[0].report["stages"] == off.report.passes[0].report["stages"]
     assert rep["computed_steps"] - len(cond) * (1 - rep["cond_only_cost"]) < k_off
     e2e = opt.report.verification[-1]
     assert e2e["kind"] == "end-to-end" and float(e2e["psnr_db"]) >= 70.0
@@ -157,7 +161,7 @@ def test_a_held_out_miss_drops_cond_only_steps_before_tightening(monkeypatch, mi
     sampler, example = cfg_sampler(x0, u, c, times), _inputs(x0, u, c, times[0])
     monkeypatch.setattr(opt_mod, "verify_end_to_end", misses_first)
     profile = {"name": "b", "budget": {"min_psnr_db": 70.0},
-               "passes": [{"name": "calibrated_schedule", "order": 1, "warmup": 2, "alpha": 0.0}]}
+               "passes": [{"name": "calibrated_schedule", "order": 1, "warmup": 2, "alpha": 0.0, "cfg_reuse": "auto"}]}
     opt = ditopt.optimize(model, profile, example_inputs=example, calibration=sampler, max_retries=2)
     assert len(calls) == misses + 1
     assert any(calls[0]) and not any(calls[1]) and not any(calls[-1])  # with, then without

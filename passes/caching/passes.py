@@ -218,9 +218,13 @@ class CalibratedScheduleConfig(PassConfig):
     margin_db: float = Field(1.0, ge=0, description="PSNR margin over the budget on calibration inputs")
     on_mismatch: Literal["rederive", "error"] = "rederive"
     target: Literal["features", "residual"] = "residual"
+    # Off by default: on flux-digits `balanced` they cost +17% feature Frechet distance at 200
+    # samples (benchmarks/quality_at_scale.py, 2026-11-24) while PSNR stayed at 31.8 dB, and on
+    # dit-digits 14 of 15 benchmark rows dropped them after a held-out miss.
     cfg_reuse: Literal["auto", "off"] = Field(
-        "auto", description="'auto': when calibration saw CFG batched into one call, also search steps that compute only the "
-        "conditional half of the rows and rebuild the other half (FasterCache's CFG reuse)")
+        "off", description="'auto': when calibration saw CFG batched into one call, also search steps that compute only the "
+        "conditional half of the rows and rebuild the other half (FasterCache's CFG reuse); opt-in: PSNR misses "
+        "what they do to the sample distribution (flux-digits balanced: +17% FFD at 31.8 dB)")
     cond_only_steps: tuple[int, ...] | None = Field(None, description="explicit conditional-only steps (replay); computed steps only")
     cond_only_cost: float = Field(
         0.55, gt=0, le=1, description="time of a conditional-only step relative to a full one, to rank schedules "
