@@ -163,7 +163,7 @@ def _schedules(model: dict) -> list[str]:
             stage = (p.get("stages") or [{}])[0]
             if p.get("name") == "calibrated_schedule" and p.get("modified") and "compute_steps" in stage:
                 cond = stage.get("cond_only_steps", [])
-                retries = (r.get("info") or {}).get("retries", [])  # runs from 2026-11-24 09:50 on record them
+                retries = (r.get("info") or {}).get("retries", [])  # recorded from the 2026-11-24 09:47 flux run on
                 out.append(f"- `{r['key']}`: {len(stage['compute_steps'])} of {stage.get('steps')} steps computed"
                            + (f", {len(cond)} of them conditional-only (steps {', '.join(map(str, cond))})" if cond else "")
                            + "".join(f"; {x}" for x in retries))

@@ -69,3 +69,32 @@ def make_inputs(name: str, model: torch.nn.Module, batch: int = 1, resolution: i
 @pytest.fixture(params=ARCHITECTURES)
 def arch(request):
     return request.param
+
+
+@pytest.fixture
+def held_out_misses(monkeypatch):
+    """`held_out_misses(n, shortfall)` makes optimize's first n held-out checks fail with the
+    lower bound `shortfall` dB under the budget (the real check still runs, so the mean is
+    real) and returns the list of optimized models each check saw."""
+    import sys
+
+    from ditopt.verify import Verification
+
+    opt_mod = sys.modules["ditopt.optimize"]  # the module (the package exports the function of that name)
+    real = opt_mod.verify_end_to_end
+
+    def install(n: int, shortfall: float) -> list:
+        seen = []
+
+        def check(sample_fn, reference, optimized, min_psnr_db, confidence=0.5):
+            result = real(sample_fn, reference, optimized, min_psnr_db, confidence)
+            seen.append(optimized)
+            if len(seen) <= n:
+                return Verification("end-to-end", None, None, result.psnr_db, result.budget, False,
+                                    result.details, psnr_lower_db=min_psnr_db - shortfall)
+            return result
+
+        monkeypatch.setattr(opt_mod, "verify_end_to_end", check)
+        return seen
+
+    return install

@@ -134,35 +134,20 @@ def test_budget_search_uses_cond_only_steps_only_on_batched_cfg():
 
 
 @pytest.mark.parametrize("misses", [1, 2])
-def test_a_held_out_miss_drops_cond_only_steps_before_tightening(monkeypatch, misses):
+def test_a_held_out_miss_drops_cond_only_steps_before_tightening(held_out_misses, misses):
     """The first held-out miss of a schedule with conditional-only steps retries the same
     target without them (cfg_reuse='off' in the profile the report shows); a further miss
     tightens the target as usual."""
-    import sys
-
-    from ditopt.verify import Verification
-
-    opt_mod = sys.modules["ditopt.optimize"]
-    real = opt_mod.verify_end_to_end
-    calls = []
-
-    def misses_first(sample_fn, reference, optimized, min_psnr_db, confidence=0.5):
-        result = real(sample_fn, reference, optimized, min_psnr_db, confidence)
-        calls.append(optimized.programs[0].plan[1].policy.cond_only)
-        if len(calls) <= misses:
-            return Verification("end-to-end", None, None, result.psnr_db, result.budget, False,
-                                result.details, psnr_lower_db=min_psnr_db - 0.5)
-        return result
-
     torch.manual_seed(3)
     model = CondAffineDiT(depth=3, scale=1.02).eval()
     times = [1.0 - i / 12 for i in range(12)]
     x0, u, c = torch.randn(1, 4, 8), torch.zeros(1, 8), 1e-6 * torch.randn(1, 8)
     sampler, example = cfg_sampler(x0, u, c, times), _inputs(x0, u, c, times[0])
-    monkeypatch.setattr(opt_mod, "verify_end_to_end", misses_first)
+    seen = held_out_misses(misses, 0.5)
     profile = {"name": "b", "budget": {"min_psnr_db": 70.0},
                "passes": [{"name": "calibrated_schedule", "order": 1, "warmup": 2, "alpha": 0.0, "cfg_reuse": "auto"}]}
     opt = ditopt.optimize(model, profile, example_inputs=example, calibration=sampler, max_retries=2)
+    calls = [o.programs[0].plan[1].policy.cond_only for o in seen]
     assert len(calls) == misses + 1
     assert any(calls[0]) and not any(calls[1]) and not any(calls[-1])  # with, then without
     steps = [r["details"][-1] for r in opt.report.retries]
