@@ -81,7 +81,7 @@ def _optimize(model: str, profile: str, calibrate: bool) -> tuple[Any, Any]:
     if calibrate and resolved.bundle is not None:  # trained zoo models calibrate on their own sampler
         calibration, validation = resolved.bundle.calibration_fn(), resolved.bundle.validation_fn()
     optimized = ditopt.optimize(resolved.model, profile, example_inputs=resolved.example_inputs,
-                                calibration=calibration, validation=validation)
+                                calibration=calibration, validation=validation, on_gate_miss="return")
     return resolved, optimized
 
 
@@ -110,7 +110,9 @@ def optimize(
     else:
         _print_report(data)
     if not data["passed"]:
-        console.print("[bold red]quality gate failed[/]")
+        from ditopt.optimize import describe_gate_failure
+
+        console.print(f"[bold red]{describe_gate_failure(data) or 'quality gate failed'}[/]")
         raise typer.Exit(EXIT_QUALITY)
 
 

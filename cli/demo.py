@@ -116,7 +116,8 @@ def demo(
 
         try:
             optimized = ditopt.optimize(
-                bundle.model, profile, example_inputs=bundle.make_inputs(2), calibration=calibration, validation=validation
+                bundle.model, profile, example_inputs=bundle.make_inputs(2), calibration=calibration, validation=validation,
+                on_gate_miss="return",  # the table and grid are written either way; the exit code says
             )
         except DitoptError as exc:
             console.print(f"[bold red]error:[/] {exc}")
@@ -182,4 +183,7 @@ def demo(
     table.add_row("written", f"{out / 'report.json'}, {grid}")
     console.print(table)
     if not report["passed"]:
+        from ditopt.optimize import describe_gate_failure
+
+        console.print(f"[bold red]{describe_gate_failure(report) or 'quality gate failed'}[/]")
         raise typer.Exit(1)

@@ -18,6 +18,7 @@ from .errors import (
     MissingInputsError,
     NonFiniteError,
     QualityGateError,
+    QualityGateWarning,
     UnknownPassError,
     UnsupportedModelError,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "PipelineSampler",
     "Profile",
     "QualityGateError",
+    "QualityGateWarning",
     "UnknownPassError",
     "UnsupportedModelError",
     "capture",

@@ -44,6 +44,15 @@ class ArtifactError(DitoptError):
 
 
 class QualityGateError(DitoptError):
-    """The optimized model misses its quality budget."""
+    """The optimized model misses its quality budget. The model is not lost: `optimized` holds
+    it, flagged (`optimized.report.passed` is False), with the report saying what missed."""
 
     exit_code = 1
+
+    def __init__(self, message: str, optimized: object = None):
+        super().__init__(message)
+        self.optimized = optimized
+
+
+class QualityGateWarning(UserWarning):
+    """`optimize(..., on_gate_miss="warn")` returned a model that misses its quality budget."""

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import json
 import platform
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 from torch import nn
 
 from . import __version__
 from .capture import capture, normalize_call
-from .errors import CalibrationError
+from .errors import CalibrationError, DitoptError, QualityGateError, QualityGateWarning
 from .graph import DiTGraph
 from .inputs import synthesize_inputs
 from .profiles import Profile, load_profile
@@ -83,6 +84,43 @@ def describe_retry(attempt: dict[str, Any]) -> str:
     return line
 
 
+def describe_gate_failure(report: dict[str, Any]) -> str | None:
+    """What missed and what to change, for a report whose quality gate failed (None if it
+    passed): the message of `QualityGateError`, the warning, and the CLI's last line."""
+    failed = [v for v in report.get("verification", []) if not v.get("passed", True)]
+    if not failed:
+        return None
+    lines = []
+    for v in failed:
+        budget = v.get("budget") or {}
+        if v.get("kind") == "end-to-end":
+            spread = next((d for d in v.get("details", []) if "samples" in d), {})
+            attempts = len(report.get("retries", [])) + 1
+            text = (f"quality gate failed: over {spread.get('samples', '?')} held-out samples the "
+                    f"{budget.get('confidence', 0.5):.0%} lower bound of the mean PSNR is {_db(v.get('psnr_lower_db'))} "
+                    f"(mean {_db(v.get('psnr_db'))}), under the {budget.get('min_psnr_db')} dB budget, after "
+                    f"{attempts} attempt{'s' if attempts > 1 else ''}.")
+            predicted = [p["report"]["predicted_psnr_db"] for p in report.get("passes", [])
+                         if p.get("applied") and isinstance(p.get("report", {}).get("predicted_psnr_db"), (int, float))]
+            mean = v.get("psnr_db")
+            if predicted and isinstance(mean, (int, float)) and max(predicted) > mean:
+                # The usual cause: the search judged plans on samples that flatter them.
+                text += (f" The search judged the plan on the calibration samples, which read {max(predicted) - mean:.1f} dB "
+                         "above the held-out ones.")
+            text += (" To fix: calibrate on more, or more varied, samples; validate on more held-out samples (a tighter "
+                     f"bound); allow more retries (max_retries={attempts}); or lower budget.min_psnr_db.")
+        else:
+            text = (f"quality gate failed: one denoiser call differs from the original by relative error "
+                    f"{v.get('max_rel_err')}, over budget.max_rel_err = {budget.get('max_rel_err')}; raise it, or drop the "
+                    "pass that changes single calls.")
+        lines.append(text)
+    return " ".join(lines)
+
+
+def _db(value: Any) -> str:
+    return f"{value:.2f} dB" if isinstance(value, (int, float)) else "? dB"
+
+
 def environment() -> dict[str, Any]:
     return {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()}
 
@@ -147,6 +185,7 @@ def optimize(
     num_steps: int | None = None,
     progress: bool = False,
     max_retries: int = 2,
+    on_gate_miss: Literal["raise", "warn", "return"] = "raise",
 ) -> OptimizedDiT:
     """Optimize `model` with `profile` and return a drop-in module.
 
@@ -158,7 +197,14 @@ def optimize(
     met when the lower confidence bound on their mean PSNR (`budget.psnr_confidence`, default
     0.9) reaches it, so more held-out samples give a tighter bound and a faster result. The
     user's model is never modified.
+
+    When the quality gate still fails after `max_retries` retries, `on_gate_miss` decides:
+    "raise" (default) raises `QualityGateError` saying what missed and what to change, with the
+    flagged model on its `.optimized`; "warn" returns that model with a `QualityGateWarning`;
+    "return" returns it silently (check `optimized.report.passed`).
     """
+    if on_gate_miss not in ("raise", "warn", "return"):
+        raise DitoptError(f"on_gate_miss={on_gate_miss!r}: use 'raise', 'warn' or 'return'")
     prof = load_profile(profile)
     kwargs = dict(example_inputs) if example_inputs is not None else synthesize_inputs(model)
     kwargs = normalize_call(model, (), kwargs)
@@ -247,6 +293,11 @@ def optimize(
         report.retries = attempts[:-1]
     optimized.report = report
     optimized.stats = stats
+    if not report.passed and on_gate_miss != "return":
+        message = describe_gate_failure(report.to_dict()) or "quality gate failed"
+        if on_gate_miss == "raise":
+            raise QualityGateError(message, optimized=optimized)
+        warnings.warn(message, QualityGateWarning, stacklevel=2)
     return optimized
 
 

@@ -226,6 +226,47 @@ def test_a_missed_gate_retries_with_the_bounds_shortfall(held_out_misses, retry_
     assert any(not t["sampled"] for t in opt.report.passes[0].report["trials"])
 
 
+@pytest.mark.parametrize("on_gate_miss", ["raise", "warn", "return"])
+def test_a_gate_still_missed_after_the_retries_raises_with_the_fix(held_out_misses, on_gate_miss):
+    """Every held-out check misses (bound 3 dB short): by default optimize raises
+    QualityGateError naming the bound, the budget and what to change, and hands over the
+    flagged model; 'warn' returns it with a QualityGateWarning, 'return' returns it silently."""
+    import warnings
+
+    from ditopt.errors import QualityGateError, QualityGateWarning
+
+    calls = held_out_misses(99, 3.0)
+    model = AffineDiT(depth=3, scale=1.02).eval()
+    profile = {"name": "b", "budget": {"min_psnr_db": 20.0}, "passes": [{"name": "calibrated_schedule", "order": 0}]}
+    run = lambda: ditopt.optimize(model, profile, example_inputs=toy_inputs(batch=2), calibration=_sampler(12),  # noqa: E731
+                                  max_retries=1, on_gate_miss=on_gate_miss)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if on_gate_miss == "raise":
+            with pytest.raises(QualityGateError) as info:
+                run()
+            opt, message = info.value.optimized, str(info.value)
+        else:
+            opt = run()
+            message = "\n".join(str(w.message) for w in caught if issubclass(w.category, QualityGateWarning))
+    assert len(calls) == 2 and opt is calls[-1] and not opt.report.passed
+    gate = [w for w in caught if issubclass(w.category, QualityGateWarning)]
+    assert len(gate) == (1 if on_gate_miss == "warn" else 0)
+    if on_gate_miss == "return":
+        from ditopt.optimize import describe_gate_failure
+
+        message = describe_gate_failure(opt.report.to_dict())
+    assert "lower bound of the mean PSNR is 17.00 dB" in message and "20.0 dB budget" in message
+    assert "after 2 attempts" in message and "max_retries=2" in message and "lower budget.min_psnr_db" in message
+
+
+def test_on_gate_miss_must_be_known():
+    from ditopt.errors import DitoptError
+
+    with pytest.raises(DitoptError, match="on_gate_miss='ignore'"):
+        ditopt.optimize(AffineDiT(depth=2).eval(), "identity", example_inputs=toy_inputs(), on_gate_miss="ignore")
+
+
 def test_feature_forecast_recomputes_gate_by_hand():
     """TaylorSeer target='features': on a forecast step each block adds gate(t_now) * F(t_computed)."""
     from conftest import build_model, make_inputs

@@ -16,7 +16,7 @@ if prof[0].isdigit():
         budget["retry_margin_db"] = float(sys.argv[3])
     prof = {"name": "b", "budget": budget, "passes": [{"name": "calibrated_schedule", "order": "auto"}]}
 start = time.time()
-opt = ditopt.optimize(m, prof, example_inputs=b.make_inputs(2), calibration=calA, validation=val)
+opt = ditopt.optimize(m, prof, example_inputs=b.make_inputs(2), calibration=calA, validation=val, on_gate_miss="return")
 rep = opt.report.to_dict()
 p = rep["passes"][0]["report"]
 print(name, prof if isinstance(prof, str) else prof["budget"], 'time %.0fs' % (time.time() - start), 'sampled', sum(trial["sampled"] for trial in p["trials"]), 'trials', len(p["trials"]))

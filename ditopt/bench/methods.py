@@ -335,7 +335,7 @@ def _build_ditopt(ctx: BuildContext, params: dict[str, Any]) -> Runner:
             kwargs["stats"] = ctx.cache[stats_key]
     else:
         kwargs["num_steps"] = ctx.steps
-    opt = ditopt.optimize(model, profile, **kwargs)
+    opt = ditopt.optimize(model, profile, on_gate_miss="return", **kwargs)  # a missed gate is a row, flagged
     if calibrated and getattr(opt, "stats", None) is not None:
         ctx.cache.setdefault(stats_key, opt.stats)
     _prebuild(opt, bundle, ctx.cache.get("batch"))

@@ -48,7 +48,7 @@ def markdown_table(model: dict[str, Any]) -> str:
 
 def gate_missed(row: dict[str, Any]) -> bool:
     """A ditopt row whose held-out budget gate still failed after optimize's retries (the
-    library returns such a model flagged, report.passed False, and the CLI exits 1)."""
+    library raises QualityGateError, the CLI exits 1; the benchmark asks for the flagged model)."""
     return (row.get("info") or {}).get("passed") is False
 
 
@@ -59,8 +59,8 @@ def gate_note(row: dict[str, Any]) -> str:
     budget = (f"{profile.get('budget', {}).get('min_psnr_db')} dB" if isinstance(profile, dict)
               else f"the `{profile}` preset's")
     return (f"- `{row['key']}`: held-out gate **missed** after optimize's retries (lower bound "
-            f"{bound if bound is None else round(bound, 2)} dB, budget {budget}): optimize returned it flagged "
-            "(report.passed False; the CLI would exit 1); the row shows what that model measured")
+            f"{bound if bound is None else round(bound, 2)} dB, budget {budget}): optimize would raise QualityGateError and the CLI exit 1; "
+            "the benchmark asked for the flagged model (on_gate_miss='return'), and the row shows what it measured")
 
 
 def row_notes(model: dict[str, Any]) -> list[str]:
