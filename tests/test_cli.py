@@ -1,4 +1,4 @@
-"""CLI: the block table, JSON output, exit codes (0 ok, 2 bad input)."""
+"""CLI: the block table, JSON output, exit codes (0 ok, 1 quality gate failed, 2 bad input)."""
 
 from __future__ import annotations
 
@@ -39,3 +39,25 @@ def test_export_refuses_overwrite(tmp_path):
     assert (out / "manifest.json").is_file()
     assert runner.invoke(app, ["export", "tiny-dit", str(out)]).exit_code == 2
     assert runner.invoke(app, ["export", "tiny-dit", str(out), "--force"]).exit_code == 0
+
+
+def test_optimize_exits_1_and_says_why_when_the_gate_fails(monkeypatch, tmp_path):
+    """A failed gate: exit code 1, the report still written, and the last line names what missed
+    and what to change (here the per-call check, made to fail)."""
+    import sys
+
+    from ditopt.verify import Verification
+
+    opt_mod = sys.modules["ditopt.optimize"]
+    real = opt_mod.verify_per_call
+
+    def failing(*args, **kwargs):
+        result = real(*args, **kwargs)
+        return Verification("per-call", 0.5, None, None, result.budget, False, result.details)
+
+    monkeypatch.setattr(opt_mod, "verify_per_call", failing)
+    report = tmp_path / "report.json"
+    result = runner.invoke(app, ["optimize", "tiny-dit", "--report", str(report)])
+    assert result.exit_code == 1, result.output
+    assert json.loads(report.read_text())["passed"] is False
+    assert "quality gate failed: one denoiser call differs from the original by relative error 0.5" in " ".join(result.output.split())
