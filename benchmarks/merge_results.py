@@ -16,25 +16,33 @@ from pathlib import Path
 
 
 def merge(results: list[dict]) -> dict:
+    """Later inputs replace earlier ones model by model. The header (command, date, wall time,
+    merged_from_runs) lists only the runs whose models are kept, so an input that is itself a
+    merge can be merged again without carrying along the run a newer one replaced."""
     merged = json.loads(json.dumps(results[0]))
     merged["models"] = {}
-    commands, dates, walls = [], [], []
     for r in results:
         for name, model in r["models"].items():
-            model.setdefault("run", {"command": r["command"], "date": r["date"], "config": r["config"]})
-            model["run"].setdefault("machine", r["machine"])
+            run = model.setdefault("run", {"command": r["command"], "date": r["date"], "config": r["config"]})
+            run.setdefault("machine", r["machine"])
+            source = next((e for e in r.get("merged_from_runs", []) if name in e.get("models", [])), r)
+            run.setdefault("complete", source.get("complete"))
             merged["models"][name] = model
-        commands.append(r["command"])
-        dates.append(r["date"])
-        walls.append(r.get("wall_s") or 0)
-    merged["command"] = " && ".join(dict.fromkeys(commands))
-    merged["date"] = min(dates)
-    merged["merged_from_runs"] = [{"command": r["command"], "date": r["date"], "complete": r.get("complete"),
-                                   "models": list(r["models"])} for r in results]
-    merged["complete"] = all(r.get("complete") for r in results)
-    merged["wall_s"] = round(sum(walls), 1)
+    runs: dict[tuple, dict] = {}
+    for name, model in merged["models"].items():
+        run = model["run"]
+        entry = runs.setdefault((run["command"], run["date"]), {"command": run["command"], "date": run["date"],
+                                                                "complete": run.get("complete"), "models": []})
+        entry["models"].append(name)
+    kept = sorted(runs.values(), key=lambda e: e["date"])
+    merged["command"] = " && ".join(dict.fromkeys(e["command"] for e in kept))
+    merged["date"] = kept[0]["date"]
+    merged["merged_from_runs"] = kept
+    merged["complete"] = all(e["complete"] is not False for e in kept)
+    walls = [m.get("wall_s") for m in merged["models"].values()]  # each model's own run time
+    merged["wall_s"] = round(sum(walls), 1) if all(isinstance(w, (int, float)) for w in walls) else None
     merged["config"]["models"] = list(merged["models"])
-    la = [r["machine"].get("loadavg_at_end") for r in results if r["machine"].get("loadavg_at_end")]
+    la = [m["run"]["machine"].get("loadavg_at_end") for m in merged["models"].values() if m["run"]["machine"].get("loadavg_at_end")]
     merged["machine"]["loadavg_at_end"] = la[-1] if la else None
     return merged
 

@@ -169,3 +169,26 @@ def test_prebuilt_program_is_the_one_sampling_uses():
     programs = len(opt.programs)
     bundle.sample([0, 1, 2], [1, 2, 3], steps=2, model=opt)
     assert len(opt.programs) == programs
+
+
+def test_merging_a_merge_keeps_only_the_runs_whose_models_it_keeps():
+    """benchmarks/merge_results.py: a newer dit run merged into an older two-model merge replaces
+    dit, and the header names the flux run and the new dit run only, with their own wall times."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "merge_results.py"
+    spec = importlib.util.spec_from_file_location("merge_results", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def run(command, date, models):
+        return {"command": command, "date": date, "complete": True, "wall_s": 1.0, "config": {"models": list(models)},
+                "machine": {"loadavg_at_end": [1.0]}, "models": {m: {"wall_s": w, "results": []} for m, w in models.items()}}
+
+    old = module.merge([run("dit-old", "2026-01-01", {"dit": 100.0}), run("flux", "2026-01-02", {"flux": 20.0})])
+    assert old["wall_s"] == 120.0 and [e["command"] for e in old["merged_from_runs"]] == ["dit-old", "flux"]
+    new = module.merge([old, run("dit-new", "2026-01-03", {"dit": 90.0})])
+    assert [e["command"] for e in new["merged_from_runs"]] == ["flux", "dit-new"]
+    assert new["command"] == "flux && dit-new" and new["date"] == "2026-01-02" and new["wall_s"] == 110.0
+    assert new["models"]["dit"]["run"]["command"] == "dit-new" and new["models"]["flux"]["run"]["command"] == "flux"
