@@ -42,8 +42,9 @@ def merge(results: list[dict]) -> dict:
     walls = [m.get("wall_s") for m in merged["models"].values()]  # each model's own run time
     merged["wall_s"] = round(sum(walls), 1) if all(isinstance(w, (int, float)) for w in walls) else None
     merged["config"]["models"] = list(merged["models"])
-    la = [m["run"]["machine"].get("loadavg_at_end") for m in merged["models"].values() if m["run"]["machine"].get("loadavg_at_end")]
-    merged["machine"]["loadavg_at_end"] = la[-1] if la else None
+    by_date = sorted((m["run"] for m in merged["models"].values()), key=lambda run: run["date"])
+    merged["machine"]["loadavg_at_start"] = by_date[0]["machine"].get("loadavg_at_start")
+    merged["machine"]["loadavg_at_end"] = by_date[-1]["machine"].get("loadavg_at_end")
     return merged
 
 

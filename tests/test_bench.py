@@ -184,7 +184,8 @@ def test_merging_a_merge_keeps_only_the_runs_whose_models_it_keeps():
 
     def run(command, date, models):
         return {"command": command, "date": date, "complete": True, "wall_s": 1.0, "config": {"models": list(models)},
-                "machine": {"loadavg_at_end": [1.0]}, "models": {m: {"wall_s": w, "results": []} for m, w in models.items()}}
+                "machine": {"loadavg_at_start": [date], "loadavg_at_end": [date]},
+                "models": {m: {"wall_s": w, "results": []} for m, w in models.items()}}
 
     old = module.merge([run("dit-old", "2026-01-01", {"dit": 100.0}), run("flux", "2026-01-02", {"flux": 20.0})])
     assert old["wall_s"] == 120.0 and [e["command"] for e in old["merged_from_runs"]] == ["dit-old", "flux"]
@@ -192,3 +193,4 @@ def test_merging_a_merge_keeps_only_the_runs_whose_models_it_keeps():
     assert [e["command"] for e in new["merged_from_runs"]] == ["flux", "dit-new"]
     assert new["command"] == "flux && dit-new" and new["date"] == "2026-01-02" and new["wall_s"] == 110.0
     assert new["models"]["dit"]["run"]["command"] == "dit-new" and new["models"]["flux"]["run"]["command"] == "flux"
+    assert new["machine"]["loadavg_at_start"] == ["2026-01-02"] and new["machine"]["loadavg_at_end"] == ["2026-01-03"]
