@@ -414,14 +414,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "models.json")
     p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
-    p.add_argument("--note-file", type=Path, default=None, help="markdown paragraph placed under the title (scope notes)")
+    p.add_argument("--note-file", type=Path, default=None,
+                   help="markdown paragraph placed under the title (default: scope_note.md beside the JSON, when there)")
     args = p.parse_args(argv)
     result = json.loads(args.json.read_text())
     base = args.out.resolve().parent
     json_rel = os.path.relpath(args.json.resolve(), base)
     png_rel = os.path.relpath(args.json.resolve().parent / "models_pareto.png", base)
-    note = args.note_file.read_text() if args.note_file else None
     results_dir = args.json.resolve().parent
+    note_file = args.note_file or (results_dir / "scope_note.md")  # an earlier render without the flag dropped it
+    note = note_file.read_text() if note_file.exists() else None
     sections = (grid_gap_section, attention_section, quality_at_scale_section, forecast_overhead_section)
     text = render(result, json_rel, png_rel, note) + "\n".join(["", *(line for s in sections for line in s(results_dir))])
     sys.path.insert(0, str(ROOT))
