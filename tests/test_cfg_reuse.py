@@ -91,7 +91,8 @@ def test_cond_only_steps_must_be_computed_steps():
 def _budget(model, sampler, example, mode="auto"):
     schedule = {"name": "calibrated_schedule", "order": 1, "warmup": 2, "alpha": 0.0}
     profile = {"name": "b", "budget": {"min_psnr_db": 70.0}, "passes": [schedule if mode is None else {**schedule, "cfg_reuse": mode}]}
-    return ditopt.optimize(model, profile, example_inputs=example, calibration=sampler, max_retries=0)
+    # The search is under test, not the gate: its 2-sample bound may miss, so take the model back flagged.
+    return ditopt.optimize(model, profile, example_inputs=example, calibration=sampler, max_retries=0, on_gate_miss="return")
 
 
 def test_budget_search_uses_cond_only_steps_only_on_batched_cfg():
