@@ -38,7 +38,7 @@ def merge(results: list[dict]) -> dict:
     merged["command"] = " && ".join(dict.fromkeys(e["command"] for e in kept))
     merged["date"] = kept[0]["date"]
     merged["merged_from_runs"] = kept
-    merged["complete"] = all(e["complete"] is not False for e in kept)
+    merged["complete"] = all(e["complete"] for e in kept)
     walls = [m.get("wall_s") for m in merged["models"].values()]  # each model's own run time
     merged["wall_s"] = round(sum(walls), 1) if all(isinstance(w, (int, float)) for w in walls) else None
     merged["config"]["models"] = list(merged["models"])

@@ -112,7 +112,7 @@ def optimize(
     if not data["passed"]:
         from ditopt.optimize import describe_gate_failure
 
-        console.print(f"[bold red]{describe_gate_failure(data) or 'quality gate failed'}[/]")
+        console.print(f"[bold red]{describe_gate_failure(data)}[/]")
         raise typer.Exit(EXIT_QUALITY)
 
 

@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ditopt.errors import DitoptError
-from ditopt.optimize import describe_retry
+from ditopt.optimize import describe_retry, format_db
 
 from ditopt.zoo import VALIDATION_CLASSES as VAL_CLASSES, VALIDATION_SEEDS as VAL_SEEDS
 
@@ -41,10 +41,6 @@ def macs_of(fn) -> int:
     with mac_counter() as macs:
         fn()
     return macs()
-
-
-def _db(value: Any) -> str:
-    return f"{value:.2f} dB" if isinstance(value, (int, float)) else str(value)
 
 
 def median_time(fn, repeats: int) -> float:
@@ -171,11 +167,11 @@ def demo(
         table.add_row(f"pass {p['name']}", status + desc)
     for attempt in report.get("retries", []):
         table.add_row("retry", describe_retry(attempt))
-    table.add_row("PSNR predicted (calibration seeds)", _db(summary["predicted_psnr_db"]))
+    table.add_row("PSNR predicted (calibration seeds)", format_db(summary["predicted_psnr_db"]))
     bound = (e2e.get("details") or [{}])[0]
-    table.add_row("PSNR measured (held-out seeds)", f"{_db(summary['measured_psnr_db_heldout'])} "
-                  f"(end-to-end check on {bound.get('samples', '?')} seeds: mean {_db(e2e.get('psnr_db'))}, "
-                  f"{e2e.get('budget', {}).get('confidence', 0.5):.0%} lower bound {_db(e2e.get('psnr_lower_db'))})")
+    table.add_row("PSNR measured (held-out seeds)", f"{format_db(summary['measured_psnr_db_heldout'])} "
+                  f"(end-to-end check on {bound.get('samples', '?')} seeds: mean {format_db(e2e.get('psnr_db'))}, "
+                  f"{e2e.get('budget', {}).get('confidence', 0.5):.0%} lower bound {format_db(e2e.get('psnr_lower_db'))})")
     table.add_row("SSIM (held-out)", f"{summary['ssim_heldout']:.4f}")
     table.add_row("wall-clock speedup", f"{speedup:.2f}x ({threads} threads, median of {repeats})")
     table.add_row("MACs per sample", f"{macs_orig/1e9:.2f} G -> {macs_opt/1e9:.2f} G ({summary['macs_per_sample']['ratio']:.2f}x fewer)")
@@ -185,5 +181,5 @@ def demo(
     if not report["passed"]:
         from ditopt.optimize import describe_gate_failure
 
-        console.print(f"[bold red]{describe_gate_failure(report) or 'quality gate failed'}[/]")
+        console.print(f"[bold red]{describe_gate_failure(report)}[/]")
         raise typer.Exit(1)

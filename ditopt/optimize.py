@@ -97,8 +97,8 @@ def describe_gate_failure(report: dict[str, Any]) -> str | None:
             spread = next((d for d in v.get("details", []) if "samples" in d), {})
             attempts = len(report.get("retries", [])) + 1
             text = (f"quality gate failed: over {spread.get('samples', '?')} held-out samples the "
-                    f"{budget.get('confidence', 0.5):.0%} lower bound of the mean PSNR is {_db(v.get('psnr_lower_db'))} "
-                    f"(mean {_db(v.get('psnr_db'))}), under the {budget.get('min_psnr_db')} dB budget, after "
+                    f"{budget.get('confidence', 0.5):.0%} lower bound of the mean PSNR is {format_db(v.get('psnr_lower_db'))} "
+                    f"(mean {format_db(v.get('psnr_db'))}), under the {budget.get('min_psnr_db')} dB budget, after "
                     f"{attempts} attempt{'s' if attempts > 1 else ''}.")
             predicted = [p["report"]["predicted_psnr_db"] for p in report.get("passes", [])
                          if p.get("applied") and isinstance(p.get("report", {}).get("predicted_psnr_db"), (int, float))]
@@ -117,8 +117,11 @@ def describe_gate_failure(report: dict[str, Any]) -> str | None:
     return " ".join(lines)
 
 
-def _db(value: Any) -> str:
-    return f"{value:.2f} dB" if isinstance(value, (int, float)) else "? dB"
+def format_db(value: Any) -> str:
+    """A PSNR for people: "31.27 dB"; a report's "inf" as is, a missing value as "? dB"."""
+    if isinstance(value, (int, float)):
+        return f"{value:.2f} dB"
+    return "? dB" if value is None else str(value)
 
 
 def environment() -> dict[str, Any]:
@@ -294,7 +297,7 @@ def optimize(
     optimized.report = report
     optimized.stats = stats
     if not report.passed and on_gate_miss != "return":
-        message = describe_gate_failure(report.to_dict()) or "quality gate failed"
+        message = describe_gate_failure(report.to_dict())  # a str: the report has a failed check
         if on_gate_miss == "raise":
             raise QualityGateError(message, optimized=optimized)
         warnings.warn(message, QualityGateWarning, stacklevel=2)
