@@ -459,3 +459,37 @@ def test_fitted_schedule_forecasts_the_weighted_sum_by_hand():
     taylor = ditopt.optimize(model, _profile(**cfg, forecast="taylor"), example_inputs=toy_inputs(batch=2), stats=opt.stats)
     ref = _sampler(8)(model)
     assert (_sampler(8)(opt) - ref).norm() < (_sampler(8)(taylor) - ref).norm()
+
+
+def test_span_schedules_each_span_its_own_steps():
+    model = AffineDiT(depth=4, scale=1.05).eval()
+    stats = ditopt.optimize(model, _profile(name="calibrated_schedule", computed_steps=4, warmup=2, order=1),
+                            example_inputs=toy_inputs(batch=2), calibration=_sampler(8)).stats
+    spans = dict(name="calibrated_schedule", forecast="taylor", order=1, span_starts=[1])
+    split = ditopt.optimize(model, _profile(**spans, span_compute_steps=[[0, 1, 2, 4, 6], [0, 1, 3, 5, 7]]),
+                            example_inputs=toy_inputs(batch=2), stats=stats)
+    plan = split.programs[0].plan
+    assert [type(s) for s in plan] == [RunSegments, CachedSpan, CachedSpan, RunSegments]
+    assert plan[1].blocks == ("block.0",) and plan[2].blocks == ("block.1", "block.2", "block.3")
+    assert plan[1].policy.compute == (True, True, True, False, True, False, True, False)
+    assert plan[2].policy.compute == (True, True, False, True, False, True, False, True)
+    assert split.report.passes[0].report["block_evaluations"] == 1 * 5 + 3 * 5
+    # Each step forecasts the span its mask skips; the other span computes (on step 3, the
+    # rear blocks compute on the front block's forecast output).
+    cached = []
+    for s in range(8):
+        _call(split, torch.randn(2, 4, 8), 1.0 - s / 8)
+        cached.append(split.last_record.get("cached", []))
+    rear, front = ["block.1", "block.2", "block.3"], ["block.0"]
+    assert cached == [[], [], rear, front, rear, front, rear, front]
+    # The same steps in every span: the Taylor forecasts add up to the whole stack's forecast.
+    same = [[0, 1, 3, 5, 7]] * 2
+    both = ditopt.optimize(model, _profile(**spans, span_compute_steps=same), example_inputs=toy_inputs(batch=2), stats=stats)
+    whole = ditopt.optimize(model, _profile(name="calibrated_schedule", forecast="taylor", order=1, compute_steps=same[0]),
+                            example_inputs=toy_inputs(batch=2), stats=stats)
+    torch.testing.assert_close(_sampler(8)(both), _sampler(8)(whole), rtol=1e-5, atol=1e-5)
+    assert (_sampler(8)(split) - _sampler(8)(whole)).abs().max() > 1e-4  # other steps, other samples
+    for bad, match in (({"span_compute_steps": same[:1]}, "one tuple per span"),
+                       ({"span_compute_steps": same, "span_starts": [4]}, "must rise strictly")):
+        with pytest.raises(InvalidProfileError, match=match):
+            ditopt.optimize(model, _profile(**{**spans, **bad}), example_inputs=toy_inputs(batch=2), stats=stats)

@@ -226,6 +226,10 @@ class CalibratedScheduleConfig(PassConfig):
         "conditional half of the rows and rebuild the other half (FasterCache's CFG reuse); opt-in: PSNR misses "
         "what they do to the sample distribution (flux-digits balanced: +17% FFD at 31.8 dB)")
     cond_only_steps: tuple[int, ...] | None = Field(None, description="explicit conditional-only steps (replay); computed steps only")
+    span_starts: tuple[int, ...] | None = Field(None, description="first block of each span after the first: every span "
+                                                "gets its own computed steps (the front and rear of the stack settle at different times, as Δ-DiT found)")
+    span_compute_steps: tuple[tuple[int, ...], ...] | None = Field(None, description="explicit computed steps per span (replay), "
+                                                                   "one tuple per span")
     cond_only_cost: float = Field(
         0.55, gt=0, le=1, description="time of a conditional-only step relative to a full one, to rank schedules "
         "(a half-batch call took 0.553x / 0.552x of a full one on dit-/flux-digits, 2 CPU threads; "
@@ -307,6 +311,8 @@ def calibrated_schedule(graph: DiTGraph, config: CalibratedScheduleConfig, ctx: 
         return PassResult(new, True, report, replay=("calibrated_schedule", replay))
 
     changes = step_changes(residual)
+    if config.span_compute_steps is not None:
+        return _span_plan(graph, config, stats, candidates, t_axis, channels, num_channels)
     if config.compute_steps is not None or config.computed_steps is not None:
         if config.compute_steps is not None and (config.order == "auto" or config.forecast == "auto"):
             raise InvalidProfileError("calibrated_schedule: compute_steps needs a concrete order and forecast")
@@ -381,6 +387,38 @@ def calibrated_schedule(graph: DiTGraph, config: CalibratedScheduleConfig, ctx: 
     cond = cond_only_placement(mask, warmup, cond_only) if cond_only else None
     return finish(forecast, order, mask, {"target_psnr_db": target, "predicted_psnr_db": value, "computed_steps": k,
                                           "warmup": warmup, "alpha": alpha, **extra, "trials": trials}, cond)
+
+
+def _span_bounds(graph: DiTGraph, starts: tuple[int, ...] | None) -> list[tuple[int, int]]:
+    """[(first, last)] block indices of each span, inclusive."""
+    n = len(_block_names(graph))
+    cuts = [0, *(starts or ()), n]
+    if any(a >= b for a, b in zip(cuts, cuts[1:])):
+        raise InvalidProfileError(f"calibrated_schedule: span_starts {list(starts or ())} must rise strictly within 1..{n - 1}")
+    return [(a, b - 1) for a, b in zip(cuts, cuts[1:])]
+
+
+def _span_plan(graph: DiTGraph, config: CalibratedScheduleConfig, stats: Any, candidates: list[tuple[str, int]],
+               t_axis: list[float], channels: Any, num_channels: int | None) -> PassResult:
+    """One CachedSpan per span, each with its own computed steps and fitted forecast weights."""
+    spans = _span_bounds(graph, config.span_starts)
+    if len(config.span_compute_steps or ()) != len(spans):
+        raise InvalidProfileError(f"calibrated_schedule: span_compute_steps needs one tuple per span ({len(spans)})")
+    if config.target != "residual" or config.order == "auto" or config.forecast == "auto":
+        raise InvalidProfileError("calibrated_schedule: span_compute_steps needs target='residual' and a concrete order and forecast")
+    forecast, order = candidates[0] if config.forecast != "taylor" else candidates[-1]
+    names, steps, times = _block_names(graph), stats.num_steps, tuple(stats.timesteps)
+    stages = []
+    for i, ((first, last), chosen) in enumerate(zip(spans, config.span_compute_steps or ())):
+        mask = [s in set(chosen) for s in range(steps)]
+        weights: tuple = ()
+        if forecast == "fitted":
+            weights = fit_forecast_weights(span_residual_sketch(stats, first, last), mask, t_axis, config.history, channels, num_channels)
+        policy = StaticSchedule(tuple(mask), times, config.on_mismatch, weights)
+        stages.append(CachedSpan(tuple(names[first : last + 1]), policy, order, key=f"schedule_span{i}"))
+    report = _report(stages, graph, steps)
+    report["forecast"] = forecast
+    return PassResult(replace_blocks(graph, stages), True, report, replay=("calibrated_schedule", config))
 
 
 def _search_cond_only(psnr: Callable[[int, int], float], target: float, warmup: int, best_k: int, best_value: float,
