@@ -14,14 +14,13 @@ import sys
 from dataclasses import dataclass
 
 import ditopt
-from ditopt.bench.measure import mac_counter
 from ditopt.plan import RunSegments
 from ditopt.registry import PassConfig, PassResult, register_pass
 from ditopt.passes.caching.features import FORECAST_SUFFIX, forecast_variant, record_variant
 from ditopt.passes.caching.passes import _block_names, replace_blocks
 from ditopt.passes.caching.schedule import fit_forecast_weights, quantile_schedule, sketch_channels, span_residual_sketch
 from ditopt.passes.caching.stage import CachedSpan, StaticSchedule, TaylorCache
-from explore_setup import calibrated, psnr_both, setup
+from explore_setup import calibrated, macs_of, print_row, setup
 
 
 def attention_nodes(segment):
@@ -100,21 +99,14 @@ if __name__ == "__main__":
     name = sys.argv[1]; ks = [int(x) for x in sys.argv[2].split(',')]
     b, m, calA, val = setup(name)
     refA = calA(m); refV = val(m)
-    with mac_counter() as macs:
-        calA(m)
-    base = macs()
+    base = macs_of(calA, m)
     stats, changes = calibrated(b, m, calA)
 
     def run(label, mask, reuse, order=1):
         cs = tuple(i for i, c in enumerate(mask) if c)
         p = {"name": "proto_attn_reuse", "compute_steps": cs, "attn_reuse_steps": tuple(reuse), "attn_order": order}
         o = ditopt.optimize(m, {"name": "x", "passes": [p]}, example_inputs=b.make_inputs(2), stats=stats, calibration=calA)
-        with mac_counter() as macs:
-            calA(o)
-        ratio = base / macs()
-        o.reset()
-        pa, pv = psnr_both(o, calA, refA, val, refV)
-        print(f"{label:34s} macs x{ratio:5.2f} cal {pa.mean():6.2f} val {pv.mean():6.2f} min {pv.min():6.2f}", flush=True)
+        print_row(label, o, base, calA, refA, val, refV)
 
     late_sweep = sys.argv[3:] == ["late"]
     for k in ks:

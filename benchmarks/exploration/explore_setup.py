@@ -37,3 +37,20 @@ def calibrated(bundle, model, calibration):
     stats = ditopt.optimize(model, profile, example_inputs=bundle.make_inputs(2), calibration=calibration).stats
     residual = span_residual_sketch(stats, 0, stats.require("block_residual_sketch").shape[2] - 1)
     return stats, step_changes(residual)
+
+
+def macs_of(fn, model) -> int:
+    """Multiply-accumulates of one fn(model) run."""
+    from ditopt.bench.measure import mac_counter
+
+    with mac_counter() as macs:
+        fn(model)
+    return macs()
+
+
+def print_row(label, optimized, base_macs, calibration, ref_calibration, held_out, ref_held_out):
+    """One line: MAC reduction on the calibration run, mean PSNR on both seed sets, held-out minimum."""
+    ratio = base_macs / macs_of(calibration, optimized)
+    optimized.reset()
+    pa, pv = psnr_both(optimized, calibration, ref_calibration, held_out, ref_held_out)
+    print(f"{label:34s} macs x{ratio:5.2f} cal {pa.mean():6.2f} val {pv.mean():6.2f} min {pv.min():6.2f}", flush=True)

@@ -9,16 +9,13 @@ MACs of the calibration run relative to the unoptimized model.
 Output: benchmarks/results/exploration/span_schedule_<model>.log (stdout, as run).
 """
 import sys, ditopt
-from ditopt.bench.measure import mac_counter
 from ditopt.passes.caching.schedule import quantile_schedule, span_residual_sketch, step_changes
-from explore_setup import calibrated, psnr_both, setup
+from explore_setup import calibrated, macs_of, print_row, setup
 
 name = sys.argv[1]; ks = [int(x) for x in sys.argv[2].split(',')]
 b, m, calA, val = setup(name)
 refA = calA(m); refV = val(m)
-with mac_counter() as macs:
-    calA(m)
-base = macs()
+base = macs_of(calA, m)
 stats, changes = calibrated(b, m, calA)
 blocks = stats.require("block_residual_sketch").shape[2]
 split = blocks // 2
@@ -33,12 +30,7 @@ def run(label, masks):
     else:
         p = {"name": "calibrated_schedule", "span_starts": (split,), "span_compute_steps": steps_per_span, "forecast": "fitted", "order": 1}
     o = ditopt.optimize(m, {"name": "x", "passes": [p]}, example_inputs=b.make_inputs(2), stats=stats, calibration=calA)
-    with mac_counter() as macs:
-        calA(o)
-    ratio = base / macs()
-    o.reset()
-    pa, pv = psnr_both(o, calA, refA, val, refV)
-    print(f"{label:34s} macs x{ratio:5.2f} cal {pa.mean():6.2f} val {pv.mean():6.2f} min {pv.min():6.2f}", flush=True)
+    print_row(label, o, base, calA, refA, val, refV)
 
 
 for k in ks:
