@@ -47,10 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     real, _ = zoo.heldout_digits()
     n, ncal = args.samples, args.calibration_samples
     classes, seeds = [i % 10 for i in range(n)], [EVAL_SEED0 + i for i in range(n)]
-    result: dict = {
+    run = {
         "command": "python benchmarks/quality_at_scale.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "loadavg_at_start": os.getloadavg(), "threads": args.threads, "samples": n,
+        "loadavg_at_start": os.getloadavg(), "threads": args.threads,
+    }
+    result: dict = {
+        "runs": [run], "samples": n,
         "fd_real_train_vs_heldout": metrics.feature_frechet_distance(zoo.train_digits()[0], real, clf),
         "models": {},
     }
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         bundle = zoo.load(name)
         t0 = time.time()
         base = bundle.sample(classes, seeds, batch_size=args.batch)
-        rows = {"baseline": {**quality(base, None), "sampling_s": round(time.time() - t0, 1)}}
+        rows = {"baseline": {**quality(base, None), "sampling_s": round(time.time() - t0, 1), "run": run["date"]}}
         half = n // 2  # classes cycle 0..9, so both halves hold every class equally often when n % 20 == 0
         rows["baseline"]["ffd_half_vs_half_real"] = [metrics.feature_frechet_distance(base[:half], real, clf),
                                                      metrics.feature_frechet_distance(base[half:], real, clf)]
@@ -79,19 +82,36 @@ def main(argv: list[str] | None = None) -> int:
             )
             t0 = time.time()
             imgs = bundle.sample(classes, seeds, batch_size=args.batch, model=opt)
-            rows[profile] = {**quality(imgs, base), "sampling_s": round(time.time() - t0, 1)}
+            rows[profile] = {**quality(imgs, base), "sampling_s": round(time.time() - t0, 1), "run": run["date"]}
             b, r = rows["baseline"], rows[profile]
             r["class_accuracy_delta"] = r["class_accuracy"] - b["class_accuracy"]
             r["ffd_rel_delta"] = (r["ffd"] - b["ffd"]) / b["ffd"]
         result["models"][name] = rows
         print(name, json.dumps(rows, indent=1), flush=True)
-    result["loadavg_at_end"] = os.getloadavg()
+    run["loadavg_at_end"] = os.getloadavg()
     if args.out:
-        if args.out.exists():  # keep models measured by an earlier run
-            old = json.loads(args.out.read_text()).get("models", {})
-            result["models"] = {**{k: v for k, v in old.items() if k not in result["models"]}, **result["models"]}
+        if args.out.exists():
+            result = merge_runs(json.loads(args.out.read_text()), result)
         atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
     return 0
+
+
+def merge_runs(old: dict, new: dict) -> dict:
+    """`new` merged into an earlier result: models only the old run measured are kept, and so
+    are its presets of a model whose baseline this run reproduced (same class accuracy and FFD:
+    sampling is seeded, so the samples are the same); a model whose baseline differs is
+    replaced whole. Every row names the run it came from (`run`: that run's date), and `runs`
+    keeps the runs some row still comes from."""
+    if old.get("samples") != new["samples"] or old.get("fd_real_train_vs_heldout") != new["fd_real_train_vs_heldout"]:
+        return new  # another sample count or real-digit split: nothing comparable to keep
+    models = dict(old.get("models", {}))
+    for name, rows in new["models"].items():
+        before = models.get(name, {}).get("baseline", {})
+        same = all(before.get(k) == rows["baseline"][k] for k in ("class_accuracy", "ffd"))
+        models[name] = {**models[name], **rows} if same else rows
+    used = {row.get("run") for rows in models.values() for row in rows.values()}
+    runs = [r for r in old.get("runs", []) if r["date"] in used and r["date"] not in {x["date"] for x in new["runs"]}]
+    return {**new, "runs": runs + new["runs"], "models": models}
 
 
 if __name__ == "__main__":

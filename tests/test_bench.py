@@ -171,16 +171,21 @@ def test_prebuilt_program_is_the_one_sampling_uses():
     assert len(opt.programs) == programs
 
 
-def test_merging_a_merge_keeps_only_the_runs_whose_models_it_keeps():
-    """benchmarks/merge_results.py: a newer dit run merged into an older two-model merge replaces
-    dit, and the header names the flux run and the new dit run only, with their own wall times."""
+def _benchmark_script(name: str):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "merge_results.py"
-    spec = importlib.util.spec_from_file_location("merge_results", path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_merging_a_merge_keeps_only_the_runs_whose_models_it_keeps():
+    """benchmarks/merge_results.py: a newer dit run merged into an older two-model merge replaces
+    dit, and the header names the flux run and the new dit run only, with their own wall times."""
+    module = _benchmark_script("merge_results")
 
     def run(command, date, models):
         return {"command": command, "date": date, "complete": True, "wall_s": 1.0, "config": {"models": list(models)},
@@ -194,3 +199,28 @@ def test_merging_a_merge_keeps_only_the_runs_whose_models_it_keeps():
     assert new["command"] == "flux && dit-new" and new["date"] == "2026-01-02" and new["wall_s"] == 110.0
     assert new["models"]["dit"]["run"]["command"] == "dit-new" and new["models"]["flux"]["run"]["command"] == "flux"
     assert new["machine"]["loadavg_at_start"] == ["2026-01-02"] and new["machine"]["loadavg_at_end"] == ["2026-01-03"]
+
+
+def test_quality_at_scale_merge_keeps_presets_of_a_reproduced_baseline():
+    """benchmarks/quality_at_scale.py: a run adding presets to a model whose baseline it
+    reproduced keeps the earlier presets; a model whose baseline changed is replaced whole; every
+    row names its run, and `runs` lists only runs some row comes from."""
+    merge_runs = _benchmark_script("quality_at_scale").merge_runs
+
+    def result(date, models):
+        return {"runs": [{"command": f"cmd {date}", "date": date}], "samples": 200, "fd_real_train_vs_heldout": 30.0,
+                "models": {m: {p: {"class_accuracy": acc, "ffd": ffd, "run": date} for p, (acc, ffd) in rows.items()}
+                           for m, rows in models.items()}}
+
+    old = result("d1", {"dit": {"baseline": (0.9, 100.0), "balanced": (0.91, 90.0)}, "flux": {"baseline": (1.0, 900.0)}})
+    old = merge_runs(old, result("d2", {"flux": {"baseline": (1.0, 900.0), "balanced": (1.0, 901.0)}}))
+    new = merge_runs(old, result("d3", {"dit": {"baseline": (0.9, 100.0), "lossless": (0.9, 99.0)}}))
+    assert {p: r["run"] for p, r in new["models"]["dit"].items()} == {"baseline": "d3", "balanced": "d1", "lossless": "d3"}
+    assert {p: r["run"] for p, r in new["models"]["flux"].items()} == {"baseline": "d2", "balanced": "d2"}
+    assert [r["date"] for r in new["runs"]] == ["d1", "d2", "d3"]
+    changed = merge_runs(new, result("d4", {"dit": {"baseline": (0.8, 120.0), "fast": (0.8, 110.0)}}))
+    assert list(changed["models"]["dit"]) == ["baseline", "fast"]  # another baseline: old presets are not comparable
+    assert [r["date"] for r in changed["runs"]] == ["d2", "d4"]
+    other = result("d5", {"dit": {"baseline": (0.9, 100.0)}})
+    other["samples"] = 100
+    assert merge_runs(new, other) == other
