@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             t0 = time.time()
             imgs = bundle.sample(classes, seeds, batch_size=args.batch, model=opt)
-            rows[profile] = {**quality(imgs, base), "sampling_s": round(time.time() - t0, 1), "run": run["date"]}
+            rows[profile] = {**quality(imgs, base), "sampling_s": round(time.time() - t0, 1), "run": run["date"],
+                             "computed_steps": _computed_steps(opt.report.to_dict())}
             b, r = rows["baseline"], rows[profile]
             r["class_accuracy_delta"] = r["class_accuracy"] - b["class_accuracy"]
             r["ffd_rel_delta"] = (r["ffd"] - b["ffd"]) / b["ffd"]
@@ -94,6 +95,15 @@ def main(argv: list[str] | None = None) -> int:
             result = merge_runs(json.loads(args.out.read_text()), result)
         atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
     return 0
+
+
+def _computed_steps(report: dict) -> list[int] | None:
+    """The steps the chosen schedule computes (None without a calibrated schedule)."""
+    for record in report.get("passes", []):
+        stages = (record.get("report") or {}).get("stages") or []
+        if record.get("name") == "calibrated_schedule" and stages:
+            return stages[0].get("compute_steps")
+    return None
 
 
 def merge_runs(old: dict, new: dict) -> dict:
