@@ -490,6 +490,8 @@ def test_span_schedules_each_span_its_own_steps():
     torch.testing.assert_close(_sampler(8)(both), _sampler(8)(whole), rtol=1e-5, atol=1e-5)
     assert (_sampler(8)(split) - _sampler(8)(whole)).abs().max() > 1e-4  # other steps, other samples
     for bad, match in (({"span_compute_steps": same[:1]}, "one tuple per span"),
-                       ({"span_compute_steps": same, "span_starts": [4]}, "must rise strictly")):
+                       ({"span_compute_steps": same, "span_starts": [4]}, "must rise strictly"),
+                       ({"span_compute_steps": None}, "go together"),
+                       ({"span_compute_steps": same, "computed_steps": 3}, "replaces compute_steps")):
         with pytest.raises(InvalidProfileError, match=match):
             ditopt.optimize(model, _profile(**{**spans, **bad}), example_inputs=toy_inputs(batch=2), stats=stats)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Callable, Literal, Union
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ditopt.errors import CalibrationError, InvalidProfileError
 from ditopt.graph import DiTGraph
@@ -230,6 +230,16 @@ class CalibratedScheduleConfig(PassConfig):
                                                 "gets its own computed steps (the front and rear of the stack settle at different times, as Δ-DiT found)")
     span_compute_steps: tuple[tuple[int, ...], ...] | None = Field(None, description="explicit computed steps per span (replay), "
                                                                    "one tuple per span")
+
+    @model_validator(mode="after")
+    def _spans_are_explicit(self) -> "CalibratedScheduleConfig":
+        # Per-span steps are a replay form only (the search computes whole steps: per-span steps
+        # lost at equal MACs on both zoo models, docs/design.md); never ignore one half of it.
+        if (self.span_starts is None) != (self.span_compute_steps is None):
+            raise ValueError("span_starts and span_compute_steps go together (per-span steps are given, not searched)")
+        if self.span_starts is not None and (self.compute_steps is not None or self.computed_steps is not None or self.cond_only_steps):
+            raise ValueError("span_compute_steps replaces compute_steps / computed_steps / cond_only_steps: give one of them")
+        return self
     cond_only_cost: float = Field(
         0.55, gt=0, le=1, description="time of a conditional-only step relative to a full one, to rank schedules "
         "(a half-batch call took 0.553x / 0.552x of a full one on dit-/flux-digits, 2 CPU threads; "
