@@ -6,7 +6,6 @@ the reported time is the median over ``repeats`` after ``warmup`` rounds.
 """
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from typing import Dict, Optional, Sequence

@@ -124,7 +124,6 @@ def block_sparse_attention_reference(q, k, v, block_size: int = 64, rho: float =
     qi, ki, vi = q[:, :, n_text:], k[:, :, n_text:], v[:, :, n_text:]
     M = N - n_text
     kc, vs, n, Hm = block_stats(ki, vi, block_size)
-    nb = kc.shape[2]
     if selected is None:
         _, selected = select_blocks(qi, kc, Hm, block_size, rho, scale, eps, include_diagonal)
     blk = torch.arange(M, device=q.device) // block_size

@@ -22,7 +22,6 @@ Implementations:
 """
 from __future__ import annotations
 
-import math
 import threading
 from functools import lru_cache
 from typing import Optional, Tuple

@@ -18,7 +18,6 @@ computed by ``torch.nn.functional.scaled_dot_product_attention`` in the launcher
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch

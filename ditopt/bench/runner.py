@@ -33,7 +33,7 @@ from typing import Any, Callable
 import torch
 
 from .measure import machine_info, mac_counter, max_rss_mib, peak_allocated_bytes
-from .methods import BuildContext, MethodSetting, Runner, Unsupported, method_names, settings_for
+from .methods import BuildContext, Runner, Unsupported, method_names, settings_for
 
 __all__ = ["run_models", "DEFAULT_METHODS", "SCHEMA"]
 
