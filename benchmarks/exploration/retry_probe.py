@@ -1,8 +1,11 @@
 """One calibrated_schedule budget, optimize's attempts printed: each attempt's chosen schedule
 (computed and conditional-only steps), calibration PSNR, and the held-out gate's mean and bound.
 
-    python benchmarks/exploration/retry_probe.py dit-digits 30 [cfg_reuse auto|off]
+    python benchmarks/exploration/retry_probe.py dit-digits 30 [cfg_reuse auto|off] [key=value ...]
+
+key=value pairs (JSON values) override calibrated_schedule's config, e.g. alpha=0.
 """
+import json
 import sys
 import time
 
@@ -11,9 +14,10 @@ import ditopt
 
 name, budget = sys.argv[1], float(sys.argv[2])
 mode = sys.argv[3] if len(sys.argv) > 3 else "auto"
+overrides = {k: json.loads(v) for k, v in (a.split("=", 1) for a in sys.argv[4:])}
 bundle, model, calibration, held_out = setup(name)
 profile = {"name": f"b{budget}", "budget": {"min_psnr_db": budget, "max_rel_err": 1e-4},
-           "passes": [{"name": "calibrated_schedule", "order": "auto", "cfg_reuse": mode},
+           "passes": [{"name": "calibrated_schedule", "order": "auto", "cfg_reuse": mode, **overrides},
                       {"name": "conditioning_memo"}, {"name": "patch_layout"}]}
 t0 = time.perf_counter()
 opt = ditopt.optimize(model, profile, example_inputs=bundle.make_inputs(2), calibration=calibration, validation=held_out, on_gate_miss="return")
