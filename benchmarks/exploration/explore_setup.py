@@ -14,10 +14,11 @@ def sampler(bundle, classes, seeds):
     return lambda model: bundle.sample(classes, seeds, model=model)
 
 
-def setup(name: str):
+def setup(name: str, calibration_samples: int = 4):
     """(bundle, model, calibration fn, held-out fn)."""
     bundle = zoo.load(name)
-    calibration = sampler(bundle, [i % 10 for i in range(4)], [200000 + i for i in range(4)])
+    n = calibration_samples
+    calibration = sampler(bundle, [i % 10 for i in range(n)], [200000 + i for i in range(n)])
     held_out = sampler(bundle, [(i + 5) % 10 for i in range(16)], [300000 + i for i in range(16)])
     return bundle, bundle.model, calibration, held_out
 

@@ -3,7 +3,8 @@
 
     python benchmarks/exploration/retry_probe.py dit-digits 30 [cfg_reuse auto|off] [key=value ...]
 
-key=value pairs (JSON values) override calibrated_schedule's config, e.g. alpha=0.
+key=value pairs (JSON values) override calibrated_schedule's config, e.g. alpha=0;
+calibration_samples=N calibrates on N seeds (classes 0..N-1 cycling) instead of 4.
 """
 import json
 import sys
@@ -15,7 +16,8 @@ import ditopt
 name, budget = sys.argv[1], float(sys.argv[2])
 mode = sys.argv[3] if len(sys.argv) > 3 else "auto"
 overrides = {k: json.loads(v) for k, v in (a.split("=", 1) for a in sys.argv[4:])}
-bundle, model, calibration, held_out = setup(name)
+calibration_samples = int(overrides.pop("calibration_samples", 4))
+bundle, model, calibration, held_out = setup(name, calibration_samples)
 profile = {"name": f"b{budget}", "budget": {"min_psnr_db": budget, "max_rel_err": 1e-4},
            "passes": [{"name": "calibrated_schedule", "order": "auto", "cfg_reuse": mode, **overrides},
                       {"name": "conditioning_memo"}, {"name": "patch_layout"}]}
