@@ -120,7 +120,8 @@ def merge_runs(old: dict, new: dict) -> dict:
         same = all(before.get(k) == rows["baseline"][k] for k in ("class_accuracy", "ffd"))
         models[name] = {**models[name], **rows} if same else rows
     used = {row.get("run") for rows in models.values() for row in rows.values()}
-    runs = [r for r in old.get("runs", []) if r["date"] in used and r["date"] not in {x["date"] for x in new["runs"]}]
+    fresh = {r["date"] for r in new["runs"]}
+    runs = [r for r in old.get("runs", []) if r["date"] in used and r["date"] not in fresh]
     return {**new, "runs": runs + new["runs"], "models": models}
 
 

@@ -230,6 +230,10 @@ class CalibratedScheduleConfig(PassConfig):
                                                 "gets its own computed steps (the front and rear of the stack settle at different times, as Δ-DiT found)")
     span_compute_steps: tuple[tuple[int, ...], ...] | None = Field(None, description="explicit computed steps per span (replay), "
                                                                    "one tuple per span")
+    cond_only_cost: float = Field(
+        0.55, gt=0, le=1, description="time of a conditional-only step relative to a full one, to rank schedules "
+        "(a half-batch call took 0.553x / 0.552x of a full one on dit-/flux-digits, 2 CPU threads; "
+        "benchmarks/exploration/cfg_reuse_probe.py)")
 
     @model_validator(mode="after")
     def _spans_are_explicit(self) -> "CalibratedScheduleConfig":
@@ -240,10 +244,6 @@ class CalibratedScheduleConfig(PassConfig):
         if self.span_starts is not None and (self.compute_steps is not None or self.computed_steps is not None or self.cond_only_steps):
             raise ValueError("span_compute_steps replaces compute_steps / computed_steps / cond_only_steps: give one of them")
         return self
-    cond_only_cost: float = Field(
-        0.55, gt=0, le=1, description="time of a conditional-only step relative to a full one, to rank schedules "
-        "(a half-batch call took 0.553x / 0.552x of a full one on dit-/flux-digits, 2 CPU threads; "
-        "benchmarks/exploration/cfg_reuse_probe.py)")
 
 
 def forecast_plan(graph: DiTGraph, policy: StaticSchedule, order: int, target: str) -> tuple[DiTGraph, Stage]:
@@ -320,9 +320,9 @@ def calibrated_schedule(graph: DiTGraph, config: CalibratedScheduleConfig, ctx: 
                                            "cond_only_steps": cond_steps})
         return PassResult(new, True, report, replay=("calibrated_schedule", replay))
 
-    changes = step_changes(residual)
     if config.span_compute_steps is not None:
         return _span_plan(graph, config, stats, candidates, t_axis, channels, num_channels)
+    changes = step_changes(residual)
     if config.compute_steps is not None or config.computed_steps is not None:
         if config.compute_steps is not None and (config.order == "auto" or config.forecast == "auto"):
             raise InvalidProfileError("calibrated_schedule: compute_steps needs a concrete order and forecast")
@@ -420,7 +420,8 @@ def _span_plan(graph: DiTGraph, config: CalibratedScheduleConfig, stats: Any, ca
     names, steps, times = _block_names(graph), stats.num_steps, tuple(stats.timesteps)
     stages = []
     for i, ((first, last), chosen) in enumerate(zip(spans, config.span_compute_steps or ())):
-        mask = [s in set(chosen) for s in range(steps)]
+        computed = set(chosen)
+        mask = [s in computed for s in range(steps)]
         weights: tuple = ()
         if forecast == "fitted":
             weights = fit_forecast_weights(span_residual_sketch(stats, first, last), mask, t_axis, config.history, channels, num_channels)
