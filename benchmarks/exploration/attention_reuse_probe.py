@@ -11,7 +11,7 @@ and 16 held-out seeds, and MACs of the calibration run relative to the unoptimiz
 Output: benchmarks/results/exploration/attention_reuse_probe_<model>[_late].log (stdout, as run).
 """
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import ditopt
 from ditopt.plan import RunSegments
@@ -85,9 +85,9 @@ def proto(graph, config, ctx):
         seg = graph.segment(n)
         feats[n] = attention_nodes(seg)
         v = forecast_variant(seg, feats[n])
-        v = type(v)(f"{n}:attnforecast", *[getattr(v, f) for f in ("kind", "block", "module", "inputs", "outputs")])
+        v = replace(v, name=f"{n}:attnforecast")
         r = record_variant(seg, feats[n])
-        r = type(r)(f"{n}:attnrecord", *[getattr(r, f) for f in ("kind", "block", "module", "inputs", "outputs")])
+        r = replace(r, name=f"{n}:attnrecord")
         graph = graph.with_variant(v).with_variant(r)
     reuse = tuple(s in set(config.attn_reuse_steps) for s in range(steps))
     stage = AttnReuseSpan(names, StaticSchedule(tuple(mask), times, "rederive", weights), 1, key="proto",
