@@ -25,19 +25,22 @@ def _truth(model, x, t, cond):
     return model.blocks[0].scale ** n * x + t * model.total_w() + model.total_c() * t * cond[:, None, :]
 
 
-def _explicit(model, x0, u, c, cond_only, computed=(0, 1, 2, 3)):
+def _explicit(model, x0, u, c, cond_only, computed=(0, 1, 2, 3), **extra):
     profile = {"name": "t", "budget": {"max_rel_err": 1e-5}, "passes": [
-        {"name": "calibrated_schedule", "compute_steps": list(computed), "cond_only_steps": list(cond_only), "forecast": "taylor", "order": 1}]}
+        {"name": "calibrated_schedule", "compute_steps": list(computed), "cond_only_steps": list(cond_only), "forecast": "taylor", "order": 1,
+         **extra}]}
     return ditopt.optimize(model, profile, example_inputs=_inputs(x0, u, c, TIMES[0]), calibration=cfg_sampler(x0, u, c, TIMES))
 
 
-def test_cond_only_steps_rebuild_the_first_half_by_hand():
+@pytest.mark.parametrize("order", [0, 1])
+def test_cond_only_steps_rebuild_the_first_half_by_hand(order):
     torch.manual_seed(0)
     model = CondAffineDiT(depth=3, scale=1.5).eval()
     x0, u, c = torch.randn(1, 4, 8), torch.zeros(1, 8), torch.randn(1, 8)
-    opt = _explicit(model, x0, u, c, cond_only=(2, 3))
+    opt = _explicit(model, x0, u, c, cond_only=(2, 3), cfg_delta_order=order)
     stage = opt.programs[0].plan[1]
     assert isinstance(stage, CachedSpan) and stage.policy.cond_only == (False, False, True, True)
+    assert stage.policy.cfg_delta_order == order
     assert opt.report.passes[0].report["cond_only_steps"] == [2, 3]
     assert "on_miss" not in opt.report.passes[0].report  # given steps, not searched: nothing to drop
     C = model.total_c()
@@ -50,12 +53,17 @@ def test_cond_only_steps_rebuild_the_first_half_by_hand():
             if step < 2:
                 assert torch.allclose(first, _truth(model, x, t, u), atol=1e-4)
                 assert "cond_only" not in opt.last_record
-            else:
+            elif order == 0:
                 # residual of the second half + (first - second) kept at step 1 (t = 3):
                 # the cond term C*t*c of this step plus C*3*(u - c), instead of C*t*u.
                 rebuilt = _truth(model, x, t, c) + C * TIMES[1] * (u - c)[:, None, :]
                 assert torch.allclose(first, rebuilt, atol=1e-4)
                 assert not torch.allclose(first, _truth(model, x, t, u), atol=1e-2)
+                assert opt.last_record["cond_only"] == BLOCKS
+            else:
+                # The difference C*t*(u - c) is linear in t, so the line through steps 0 and 1
+                # (t = 4, 3) rebuilds it exactly at t = 2 and 1: the first half is the truth.
+                assert torch.allclose(first, _truth(model, x, t, u), atol=1e-4)
                 assert opt.last_record["cond_only"] == BLOCKS
     # The half-batch program was captured beside the full one.
     assert len(opt.programs) == 2
@@ -186,7 +194,10 @@ def test_cond_only_step_on_the_zoo_architectures(name):
     bundle = zoo.load(name)
     model = bundle.model
     profile = {"name": "t", "budget": {"max_rel_err": 1e-4}, "passes": [
-        {"name": "calibrated_schedule", "compute_steps": [0, 1, 2, 3], "cond_only_steps": [2, 3], "forecast": "taylor", "order": 1},
+        # Each step below gets fresh random latents, not a trajectory: nothing to extrapolate
+        # the CFG difference along, so it is kept as is (order 0).
+        {"name": "calibrated_schedule", "compute_steps": [0, 1, 2, 3], "cond_only_steps": [2, 3], "forecast": "taylor", "order": 1,
+         "cfg_delta_order": 0},
         {"name": "conditioning_memo"}, {"name": "patch_layout"}]}
     opt = ditopt.optimize(model, profile, example_inputs=bundle.make_inputs(1),
                           calibration=lambda m: bundle.sample([3], [0], steps=4, model=m))

@@ -226,6 +226,9 @@ class CalibratedScheduleConfig(PassConfig):
         "conditional half of the rows and rebuild the other half (FasterCache's CFG reuse); opt-in: PSNR misses "
         "what they do to the sample distribution (flux-digits balanced: +17% FFD at 31.8 dB)")
     cond_only_steps: tuple[int, ...] | None = Field(None, description="explicit conditional-only steps (replay); computed steps only")
+    cfg_delta_order: Literal[0, 1] = Field(1, description="how a conditional-only step rebuilds the unconditional half's "
+                                           "difference: 1 extrapolates it linearly from the last two full steps, 0 keeps the last one "
+                                           "(FasterCache)")
     span_starts: tuple[int, ...] | None = Field(None, description="first block of each span after the first: every span "
                                                 "gets its own computed steps (the front and rear of the stack settle at different times, as Δ-DiT found)")
     span_compute_steps: tuple[tuple[int, ...], ...] | None = Field(None, description="explicit computed steps per span (replay), "
@@ -292,7 +295,8 @@ def calibrated_schedule(graph: DiTGraph, config: CalibratedScheduleConfig, ctx: 
             if tuple(mask) not in fitted:
                 fitted[tuple(mask)] = fit_forecast_weights(residual, mask, t_axis, config.history, channels, num_channels)
             weights = fitted[tuple(mask)]
-        return StaticSchedule(tuple(mask), times, config.on_mismatch, weights, tuple(cond) if cond and any(cond) else ())
+        return StaticSchedule(tuple(mask), times, config.on_mismatch, weights, tuple(cond) if cond and any(cond) else (),
+                              config.cfg_delta_order)
 
     def make(forecast: str, order: int, mask: list[bool], cond: list[bool] | None = None) -> DiTGraph:
         return forecast_plan(graph, policy(forecast, mask, cond), order, config.target)[0]
