@@ -73,7 +73,8 @@ def _best_at(model: dict, min_psnr: float) -> list[str]:
 
 # Targets of the caching issue, checked against the measured rows (never typed in).
 BALANCED_TARGET = {"dit-digits": 3.0, "flux-digits": 2.5}
-CACHING_FAMILIES = ("ditopt presets", "ditopt calibrated_schedule at a PSNR budget", "ditopt taylor_forecast",
+CACHING_FAMILIES = ("ditopt presets", "ditopt calibrated_schedule at a PSNR budget",
+                    "ditopt calibrated_schedule at a PSNR budget, cfg_reuse='auto'", "ditopt taylor_forecast",
                     "ditopt residual_cache")
 
 

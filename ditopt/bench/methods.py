@@ -383,13 +383,15 @@ def _residual_profile(interval: int, warmup: int, order: int) -> dict:
 _EXACT_PASSES = ({"name": "conditioning_memo"}, {"name": "patch_layout"})
 
 
-def _budget_profile(min_psnr_db: float) -> dict:
+def _budget_profile(min_psnr_db: float, **schedule: Any) -> dict:
     """The calibrated schedule at a user-stated PSNR budget (what the presets are, at other budgets):
     ditopt's curve between the presets and above ``lossless``. Points exist only where a budget
     was asked for, and each lands 1-3 dB above it (held-out gate), so the grid is dense enough to
-    put a ditopt point just above each peer's PSNR."""
-    return {"name": f"schedule-{min_psnr_db:g}dB", "budget": {"min_psnr_db": min_psnr_db, "max_rel_err": 1e-4},
-            "passes": [{"name": "calibrated_schedule", "order": "auto"}, *_EXACT_PASSES]}
+    put a ditopt point just above each peer's PSNR. ``schedule``: calibrated_schedule options
+    beyond the defaults (e.g. cfg_reuse)."""
+    suffix = "".join(f"-{k}={v}" for k, v in schedule.items())
+    return {"name": f"schedule-{min_psnr_db:g}dB{suffix}", "budget": {"min_psnr_db": min_psnr_db, "max_rel_err": 1e-4},
+            "passes": [{"name": "calibrated_schedule", "order": "auto", **schedule}, *_EXACT_PASSES]}
 
 
 def _attention_profile(name: str, attention: dict, budget_db: float | None = None, forced: bool = True) -> dict:
@@ -449,6 +451,11 @@ def _specs() -> dict[str, dict[str, Any]]:
         "ditopt-budget": {"family": "ditopt calibrated_schedule at a PSNR budget", "provider": "ditopt",
                           "build": _build_ditopt,
                           "settings": [S(f"{db:g} dB", profile=_budget_profile(db)) for db in (50.0, 48.0, 47.0, 45.0, 42.0, 41.0, 40.0, 37.5, 32.5, 27.5)]},
+        # The opt-in conditional-only steps (FasterCache's CFG reuse with an extrapolated
+        # difference), at the budgets around the presets: what a user gains by turning them on.
+        "ditopt-budget-cfg": {"family": "ditopt calibrated_schedule at a PSNR budget, cfg_reuse='auto'", "provider": "ditopt",
+                              "build": _build_ditopt,
+                              "settings": [S(f"{db:g} dB", profile=_budget_profile(db, cfg_reuse="auto")) for db in (45.0, 40.0, 37.5, 35.0, 30.0)]},
         "ditopt-memo": {"family": "ditopt conditioning_memo", "provider": "ditopt", "build": _build_ditopt,
                         "settings": [S("exact", exact=True, profile={"name": "conditioning-memo", "passes": [{"name": "conditioning_memo"}]})]},
         "ditopt-layout": {"family": "ditopt patch_layout", "provider": "ditopt", "build": _build_ditopt,
