@@ -143,6 +143,24 @@ def test_a_missed_gate_is_marked_in_the_table_and_notes(quick_run):
     assert any("gate **missed**" in n and "44.9 dB" in n and "45.0 dB" in n for n in row_notes(model))
 
 
+def test_a_row_whose_gate_missed_counts_toward_no_target():
+    """render_benchmarks: the Pareto lead and the realized/MAC range leave out a ditopt row whose
+    held-out gate missed (optimize would have refused that model), however fast it measured."""
+    render = _benchmark_script("render_benchmarks")
+
+    def row(method, provider, speedup, psnr, passed=True):
+        return {"method": method, "family": method, "provider": provider, "setting": "s", "key": f"{method}[s]",
+                "status": "ok", "speedup": speedup, "mac_ratio": 0.5, "quality": {"psnr_db": psnr},
+                "info": {"passed": passed} if provider == "ditopt" else {}}
+
+    model = {"results": [row("baseline", "reference", 1.0, 99.0), row("peer", "diffusers", 2.0, 40.0),
+                         row("ditopt-budget", "ditopt", 2.2, 41.0), row("ditopt-budget", "ditopt", 9.0, 45.0, passed=False)]}
+    model["results"][-1]["key"] = "ditopt-budget[fast-but-refused]"
+    assert [r["key"] for r in render._ok_rows(model)] == ["baseline[s]", "peer[s]", "ditopt-budget[s]"]
+    lead = next(line for line in render._targets("dit-digits", model) if line.startswith("- Pareto lead"))
+    assert "1.10x to 1.10x" in lead
+
+
 def test_settings_expand():
     full = settings_for(list(METHODS))
     assert full[0].method == "baseline"
