@@ -215,3 +215,18 @@ def test_cond_only_step_on_the_zoo_architectures(name):
                 assert err < 1e-5 and "cond_only" not in opt.last_record
             else:
                 assert opt.last_record["cond_only"] and 1e-6 < err < 0.2, (step, err)
+
+
+def test_extrapolated_difference_follows_the_timesteps():
+    """The line through the last two full steps' differences, in timestep units (unevenly
+    spaced steps included); one kept step, order 0, or a repeated timestep keep the last one."""
+    from ditopt.passes.caching.stage import _extrapolated_difference
+
+    a, b = torch.tensor([1.0, -2.0]), torch.tensor([2.0, 0.0])
+    kept = [(4.0, [a]), (3.0, [b])]
+    # slope per unit t: (b - a) / (3 - 4); at t = 1, two units past t = 3
+    assert torch.allclose(_extrapolated_difference(kept, 1.0, 1)[0], b + 2 * (b - a))
+    assert torch.allclose(_extrapolated_difference(kept, 2.5, 1)[0], b + 0.5 * (b - a))
+    assert _extrapolated_difference(kept, 1.0, 0)[0] is b
+    assert _extrapolated_difference(kept[-1:], 1.0, 1)[0] is b
+    assert _extrapolated_difference([(3.0, [a]), (3.0, [b])], 1.0, 1)[0] is b

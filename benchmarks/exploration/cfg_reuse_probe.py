@@ -6,38 +6,17 @@ full step. Held-out seeds of the benchmark; also the time of a half-batch call a
     python benchmarks/exploration/cfg_reuse_probe.py dit-digits
 """
 import sys, time, torch
-from explore_setup import setup
+from explore_setup import CondOnlyOutput, cond_only_patterns, setup
 from ditopt.metrics import psnr_per_sample
 
 name = sys.argv[1]
 bundle, model, calibration, held_out = setup(name)
 
-class CondOnly(torch.nn.Module):
-    def __init__(self, m, pattern):
-        super().__init__(); self.m = m; self.pattern = pattern; self.step = 0; self.delta = None
-    def forward(self, return_dict=False, **kw):
-        n2 = kw["hidden_states"].shape[0]; n = n2 // 2
-        if self.pattern(self.step) or self.delta is None:
-            out = self.m(**kw, return_dict=False)[0]
-            self.delta = out[:n] - out[n:]
-        else:
-            half = {}
-            for k, v in kw.items():
-                half[k] = v[n:] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n2 else v
-            c = self.m(**half, return_dict=False)[0]
-            out = torch.cat([c + self.delta, c], 0)
-        self.step += 1
-        return (out,)
-
 ref = held_out(model)
 steps = bundle.default_steps
-patterns = [("every other step", lambda s: s % 2 == 0), ("every 3rd full", lambda s: s % 3 == 0),
-            ("every 4th full", lambda s: s % 4 == 0),
-            ("every other, last half", lambda s: s < steps // 2 or s % 2 == 0),
-            ("every other, last third", lambda s: s < 2 * steps // 3 or s % 2 == 0),
-            ("every other after 10", lambda s: s < 10 or s % 2 == 0)]
+patterns = cond_only_patterns(steps)
 for label, pat in patterns:
-    w = CondOnly(model, pat)
+    w = CondOnlyOutput(model, pat)
     x = held_out(w)
     p = torch.tensor(psnr_per_sample(x, ref))
     full = sum(1 for s in range(steps) if pat(s) or s == 0)

@@ -55,3 +55,41 @@ def print_row(label, optimized, base_macs, calibration, ref_calibration, held_ou
     optimized.reset()
     pa, pv = psnr_both(optimized, calibration, ref_calibration, held_out, ref_held_out)
     print(f"{label:34s} macs x{ratio:5.2f} cal {pa.mean():6.2f} val {pv.mean():6.2f} min {pv.min():6.2f}", flush=True)
+
+
+class CondOnlyOutput(torch.nn.Module):
+    """Conditional-only steps at the model output: on a step where ``pattern(step)`` is false
+    the model runs on the conditional half of a batched-CFG call and the unconditional half is
+    rebuilt from the difference (unconditional minus conditional) of the last full step (order
+    0) or extrapolated linearly in the step index from the last two (order 1)."""
+
+    def __init__(self, model, pattern, order: int = 0):
+        super().__init__()
+        self.m, self.pattern, self.order = model, pattern, order
+        self.step, self.deltas = 0, []  # [(step, difference)] of the last two full steps
+
+    def forward(self, return_dict=False, **kw):
+        n2 = kw["hidden_states"].shape[0]
+        n = n2 // 2
+        if self.pattern(self.step) or not self.deltas:
+            out = self.m(**kw, return_dict=False)[0]
+            self.deltas = (self.deltas + [(self.step, out[:n] - out[n:])])[-2:]
+        else:
+            half = {k: (v[n:] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n2 else v) for k, v in kw.items()}
+            c = self.m(**half, return_dict=False)[0]
+            s1, d = self.deltas[-1]
+            if self.order == 1 and len(self.deltas) == 2:
+                s0, d0 = self.deltas[0]
+                d = d + (d - d0) * (self.step - s1) / (s1 - s0)
+            out = torch.cat([c + d, c], 0)
+        self.step += 1
+        return (out,)
+
+
+def cond_only_patterns(steps: int) -> list:
+    """(label, pattern) pairs: which steps compute in full."""
+    return [("every other step", lambda s: s % 2 == 0), ("every 3rd full", lambda s: s % 3 == 0),
+            ("every 4th full", lambda s: s % 4 == 0),
+            ("every other, last half", lambda s: s < steps // 2 or s % 2 == 0),
+            ("every other, last third", lambda s: s < 2 * steps // 3 or s % 2 == 0),
+            ("every other after 10", lambda s: s < 10 or s % 2 == 0)]

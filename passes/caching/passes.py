@@ -218,13 +218,13 @@ class CalibratedScheduleConfig(PassConfig):
     margin_db: float = Field(1.0, ge=0, description="PSNR margin over the budget on calibration inputs")
     on_mismatch: Literal["rederive", "error"] = "rederive"
     target: Literal["features", "residual"] = "residual"
-    # Off by default: on flux-digits `balanced` they cost +17% feature Frechet distance at 200
-    # samples (benchmarks/quality_at_scale.py, 2026-11-24) while PSNR stayed at 31.8 dB, and on
-    # dit-digits 14 of 15 benchmark rows dropped them after a held-out miss.
+    # Off by default: on dit-digits a plan with them spends all the headroom, misses the held-out
+    # check and the retry drops them (the 45 dB benchmark row then ran out of retries); on
+    # flux-digits they gain 1-2 steps' worth at some budgets (docs/design.md).
     cfg_reuse: Literal["auto", "off"] = Field(
         "off", description="'auto': when calibration saw CFG batched into one call, also search steps that compute only the "
-        "conditional half of the rows and rebuild the other half (FasterCache's CFG reuse); opt-in: PSNR misses "
-        "what they do to the sample distribution (flux-digits balanced: +17% FFD at 31.8 dB)")
+        "conditional half of the rows and rebuild the other half (FasterCache's CFG reuse); opt-in: they gain on "
+        "flux-digits and cost a retry on dit-digits")
     cond_only_steps: tuple[int, ...] | None = Field(None, description="explicit conditional-only steps (replay); computed steps only")
     cfg_delta_order: Literal[0, 1] = Field(1, description="how a conditional-only step rebuilds the unconditional half's "
                                            "difference: 1 extrapolates it linearly from the last two full steps, 0 keeps the last one "
