@@ -31,8 +31,9 @@ where D(t) extrapolates linearly in the timestep from the last two full steps (o
 full step so far, or order 0 as FasterCache does: D of the last full step). On both zoo models
 the extrapolated difference reads 4-14 dB higher than the frozen one at the same steps
 (benchmarks/exploration/cfg_delta_extrapolation.py). The span runs on the program the runtime
-captures for the half batch (`StepContext.second_half`). A call whose halves do not hold the same latents, or whose half program reads other shapes, computes
-in full instead (and says so in the call record): the mask never changes what a call means.
+captures for the half batch (`StepContext.second_half`). A call whose halves do not hold the
+same latents, or whose half program reads other shapes, computes in full instead (and says so
+in the call record): the mask never changes what a call means.
 
 All cross-step values live in `ctx.state`, which the runtime keeps per CFG branch and clears per
 generation.
