@@ -88,6 +88,28 @@ def test_cond_only_declines_calls_that_are_not_batched_cfg():
                 assert ("different latents" if step == 2 else "no full step with batched CFG") in reason, reason
 
 
+def test_a_cfg_pair_after_a_call_that_is_none_starts_the_difference_over():
+    """Step 1 is no CFG pair (the difference is cleared), step 2 is a pair again: the
+    conditional-only step 3 rebuilds from step 2's difference alone (one kept step: no line to
+    extrapolate along), not from step 0's, and is not declined."""
+    torch.manual_seed(4)
+    model = CondAffineDiT(depth=3, scale=1.5).eval()
+    x0, u, c = torch.randn(1, 4, 8), torch.zeros(1, 8), torch.randn(1, 8)
+    opt = _explicit(model, x0, u, c, cond_only=(3,))
+    C = model.total_c()
+    with torch.no_grad():
+        for step, t in enumerate(TIMES):
+            a = torch.randn(1, 4, 8)
+            b = torch.randn(1, 4, 8) if step == 1 else a
+            out = opt(x=torch.cat([a, b]), timestep=torch.full((2,), t), cond=torch.cat([u, c]))
+            if step < 3:
+                assert torch.allclose(out, torch.cat([_truth(model, a, t, u), _truth(model, b, t, c)]), atol=1e-4)
+            else:
+                assert opt.last_record["cond_only"] == BLOCKS and "cond_only_declined" not in opt.last_record
+                rebuilt = _truth(model, a, t, c) + C * TIMES[2] * (u - c)[:, None, :]
+                assert torch.allclose(out[:1], rebuilt, atol=1e-4)
+
+
 def test_cond_only_steps_must_be_computed_steps():
     torch.manual_seed(2)
     model = CondAffineDiT(depth=2).eval()

@@ -396,9 +396,12 @@ class CachedSpan(Stage):
                 RunSegments(self.blocks).run(graph, env, ctx)
                 values = [env[o] - b for (_, o), b in zip(io.pairs, before)] + [env[o].clone() for o in io.unpaired]
                 if self.uses_second_half():
-                    # Only the last two full steps of batched CFG count; another call resets them.
-                    kept = state.get("cfg_deltas", []) if latent_halves_equal(graph, env) else None
-                    state["cfg_deltas"] = None if kept is None else (kept + [(t, _half_difference(values))])[-2:]
+                    # Only the last two full steps of batched CFG count: a call that is no CFG
+                    # pair clears them, and the next pair starts over.
+                    if latent_halves_equal(graph, env):
+                        state["cfg_deltas"] = ((state.get("cfg_deltas") or []) + [(t, _half_difference(values))])[-2:]
+                    else:
+                        state["cfg_deltas"] = None
             state["taylor"].update(values, t)
             state["cached_run"] = 0
             state["history"].append(t)
