@@ -143,6 +143,42 @@ def test_only_calibrated_local_blocks_are_rewritten():
     assert result.report["predicted_attention_flop_saving"] == pytest.approx(0.5 * (1 - 36 / 64))
 
 
+def tile_stats(graph, window_mass: dict[int, list[float]], num_steps: int = 3) -> CalibStats:
+    """Stats whose window mass at tile t and radius RADII[i] is window_mass[t][i] in every block and head."""
+    blocks, heads = len(graph.blocks), max(s.heads for b in graph.blocks for s in b.attention)
+    tensors = {}
+    for tile, masses in window_mass.items():
+        t = torch.tensor(masses).expand(1, blocks, heads, len(RADII)).clone()
+        tensors[f"attention.window_mass_by_step.tile{tile}"] = t
+        tensors[f"attention.window_mass.tile{tile}"] = t.mean(0)
+    meta = {"attention": {"tiles": sorted(window_mass), "step_buckets": [[0, num_steps]]}}
+    return CalibStats(graph.structure_hash(), graph.model_class, num_steps, [0.0] * num_steps, tensors, meta)
+
+
+@pytest.mark.parametrize("tile4_mass, expected", [
+    ([0.99, 1.0, 1.0], 4),   # local at 4x4 tiles: a 3x3-tile window keeps 9 of 64 tiles
+    ([0.5, 0.99, 1.0], 8),   # needs radius 2 at 4x4 tiles (25 of 64 tiles): too slow per multiply-add
+    ([0.5, 0.6, 0.7], 8),    # broad at 4x4 tiles
+])
+def test_auto_tile_keeps_the_fewest_weighted_multiply_adds(tile4_mass, expected):
+    import diffusers
+
+    torch.manual_seed(0)
+    model = diffusers.DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1, num_layers=1,
+        sample_size=32, patch_size=1, num_embeds_ada_norm=10, norm_num_groups=1).eval()
+    kwargs = {"hidden_states": torch.randn(1, 1, 32, 32), "timestep": torch.tensor([500]), "class_labels": torch.tensor([3])}
+    graph = capture(model, kwargs)
+    assert graph.grid == (32, 32)
+    stats = tile_stats(graph, {4: tile4_mass, 8: [0.99, 1.0, 1.0]})
+    result = apply("neighborhood_attention", graph, stats, max_cost=0.9)
+    assert result.modified and result.report["tile"] == expected
+    assert result.report["layers"][0]["tile"] == expected and result.report["layers"][0]["radius"] == 1
+    # A tile the calibration did not measure is never picked.
+    only8 = apply("neighborhood_attention", graph, tile_stats(graph, {8: [0.99, 1.0, 1.0]}), max_cost=0.9)
+    assert only8.report["tile"] == 8
+
+
 def test_window_covering_the_grid_equals_dense():
     model, kwargs = tiny_dit()
     graph = capture(model, kwargs)

@@ -38,7 +38,7 @@ DENSE_STEPS_HELP = (
 class NeighborhoodAttentionConfig(PassConfig):
     reorder: Literal["once", "per_layer"] = Field("once", description="tile-major token order: once after the prologue (falls back to per layer when unsupported), or permute q/k/v inside each substituted attention")
     radius: int | Literal["auto"] = Field("auto", description="window radius in tiles; auto: smallest calibrated radius keeping min_mass")
-    tile: int | Literal["auto"] = Field("auto", description="tile edge in tokens (the kernels' tile-major layout); auto: see auto_tile")
+    tile: int | Literal["auto"] = Field("auto", description="tile edge in tokens (the kernels' tile-major layout); auto: 8 or 4 (at least 4 tiles per axis), whichever keeps fewer multiply-adds per the calibration (see _pick_tile)")
     min_mass: float = Field(0.95, ge=0.0, le=1.0, description="a layer stays dense when its calibrated mass in the window is below this")
     blocks: tuple[int, ...] | None = Field(None, description="restrict to these block indices (default: all)")
     dense_steps: NonNegativeInt | Literal["auto"] = Field(0, description=DENSE_STEPS_HELP)
@@ -48,7 +48,7 @@ class NeighborhoodAttentionConfig(PassConfig):
 class BlockSparseAttentionConfig(PassConfig):
     reorder: Literal["once", "per_layer"] = Field("once", description="tile-major token order: once after the prologue (falls back to per layer when unsupported), or permute q/k/v inside each substituted attention")
     rho: float | Literal["auto"] = Field("auto", description="fraction of key blocks kept; auto: smallest calibrated rho keeping min_mass")
-    tile: int | Literal["auto"] = Field("auto", description="tile edge in tokens; the block size is tile*tile; auto: see auto_tile")
+    tile: int | Literal["auto"] = Field("auto", description="tile edge in tokens; the block size is tile*tile; auto: 8 or 4 (at least 4 tiles per axis), whichever keeps fewer multiply-adds per the calibration (see _pick_tile)")
     min_mass: float = Field(0.95, ge=0.0, le=1.0, description="a layer stays dense when its calibrated top-rho mass is below this")
     compensate: bool = Field(True, description="first-order compensation for the skipped blocks (PISA)")
     blocks: tuple[int, ...] | None = None
@@ -137,18 +137,60 @@ def _sites(graph: DiTGraph, blocks: tuple[int, ...] | None) -> list[tuple[int, A
     return [(b.index, s) for b in graph.blocks for s in b.attention if blocks is None or b.index in blocks]
 
 
+# Speed per multiply-add of the CPU kernels at a tile edge, relative to 8x8 tiles (64-token blocks),
+# from `ditopt bench attention --grid 32 32 --heads 4 --head-dim 32 --tile T --radius R`:
+# speedup x density is 0.62 at tile 8 r1 and 0.33-0.44 at tile 4 r1/r2 (0.14 at tile 2 r2).
+# Auto tile picks the smaller tile only when its kept multiply-adds are that much fewer.
+TILE_MAC_EFFICIENCY = {8: 1.0, 4: 0.6}
+
+
+def _kept_flops(flops: float, record: dict[str, Any], steps: int | None) -> float:
+    # Dense steps run the whole attention: average over the calibrated steps when known.
+    dense = min(record.get("dense_steps", 0), steps) / steps if steps else 0.0
+    return flops * (dense + (1.0 - dense) * record.get("cost", record["density"]))
+
+
+def _candidate_tiles(graph: DiTGraph, config: Any, ctx: PassContext) -> list[int]:
+    """The configured tile, or for "auto" the calibrated tiles of 64- and 16-token blocks that
+    leave at least 4 tiles per axis (so that a radius-1 window skips something); smaller tiles
+    cost more per multiply-add than they skip."""
+    if config.tile != "auto":
+        return [config.tile]
+    calibrated = (getattr(ctx.stats, "meta", None) or {}).get("attention", {}).get("tiles") if ctx.stats is not None else None
+    tiles = [t for t in (8, 4) if min(graph.grid) >= 4 * t and (calibrated is None or t in calibrated)]
+    return tiles or [auto_tile(graph.grid)]
+
+
+def _pick_tile(graph: DiTGraph, config: Any, ctx: PassContext, pattern: str, sites: list, steps: int | None) -> int:
+    """The candidate tile whose per-layer choices keep the fewest multiply-adds of attention,
+    weighed by the kernels' speed per multiply-add at that tile (ties: the larger tile)."""
+    tiles = _candidate_tiles(graph, config, ctx)
+    if len(tiles) == 1:
+        return tiles[0]
+
+    def cost(tile: int) -> float:
+        total = 0.0
+        for block, site in sites:
+            flops = attention_flops(site)
+            choice = _choose(graph, site, block, config, ctx, pattern, tile)
+            total += flops if isinstance(choice, str) or choice is None else _kept_flops(flops, choice[2], steps)
+        return total / TILE_MAC_EFFICIENCY.get(tile, 1.0)
+
+    costs = {tile: cost(tile) for tile in tiles}
+    return min(tiles, key=lambda t: (costs[t], -t))
+
+
 def _substitute(graph: DiTGraph, config: Any, ctx: PassContext, pattern: str) -> PassResult:
     """Shared driver: per site, decide from calibration; reorder tokens once when asked;
     rewrite; report."""
     original = graph
     steps = ctx.stats.num_steps if ctx.stats is not None else ctx.num_steps
-
-    def kept(flops: float, record: dict[str, Any]) -> float:
-        # Dense steps run the whole attention: average over the calibrated steps when known.
-        dense = min(record.get("dense_steps", 0), steps) / steps if steps else 0.0
-        return flops * (dense + (1.0 - dense) * record.get("cost", record["density"]))
+    kept = lambda flops, record: _kept_flops(flops, record, steps)  # noqa: E731
 
     measured = {b for b, _ in measurable_sites(graph)}
+    open_sites = [(b, s) for b, s in _sites(graph, config.blocks) if substituted(graph, b, s) is None
+                  and not substitutable(graph, s) and b in measured]
+    tile = _pick_tile(graph, config, ctx, pattern, open_sites, steps)
     layers, dense, chosen, total_flops, kept_flops = [], [], [], 0.0, 0.0
     for block, site in _sites(graph, config.blocks):
         flops = attention_flops(site)
@@ -159,7 +201,7 @@ def _substitute(graph: DiTGraph, config: Any, ctx: PassContext, pattern: str) ->
             kept_flops += kept(flops, previous)
             continue
         reason = substitutable(graph, site) or (None if block in measured else "not the block's measured attention")
-        choice = None if reason else _choose(graph, site, block, config, ctx, pattern)
+        choice = None if reason else _choose(graph, site, block, config, ctx, pattern, tile)
         if isinstance(choice, str) or choice is None:
             dense.append({"block": block, "kind": site.kind, "reason": reason or choice})
             kept_flops += flops
@@ -195,6 +237,7 @@ def _substitute(graph: DiTGraph, config: Any, ctx: PassContext, pattern: str) ->
         kept_flops += kept(flops, record)
     report = {
         "pattern": pattern,
+        "tile": tile,
         "substituted": [l["block"] for l in layers],
         "layers": layers,
         "dense": dense,
@@ -211,10 +254,9 @@ def auto_tile(grid: tuple[int, int]) -> int:
     return next((t for t in (8, 4) if min(grid) >= 4 * t), 2)
 
 
-def _choose(graph: DiTGraph, site: AttentionSite, block: int, config: Any, ctx: PassContext, pattern: str):
-    """(op, args, record) for the fewest dense steps (config.dense_steps) whose later steps'
-    calibrated mass allows a substitution, or why the layer stays dense."""
-    tile = auto_tile(graph.grid) if config.tile == "auto" else config.tile
+def _choose(graph: DiTGraph, site: AttentionSite, block: int, config: Any, ctx: PassContext, pattern: str, tile: int):
+    """(op, args, record) at `tile` for the fewest dense steps (config.dense_steps) whose later
+    steps' calibrated mass allows a substitution, or why the layer stays dense."""
     if tile < 1:
         return f"tile {tile} is not a positive size"
     options = dense_step_options(config, ctx, "window_mass" if pattern == "neighborhood" else "block_mass", tile)
