@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--setting-index", type=int, default=None,
                    help="run only this setting of every method (0 = gentlest; default: all settings)")
+    p.add_argument("--only", nargs="+", default=None, metavar="SETTING",
+                   help="run only these settings, named as in the tables, e.g. 'ditopt-preset[balanced]' (the baseline always runs)")
     p.add_argument("--merge", action="store_true",
                    help="keep the other models already in OUT/models.json (run models at different times)")
     args = p.parse_args(argv)
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
                         repeats=args.repeats, batch=args.batch, threads=args.threads, quick=args.quick,
                         steps=args.steps, calibration_samples=args.calibration_samples,
                         validation_samples=args.validation_samples, out_dir=args.out, command=command.strip(), progress=not args.no_progress,
-                        merge=args.merge, setting_index=args.setting_index)
+                        merge=args.merge, setting_index=args.setting_index, only=args.only)
     from ditopt.bench import markdown_table
 
     for name in args.model or ["dit-digits", "flux-digits"]:

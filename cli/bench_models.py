@@ -36,14 +36,16 @@ def bench_models_cmd(
     merge: bool = typer.Option(False, "--merge", help="keep other models already in OUT/models.json"),
     setting_index: Optional[int] = typer.Option(None, "--setting-index",
                                                 help="run only this setting of every method (0 = gentlest)"),
+    only: Optional[List[str]] = typer.Option(None, "--only",
+                                             help="run only this setting, named as in the tables, e.g. 'ditopt-preset[balanced]' (repeatable)"),
 ) -> None:
     """Benchmark caching methods on the zoo models; writes models.json, models.md and models_pareto.png."""
-    from ditopt.bench import run_models, settings_for
+    from ditopt.bench import method_names, run_models, settings_for
 
     methods = list(method) if method else None
     try:
-        if methods:
-            settings_for(methods)
+        if methods or only:
+            settings_for(methods or method_names(), only=list(only) if only else None)
     except ValueError as exc:
         console.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(2)
@@ -51,7 +53,7 @@ def bench_models_cmd(
     result = run_models(list(model), methods, samples=samples, repeats=repeats, batch=batch, threads=threads,
                         quick=quick, steps=steps, calibration_samples=calibration_samples,
                         validation_samples=validation_samples, out_dir=out, command=command, progress=progress,
-                        merge=merge, setting_index=setting_index)
+                        merge=merge, setting_index=setting_index, only=list(only) if only else None)
     from ditopt.bench import markdown_table
 
     for name in model:

@@ -161,6 +161,25 @@ def test_a_row_whose_gate_missed_counts_toward_no_target():
     assert "1.10x to 1.10x" in lead
 
 
+def test_composition_verdict_counts_only_gated_rows_at_the_budget():
+    render = _benchmark_script("render_benchmarks")
+
+    def row(key, speedup, psnr, passed=True):
+        method = key.split("[")[0]
+        return {"method": method, "family": method, "provider": "ditopt", "setting": key, "key": key, "status": "ok",
+                "speedup": speedup, "quality": {"psnr_db": psnr}, "info": {"passed": passed}}
+
+    rows = [row("ditopt-preset[balanced]", 4.0, 31.0), row("ditopt-attention[NA auto]", 1.5, 33.0),
+            row("ditopt-attention[NA auto+balanced]", 5.0, 30.4)]
+    assert "**met**" in render._composition_verdict({"results": rows})
+    rows[-1]["speedup"] = 3.9  # slower than caching alone
+    assert "**missed**" in render._composition_verdict({"results": rows})
+    rows[-1].update(speedup=9.0, info={"passed": False})  # fast, but its gate missed: optimize refused it
+    assert "**missed**" in render._composition_verdict({"results": rows})
+    rows[-1].update(info={"passed": True}, quality={"psnr_db": 29.5})  # below the balanced budget
+    assert "**missed**" in render._composition_verdict({"results": rows})
+
+
 def test_settings_expand():
     full = settings_for(list(METHODS))
     assert full[0].method == "baseline"
@@ -172,6 +191,14 @@ def test_settings_expand():
     assert len(quick) == len(METHODS) and all(isinstance(s, MethodSetting) for s in quick)
     with pytest.raises(ValueError):
         settings_for(["no-such-method"])
+
+
+def test_only_keeps_the_named_settings_and_the_baseline():
+    keys = ["ditopt-preset[balanced]", "ditopt-attention[NA auto]"]
+    picked = settings_for(["ditopt-preset", "ditopt-attention"], only=keys)
+    assert [s.key for s in picked] == ["baseline[reference]", *keys]
+    with pytest.raises(ValueError, match=r"ditopt-preset\[medium\]"):
+        settings_for(["ditopt-preset"], only=["ditopt-preset[medium]"])
 
 
 def test_prebuilt_program_is_the_one_sampling_uses():

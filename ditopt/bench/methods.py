@@ -394,9 +394,11 @@ def _budget_profile(min_psnr_db: float, **schedule: Any) -> dict:
             "passes": [{"name": "calibrated_schedule", "order": "auto", **schedule}, *_EXACT_PASSES]}
 
 
-def _attention_profile(name: str, attention: dict, budget_db: float | None = None, forced: bool = True) -> dict:
+def _attention_profile(name: str, attention: dict, budget_db: float | None = None, forced: bool = True,
+                       schedule: bool = True) -> dict:
     """Attention substitution, optionally composed with the calibrated cache schedule at a PSNR
-    budget (and the exact passes, as the presets are). ``forced``: on every layer (min_mass 0,
+    budget (and the exact passes, as the presets are; ``schedule=False``: the budget gates the
+    substitution alone, the row that composition is compared with). ``forced``: on every layer (min_mass 0,
     cost guard off: the zoo models' attention is broad and their 16-token blocks make PISA cost
     more than dense, so the calibrated choice
     substitutes nothing; this shows the quality each pattern costs). Otherwise the pass decides
@@ -405,7 +407,8 @@ def _attention_profile(name: str, attention: dict, budget_db: float | None = Non
     passes = [{"min_mass": 0.0, "max_cost": None, **attention} if forced else dict(attention)]
     budget: dict[str, Any] = {"max_rel_err": 1.0}
     if budget_db is not None:
-        passes += [{"name": "calibrated_schedule", "order": "auto"}, *_EXACT_PASSES]
+        passes += [{"name": "calibrated_schedule", "order": "auto"}] if schedule else []
+        passes += list(_EXACT_PASSES)
         budget["min_psnr_db"] = budget_db
     return {"name": name, "budget": budget, "passes": passes}
 
@@ -478,7 +481,10 @@ def _specs() -> dict[str, dict[str, Any]]:
                                           S("PISA 0.5+balanced", calibrate=True, collectors=("attention", "trajectory"),
                                             profile=_attention_profile("pisa-0.5+balanced", {"name": "block_sparse_attention", "rho": 0.5}, 30.0)),
                                           S("NA auto+balanced", calibrate=True, collectors=("attention", "trajectory"),
-                                            profile=_attention_profile("na-auto+balanced", {"name": "neighborhood_attention"}, 30.0, forced=False))]},
+                                            profile=_attention_profile("na-auto+balanced", {"name": "neighborhood_attention"}, 30.0, forced=False)),
+                                          S("NA auto", calibrate=True, collectors=("attention",),
+                                            profile=_attention_profile("na-auto", {"name": "neighborhood_attention"}, 30.0,
+                                                                       forced=False, schedule=False))]},
     }
 
 
@@ -492,12 +498,19 @@ def method_names() -> list[str]:
     return list(METHODS)
 
 
-def settings_for(methods: list[str], quick: bool = False, setting_index: int | None = None) -> list[MethodSetting]:
+def settings_for(methods: list[str], quick: bool = False, setting_index: int | None = None,
+                 only: list[str] | None = None) -> list[MethodSetting]:
     """Expand method names into their settings; the baseline always comes first. ``setting_index``
-    keeps only that setting of every method (clamped to the method's list; 0 = gentlest)."""
+    keeps only that setting of every method (clamped to the method's list; 0 = gentlest).
+    ``only``: keep just these settings, named as in the tables (``ditopt-preset[balanced]``)."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
+    if only is not None:
+        known = {s.key for s in settings_for(methods)}
+        missing = sorted(set(only) - known)
+        if missing:
+            raise ValueError(f"unknown setting(s) {missing} for methods {methods}; known: {', '.join(sorted(known))}")
     ordered = ["baseline"] + [m for m in dict.fromkeys(methods) if m != "baseline"]
     out = []
     for m in ordered:
@@ -508,5 +521,7 @@ def settings_for(methods: list[str], quick: bool = False, setting_index: int | N
         elif quick and len(settings) > 1:
             settings = [settings[QUICK_SETTING.get(m, 0)]]
         for label, params in settings:
-            out.append(MethodSetting(m, spec["family"], spec["provider"], label, dict(params), spec["build"]))
+            setting = MethodSetting(m, spec["family"], spec["provider"], label, dict(params), spec["build"])
+            if only is None or m == "baseline" or setting.key in only:
+                out.append(setting)
     return out

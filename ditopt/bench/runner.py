@@ -103,7 +103,7 @@ def _chunks(xs: list[int], n: int) -> list[list[int]]:
 
 def _bench_model(name: str, methods: list[str], *, samples: int, repeats: int, batch: int, quick: bool,
                  steps: int | None, calibration_samples: int, validation_samples: int, progress: _Progress,
-                 setting_index: int | None = None,
+                 setting_index: int | None = None, only: list[str] | None = None,
                  checkpoint: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     from ditopt import metrics, zoo
 
@@ -117,7 +117,7 @@ def _bench_model(name: str, methods: list[str], *, samples: int, repeats: int, b
                        calibration_classes=[i % 10 for i in range(ncal)], calibration_seeds=[CAL_SEED0 + i for i in range(ncal)],
                        validation_classes=[(i + 5) % 10 for i in range(nval)], validation_seeds=[VAL_SEED0 + i for i in range(nval)])
     ctx.cache["batch"] = batch
-    settings = settings_for(methods, quick=quick, setting_index=setting_index)
+    settings = settings_for(methods, quick=quick, setting_index=setting_index, only=only)
     meta = bundle.meta or {}
     out: dict[str, Any] = {
         "model": name,
@@ -286,7 +286,7 @@ def run_models(models: list[str], methods: list[str] | None = None, *, samples: 
                batch: int = 4, threads: int = 2, quick: bool = False, steps: int | None = None,
                calibration_samples: int | None = None, validation_samples: int | None = None, out_dir: str | Path | None = None,
                command: str | None = None, progress: bool = True, merge: bool = False,
-               setting_index: int | None = None,
+               setting_index: int | None = None, only: list[str] | None = None,
                on_model_done: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Benchmark ``methods`` on each zoo model; returns the results dict (see BENCHMARKS.md) and,
     with ``out_dir``, writes ``models.json``, ``models.md`` and ``models_pareto.png`` there after
@@ -295,7 +295,7 @@ def run_models(models: list[str], methods: list[str] | None = None, *, samples: 
     With ``merge``, models already in ``out_dir/models.json`` that this run does not measure are
     kept (each model records the command, date, configuration and load of its own run)."""
     methods = list(methods or DEFAULT_METHODS)
-    settings_for(methods)  # validate names early
+    settings_for(methods, only=only)  # validate names early
     if samples < 1 or repeats < 1 or batch < 1:
         raise ValueError("samples, repeats and batch must be >= 1")
     batch = min(batch, samples)
@@ -313,7 +313,7 @@ def run_models(models: list[str], methods: list[str] | None = None, *, samples: 
         "machine": machine_info(threads),
         "config": {"models": models, "methods": methods, "samples": samples, "repeats": repeats, "batch": batch,
                    "threads": threads, "quick": quick, "steps": steps, "calibration_samples": calibration_samples,
-                   "validation_samples": validation_samples, "setting_index": setting_index,
+                   "validation_samples": validation_samples, "setting_index": setting_index, "only": only,
                    "seeds": {"evaluation": EVAL_SEED0, "calibration": CAL_SEED0, "validation": VAL_SEED0}},
         "complete": False,
         "models": {},
@@ -342,7 +342,7 @@ def run_models(models: list[str], methods: list[str] | None = None, *, samples: 
 
                 res = _bench_model(name, methods, samples=samples, repeats=repeats, batch=batch,
                                    quick=quick, steps=steps, calibration_samples=calibration_samples, validation_samples=validation_samples, progress=prog,
-                                   setting_index=setting_index, checkpoint=checkpoint)
+                                   setting_index=setting_index, only=only, checkpoint=checkpoint)
                 run_info["loadavg_at_end"] = _loadavg()
                 res["run"] = run_info
                 result["models"][name] = res
