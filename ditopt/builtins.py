@@ -2,7 +2,7 @@
 
 `tiny-*` are randomly initialised diffusers architectures at toy size (structure, parity and
 export checks only: random weights say nothing about quality). Trained models come from the zoo
-(`dit-digits`, `flux-digits`). Anything else is `package.module:factory`, a callable returning a
+(`dit-digits`, `flux-digits`, `dit-digits-p1`). Anything else is `package.module:factory`, a callable returning a
 model (or a `(model, example_inputs)` pair).
 """
 
@@ -72,7 +72,7 @@ TINY: dict[str, Callable[[], nn.Module]] = {
     "tiny-pixart": _tiny_pixart,
     "tiny-wan": _tiny_wan,
 }
-ZOO = ("dit-digits", "flux-digits")
+ZOO = ("dit-digits", "flux-digits", "dit-digits-p1")
 
 
 @dataclass

@@ -101,7 +101,9 @@ def main(argv=None) -> dict:
         old = json.loads(out.read_text()).get("models", {})
         result["models"] = {**{k: v for k, v in old.items() if k not in result["models"]},
                             **result["models"]}
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    from ditopt.io import atomic_write_text
+
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")  # never a half-written eval.json
     return result
 
 

@@ -13,7 +13,7 @@ from ditopt.zoo import models as zm
 STEPS = 3  # few scheduler steps keep the tests fast
 
 
-@pytest.fixture(scope="module", params=["dit-digits", "flux-digits"])
+@pytest.fixture(scope="module", params=["dit-digits", "flux-digits", "dit-digits-p1"])
 def bundle(request):
     torch.set_num_threads(2)
     return zoo.load(request.param)
@@ -38,7 +38,7 @@ class CountingWrapper(nn.Module):
 
 
 def test_available_and_unknown_name():
-    assert zoo.available() == ["dit-digits", "flux-digits"]
+    assert zoo.available() == ["dit-digits", "dit-digits-p1", "flux-digits"]
     with pytest.raises(zoo.UnknownModelError) as ei:
         zoo.load("sdxl")
     assert isinstance(ei.value, ValueError)
@@ -60,7 +60,8 @@ def test_load_offline_exact_weights(bundle):
     assert meta["training"]["iters_done"] >= 100  # really trained, not a fresh init
     assert bundle.num_classes == 10
     if bundle.kind == "dit":
-        assert bundle.model.config.num_layers >= 8 and bundle.model.config.patch_size == 2
+        assert bundle.model.config.num_layers >= 8
+        assert bundle.model.config.patch_size == (1 if bundle.name == "dit-digits-p1" else 2)
         assert bundle.embedder is None and bundle.default_steps == 50
         assert bundle.default_eta == 0.0  # deterministic DDIM
         assert bundle.default_guidance_scale == pytest.approx(1.5)
@@ -168,7 +169,7 @@ def test_heldout_split_and_classifier():
     assert float((logits.argmax(1) == y).float().mean()) >= 0.95
 
 
-@pytest.mark.parametrize("kind", ["dit", "flux"])
+@pytest.mark.parametrize("kind", ["dit", "flux", "dit-p1"])
 def test_training_script_is_reproducible(kind, tmp_path):
     # The shipped weights come from seeded runs of ditopt.zoo.train; two short runs with the same
     # seed must write bit-identical checkpoints (and a different seed must not).
@@ -191,3 +192,22 @@ def test_training_script_is_reproducible(kind, tmp_path):
     assert a.keys() == b.keys() == c.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_patch1_model_starts_from_the_patch2_weights():
+    # dit-digits-p1 is fine-tuned from dit-digits: blocks carry over, a pixel token embeds like a
+    # flat 2x2 patch of its value did, and the output head predicts the 2x2 patch's mean.
+    torch.manual_seed(0)
+    p2 = zm.build_dit().eval()
+    state = zm.patch1_from_patch2(p2.state_dict())
+    p1 = zm.build_dit(zm.DIT_P1_CONFIG).eval()
+    p1.load_state_dict(state, strict=True)
+    assert torch.equal(p1.transformer_blocks[3].attn1.to_q.weight, p2.transformer_blocks[3].attn1.to_q.weight)
+    flat = torch.randn(1, 1, 16, 16).repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)  # 2x2-flat image
+    with torch.no_grad():
+        e2 = p2.pos_embed.proj(flat)                    # [1, 128, 16, 16]
+        e1 = p1.pos_embed.proj(flat)                    # [1, 128, 32, 32]
+        torch.testing.assert_close(e1[..., ::2, ::2], e2, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(e1[..., 1::2, 1::2], e2, rtol=1e-5, atol=1e-5)
+        h = torch.randn(5, 128)
+        torch.testing.assert_close(p1.proj_out_2(h)[:, 0], p2.proj_out_2(h).mean(1), rtol=1e-5, atol=1e-5)

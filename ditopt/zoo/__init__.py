@@ -6,6 +6,8 @@ ditopt trains its own reference models on scikit-learn's handwritten digits (ups
 * ``dit-digits``  - diffusers ``DiTTransformer2DModel`` (adaLN-Zero, 8 blocks, 4x32 heads, patch 2,
   class-conditional, label 10 = null class), DDPM epsilon prediction, sampled with DDIM (50 steps,
   eta 0, classifier-free guidance 1.5).
+* ``dit-digits-p1`` - the same DiT at patch size 1 (32x32 = 1024 tokens), fine-tuned from
+  dit-digits: the model where attention is about half the work, for attention substitution.
 * ``flux-digits`` - diffusers ``FluxTransformer2DModel`` (2 double-stream + 4 single-stream blocks,
   RoPE) on 2x2-packed latents, rectified flow, sampled with FlowMatchEuler (28 steps, true CFG 4).
   The class enters as 4 learned "text" tokens plus a pooled vector from :class:`ClassEmbedder`,
@@ -47,6 +49,8 @@ _MODELS: dict[str, dict[str, Any]] = {
     # this small eps-model's guided DDIM ODE over-saturates at higher scales (white background).
     "dit-digits": {"kind": "dit", "default_steps": 50, "default_guidance_scale": 1.5, "default_eta": 0.0},
     "flux-digits": {"kind": "flux", "default_steps": 28, "default_guidance_scale": 4.0, "default_eta": 0.0},
+    # dit-digits fine-tuned at patch size 1 (1024 tokens): sampled exactly like dit-digits.
+    "dit-digits-p1": {"kind": "dit", "default_steps": 50, "default_guidance_scale": 1.5, "default_eta": 0.0},
 }
 
 
@@ -92,7 +96,7 @@ class ZooBundle:
     """A trained zoo model plus everything needed to sample from it.
 
     Attributes:
-        name: zoo name ("dit-digits" or "flux-digits").
+        name: zoo name (see :func:`available`).
         kind: "dit" or "flux".
         model: the diffusers transformer (fp32, eval mode).
         embedder: flux only - the :class:`~ditopt.zoo.models.ClassEmbedder` (label -> text tokens

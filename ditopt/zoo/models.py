@@ -32,6 +32,23 @@ DIT_CONFIG = dict(
     norm_eps=1e-5,
 )
 
+# dit-digits-p1: the same model at patch size 1, so 32x32 = 1024 tokens (4x dit-digits'). There
+# attention is about half of a block's multiply-adds (a quarter at 256 tokens): the zoo's model
+# for attention substitution, fine-tuned from dit-digits (see patch1_from_patch2).
+DIT_P1_CONFIG = dict(DIT_CONFIG, patch_size=1)
+
+
+def patch1_from_patch2(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A patch-2 DiT state dict as a starting point for the patch-1 model: the blocks carry over
+    unchanged; a 1-pixel token embeds with the 2x2 kernel's sum (the embedding a flat 2x2 patch of
+    that value got) and predicts the mean of the 2x2 outputs it was part of."""
+    out = dict(state)
+    out["pos_embed.proj.weight"] = state["pos_embed.proj.weight"].sum(dim=(2, 3), keepdim=True)
+    out["proj_out_2.weight"] = state["proj_out_2.weight"].mean(0, keepdim=True)
+    out["proj_out_2.bias"] = state["proj_out_2.bias"].mean(0, keepdim=True)
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # flux-digits: diffusers FluxTransformer2DModel on 2x2-packed 32x32x1 latents (16x16 tokens, 4 ch).
 # --------------------------------------------------------------------------------------------

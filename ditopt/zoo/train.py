@@ -101,10 +101,10 @@ def train_diffusion(kind: str, iters: int, batch: int = 64, lr: float = 1e-3, wa
     x_all = images * 2.0 - 1.0  # [-1, 1]
     n = x_all.shape[0]
 
-    if kind == "dit":
-        name = "dit-digits"
-        model = zm.build_dit()
-        config = dict(zm.DIT_CONFIG)
+    if kind in ("dit", "dit-p1"):
+        name = "dit-digits" if kind == "dit" else "dit-digits-p1"
+        config = dict(zm.DIT_CONFIG if kind == "dit" else zm.DIT_P1_CONFIG)
+        model = zm.build_dit(config)
         embedder = None
         from diffusers import DDPMScheduler
 
@@ -134,7 +134,10 @@ def train_diffusion(kind: str, iters: int, batch: int = 64, lr: float = 1e-3, wa
         from safetensors.torch import load_file
 
         tensors = load_file(init)
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+        if kind == "dit-p1" and state["pos_embed.proj.weight"].shape[-1] == 2:
+            state = zm.patch1_from_patch2(state)  # fine-tuning dit-digits at patch size 1
+        model.load_state_dict(state)
         if embedder is not None:
             embedder.load_state_dict({k[9:]: v for k, v in tensors.items() if k.startswith("embedder.")})
     modules.train()
@@ -145,18 +148,18 @@ def train_diffusion(kind: str, iters: int, batch: int = 64, lr: float = 1e-3, wa
 
     meta = {
         "name": name,
-        "architecture": "DiTTransformer2DModel" if kind == "dit" else "FluxTransformer2DModel",
+        "architecture": "DiTTransformer2DModel" if kind != "flux" else "FluxTransformer2DModel",
         "config": config,
         "training": {
             "data": "sklearn load_digits, bicubic 8x8->32x32, [-1,1], stratified 80% train (seed 0)",
-            "objective": "DDPM epsilon prediction (1000 steps, linear betas)" if kind == "dit"
+            "objective": "DDPM epsilon prediction (1000 steps, linear betas)" if kind != "flux"
             else "rectified flow, x_t=(1-t)x0+t*noise, predict noise-x0, logit-normal t",
             "iters_planned": iters, "batch": batch, "lr": lr, "warmup": warmup,
             "schedule": "linear warmup then cosine to 0.1*lr", "optimizer": "AdamW(0.9,0.99), wd 0",
             "ema_decay": ema_decay, "seed": seed, "label_dropout": label_dropout,
             "autocast": "cpu bfloat16" if bf16 else "none", "threads": threads, "max_shift": max_shift,
-            "init": init, "snr_gamma": snr_gamma, "dit_label_dropout": ("diffusers per-block (independent)" if dit_internal_dropout
-                                                else "consistent, once per sample") if kind == "dit" else None,
+            "init": init and Path(init).name, "snr_gamma": snr_gamma, "dit_label_dropout": ("diffusers per-block (independent)" if dit_internal_dropout
+                                                else "consistent, once per sample") if kind != "flux" else None,
         },
         "weights": "EMA",
     }
@@ -177,7 +180,7 @@ def train_diffusion(kind: str, iters: int, batch: int = 64, lr: float = 1e-3, wa
         for pg in opt.param_groups:
             pg["lr"] = _lr_at(step, lr, warmup, iters)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            if kind == "dit":
+            if kind != "flux":
                 if not dit_internal_dropout:
                     drop = torch.rand(batch, generator=g) < label_dropout
                     y = torch.where(drop, torch.full_like(y, zm.NULL_CLASS), y)
@@ -287,7 +290,7 @@ def train_classifier(epochs: int = 30, batch: int = 64, lr: float = 2e-3, seed: 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("kind", choices=["dit", "flux", "classifier"])
+    p.add_argument("kind", choices=["dit", "dit-p1", "flux", "classifier"])
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=None)
@@ -315,8 +318,8 @@ def main(argv: list[str] | None = None) -> None:
                         snr_gamma=(None if a.snr_gamma == 0 else (a.snr_gamma or DEFAULT_SNR_GAMMA.get(a.kind))))
 
 
-DEFAULT_ITERS = {"dit": 2600, "flux": 1050}
-DEFAULT_SNR_GAMMA = {"dit": 5.0}
+DEFAULT_ITERS = {"dit": 2600, "dit-p1": 600, "flux": 1050}
+DEFAULT_SNR_GAMMA = {"dit": 5.0, "dit-p1": 5.0}
 
 if __name__ == "__main__":
     main()
