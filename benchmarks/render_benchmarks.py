@@ -373,7 +373,8 @@ def composition_section(results_dir: Path) -> list[str]:
     lines = [f"## Attention substitution composed with caching ({COMPOSITION_MODEL})", "",
              f"`{COMPOSITION_MODEL}` is dit-digits at patch size 1 (32x32 = 1024 tokens), where attention is about half "
              "of a block's multiply-adds; at dit-digits' 256 tokens the sparse path costs more than dense attention and "
-             "the calibrated choice leaves every layer dense. Same protocol as the tables above, only the settings "
+             "the calibrated choice leaves every layer dense. Its attention is as broad at 1024 tokens (why: "
+             "docs/design.md, \"Where attention is broad\"), so `NA auto` substitutes nothing here either. Same protocol as the tables above, only the settings "
              f"named in the command. Command: `{run.get('command', r['command'])}`; {run.get('date', r['date'])} (UTC); "
              f"{m['cpu_model']}, {m.get('torch_threads')} threads; load average at start "
              f"{_round(run.get('loadavg_at_start'))}, at end {_round(run.get('loadavg_at_end'))}; wall time "
