@@ -156,7 +156,7 @@ def _candidate_tiles(graph: DiTGraph, config: Any, ctx: PassContext) -> list[int
     cost more per multiply-add than they skip."""
     if config.tile != "auto":
         return [config.tile]
-    calibrated = (getattr(ctx.stats, "meta", None) or {}).get("attention", {}).get("tiles") if ctx.stats is not None else None
+    calibrated = (getattr(ctx.stats, "meta", None) or {}).get("attention", {}).get("tiles")  # None: no stats
     tiles = [t for t in (8, 4) if min(graph.grid) >= 4 * t and (calibrated is None or t in calibrated)]
     return tiles or [auto_tile(graph.grid)]
 
@@ -188,8 +188,12 @@ def _substitute(graph: DiTGraph, config: Any, ctx: PassContext, pattern: str) ->
     kept = lambda flops, record: _kept_flops(flops, record, steps)  # noqa: E731
 
     measured = {b for b, _ in measurable_sites(graph)}
-    open_sites = [(b, s) for b, s in _sites(graph, config.blocks) if substituted(graph, b, s) is None
-                  and not substitutable(graph, s) and b in measured]
+
+    def cannot(block: int, site: AttentionSite) -> str | None:
+        # Why a site that is not substituted yet cannot be: the rewrite's reason, or not measured.
+        return substitutable(graph, site) or (None if block in measured else "not the block's measured attention")
+
+    open_sites = [(b, s) for b, s in _sites(graph, config.blocks) if substituted(graph, b, s) is None and cannot(b, s) is None]
     tile = _pick_tile(graph, config, ctx, pattern, open_sites, steps)
     layers, dense, chosen, total_flops, kept_flops = [], [], [], 0.0, 0.0
     for block, site in _sites(graph, config.blocks):
@@ -200,7 +204,7 @@ def _substitute(graph: DiTGraph, config: Any, ctx: PassContext, pattern: str) ->
             layers.append({"block": block, **previous, "note": "already substituted"})
             kept_flops += kept(flops, previous)
             continue
-        reason = substitutable(graph, site) or (None if block in measured else "not the block's measured attention")
+        reason = cannot(block, site)
         choice = None if reason else _choose(graph, site, block, config, ctx, pattern, tile)
         if isinstance(choice, str) or choice is None:
             dense.append({"block": block, "kind": site.kind, "reason": reason or choice})
