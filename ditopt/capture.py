@@ -432,6 +432,44 @@ def capture(
     return _capture_kwargs(model, kwargs)
 
 
+def _is_identity(node: fx.Node) -> bool:
+    """An op whose result equals its first argument bit for bit: x / 1, x * 1, eval-mode or p=0
+    dropout, a cast to the dtype it already has. Only where the recorded result has the input's
+    dtype and shape (x / 1 on an integer tensor is a float tensor, not x)."""
+    if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    args, target = node.args, node.target
+    if target in (aten.div.Tensor, aten.mul.Tensor):
+        identity = len(args) == 2 and not isinstance(args[1], (fx.Node, bool)) and isinstance(args[1], (int, float)) and args[1] == 1
+    elif target is aten.dropout.default:
+        identity = len(args) >= 3 and (args[2] is False or args[1] == 0)
+    elif target is aten.to.dtype:
+        identity = len(args) == 2 and not node.kwargs
+    else:
+        return False
+    out, inp = node.meta.get("val"), args[0].meta.get("val")
+    return (identity and isinstance(out, torch.Tensor) and isinstance(inp, torch.Tensor)
+            and out.dtype == inp.dtype and out.shape == inp.shape)
+
+
+def drop_identity_ops(gm: fx.GraphModule) -> int:
+    """Remove ops that return their input unchanged (see `_is_identity`); returns how many.
+
+    diffusers' attention divides its output by `rescale_output_factor` (1.0) and keeps an
+    eval-mode dropout after it: each is a full pass over the block's output that changes no
+    value. At the zoo models' width such passes are a visible share of a cached step, where the
+    forecast variants run little else (dit-digits: one of nine passes per forecast block)."""
+    dropped = 0
+    for node in list(gm.graph.nodes):
+        if _is_identity(node):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            dropped += 1
+    if dropped:
+        gm.recompile()
+    return dropped
+
+
 def _capture_kwargs(model: nn.Module, kwargs: dict[str, Any]) -> DiTGraph:
     if not any(True for _ in model.parameters()):
         raise UnsupportedModelError(f"{type(model).__name__} has no parameters; it is not a diffusion transformer")
@@ -452,6 +490,7 @@ def _capture_kwargs(model: nn.Module, kwargs: dict[str, Any]) -> DiTGraph:
             "from the config, pass example_inputs={...}."
         ) from exc
     gm = exported.module()
+    drop_identity_ops(gm)
     if any(n.target in SDPA_OPS for n in gm.graph.nodes if n.op == "call_function") is False:
         raise UnsupportedModelError(
             f"{type(model).__name__} has no scaled_dot_product_attention op in its graph: it is not a "

@@ -85,3 +85,54 @@ def test_structure_hash_changes_with_shape():
     b = capture(model, make_inputs("plain", model, batch=2))
     assert a.structure_hash() == capture(model, make_inputs("plain", model, batch=1)).structure_hash()
     assert a.structure_hash() != b.structure_hash()
+
+
+def _identity_nodes(gm: torch.fx.GraphModule) -> list[str]:
+    from ditopt.capture import _is_identity
+
+    return [n.name for n in gm.graph.nodes if _is_identity(n)]
+
+
+def test_identity_ops_are_dropped_and_the_output_stays_bitwise(arch):
+    import torch.utils._pytree as pytree
+
+    model = build_model(arch)
+    kwargs = make_inputs(arch, model, batch=2)
+    with torch.no_grad():
+        exported = torch.export.export(model, (), kwargs, strict=False).module()
+    graph = capture(model, kwargs)
+    if arch == "dit":  # diffusers' attention output: / rescale_output_factor (1.0), then eval dropout
+        kinds = {n.target for n in exported.graph.nodes if n.name in _identity_nodes(exported)}
+        assert {torch.ops.aten.div.Tensor, torch.ops.aten.dropout.default} <= kinds
+    for seg in graph.segments:
+        assert _identity_nodes(seg.module) == [], seg.name
+    env = graph.bind(pytree.tree_flatten(((), kwargs))[0])
+    out = graph.collect_outputs(graph.run_segments(env))
+    with torch.no_grad():
+        ref = model(**kwargs)
+    first = lambda o: o if isinstance(o, torch.Tensor) else o[0] if isinstance(o, tuple) else o.sample  # noqa: E731
+    assert torch.equal(first(out), first(ref))
+
+
+def test_ops_that_change_a_value_or_dtype_are_kept():
+    from ditopt.capture import drop_identity_ops
+
+    class Ops(torch.nn.Module):
+        def forward(self, x, labels):
+            scaled = x / 2.0 + x * 1.5  # not by one
+            as_float = labels / 1  # integer tensor: the result is float, not labels
+            dropped = torch.nn.functional.dropout(x, 0.5, training=True)  # a real dropout
+            kept = torch.nn.functional.dropout(x, 0.0, training=True) * 1  # p = 0, then * 1: identities
+            return scaled + as_float[:, None] + dropped * 0 + kept
+
+    x, labels = torch.randn(2, 3), torch.tensor([1, 2])
+    gm = torch.export.export(Ops(), (x, labels), strict=False).module()
+    before = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert drop_identity_ops(gm) == 2
+    after = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert after.count(torch.ops.aten.div.Tensor) == before.count(torch.ops.aten.div.Tensor) == 2
+    assert after.count(torch.ops.aten.dropout.default) == 1 and after.count(torch.ops.aten.mul.Tensor) == 2
+    torch.manual_seed(0)
+    out = gm(x, labels)
+    expected = x / 2.0 + x * 1.5 + (labels / 1)[:, None] + x
+    assert torch.equal(out, expected)
