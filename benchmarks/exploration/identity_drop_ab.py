@@ -3,8 +3,8 @@
     python benchmarks/exploration/identity_drop_ab.py
 
 Output: benchmarks/results/exploration/identity_drop_ab_dit-digits.log (stdout, as run)."""
-import sys, time, statistics  # noqa: E401
-import torch, ditopt, importlib
+import time, statistics  # noqa: E401
+import ditopt, importlib  # noqa: E401
 cap = importlib.import_module("ditopt.capture")
 from explore_setup import setup
 b, m, calA, _ = setup("dit-digits")
