@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
+    import torch
     import torch.fx as fx
 
     from .graph import DiTGraph, Segment
@@ -53,6 +54,12 @@ class Stage:
         """Whether some steps run the half-batch program (`StepContext.second_half`)."""
         return False
 
+    def spec(self) -> "StageSpec | None":
+        """Every parameter the stage needs to run again outside this process: JSON plus named
+        tensors (an export artifact stores them; `stage_from_spec` rebuilds the stage). None
+        where the stage cannot be rebuilt from data (the artifact runner then refuses it)."""
+        return None
+
 
 @dataclass(frozen=True)
 class RunSegments(Stage):
@@ -69,6 +76,34 @@ class RunSegments(Stage):
             graph.segment(name).run(env)
         computed = ctx.record.setdefault("computed", [])
         computed.extend(self.names)
+
+    def spec(self) -> "StageSpec":
+        return {"kind": self.kind, "names": list(self.names)}, {}
+
+
+# A stage as data: (JSON-able parameters with "kind", tensors by name). Stages of pass families
+# register a loader for their kind, so the export runner rebuilds them without importing passes.
+StageSpec = tuple[dict[str, Any], dict[str, "torch.Tensor"]]
+_STAGE_LOADERS: dict[str, Callable[[dict[str, Any], dict[str, "torch.Tensor"]], Stage]] = {}
+
+
+def register_stage_loader(kind: str, loader: Callable[[dict[str, Any], dict[str, "torch.Tensor"]], Stage]) -> None:
+    """Make stages of `kind` rebuildable from their `Stage.spec()` (see `stage_from_spec`)."""
+    _STAGE_LOADERS[kind] = loader
+
+
+def stage_from_spec(spec: dict[str, Any], tensors: dict[str, "torch.Tensor"]) -> Stage:
+    """The stage a `Stage.spec()` describes; KeyError when no loader is registered for its kind."""
+    from .registry import load_plugins  # pass families register their stage kinds on import
+
+    load_plugins()
+    kind = spec.get("kind")
+    if kind not in _STAGE_LOADERS:
+        raise KeyError(kind)
+    return _STAGE_LOADERS[kind](spec, tensors)
+
+
+register_stage_loader(RunSegments.kind, lambda spec, _: RunSegments(tuple(spec["names"])))
 
 
 def default_plan(graph: "DiTGraph") -> tuple[Stage, ...]:

@@ -32,6 +32,7 @@ from .manifest import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST_NAME,
+    PLAN_TENSORS,
     SEGMENTS_DIR,
     dump_spec,
     encode_constant,
@@ -70,7 +71,12 @@ def export_artifact(
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the artifact is not
         (tmp / SEGMENTS_DIR).mkdir()
         segments = [_export_segment(seg, tmp, opset) for seg in graph.segments]
-        manifest = _manifest(graph, report, segments, example_inputs)
+        plan, tensors = _plan(graph)
+        if tensors:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / PLAN_TENSORS))
+        manifest = _manifest(graph, report, segments, example_inputs, plan, PLAN_TENSORS if tensors else None)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
         _move_into_place(tmp, target, force)
     except BaseException:
@@ -330,6 +336,7 @@ def _signature(graph: DiTGraph, example_inputs: dict[str, Any] | None) -> dict[s
         "outputs": outputs,
         "out_spec": dump_spec(sig.out_spec),
         "timestep_input": graph.timestep_input,
+        "latent_input": graph.latent_input,
     }
 
 
@@ -343,7 +350,35 @@ def _versions() -> dict[str, str | None]:
     return versions
 
 
-def _manifest(graph: DiTGraph, report: Any, segments: list[dict[str, Any]], example_inputs: dict[str, Any] | None) -> dict[str, Any]:
+def _plan(graph: DiTGraph) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+    """The plan for the manifest: each stage's description, plus its full parameters ("spec")
+    where the stage can be rebuilt from data; their tensors, named per stage, for PLAN_TENSORS."""
+    plan: list[dict[str, Any]] = []
+    tensors: dict[str, torch.Tensor] = {}
+    for i, stage in enumerate(graph.plan):
+        entry = stage.describe()
+        spec = stage.spec()
+        if spec is not None:
+            params, named = spec
+            prefix = f"stage{i}."
+            # Tensor names in the spec are prefixed so two stages with the same key cannot collide.
+            entry["spec"] = json.loads(json.dumps(params))  # plain JSON (tuples to lists); fails loudly if not
+            entry["spec_tensor_prefix"] = prefix
+            tensors.update({prefix + k: v.detach().cpu() for k, v in named.items()})
+        plan.append(entry)
+    return plan, tensors
+
+
+def _plan_notes(graph: DiTGraph) -> list[str]:
+    if any(stage.uses_second_half() for stage in graph.plan):
+        return ["conditional-only steps (CFG reuse) compute both halves of the batch in the artifact runner: "
+                "no half-batch segments are exported, so those steps cost a full step there (same values up to the "
+                "half rebuild's error, which the full step does not make)"]
+    return []
+
+
+def _manifest(graph: DiTGraph, report: Any, segments: list[dict[str, Any]], example_inputs: dict[str, Any] | None,
+              plan: list[dict[str, Any]], plan_tensors: str | None) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -353,8 +388,9 @@ def _manifest(graph: DiTGraph, report: Any, segments: list[dict[str, Any]], exam
         "structure_hash": graph.structure_hash(),
         "signature": _signature(graph, example_inputs),
         "segments": segments,
-        "plan": [stage.describe() for stage in graph.plan],
-        "notes": list(graph.notes),
+        "plan": plan,
+        "plan_tensors": plan_tensors,
+        "notes": list(graph.notes) + _plan_notes(graph),
         "structure": graph.summary(),
         "report": report.to_dict() if hasattr(report, "to_dict") else None,
         # Filled by a TensorRT build: {segment name: {"file": "engines/<segment>.plan",

@@ -22,6 +22,8 @@ from ditopt.errors import ArtifactError
 FORMAT = "ditopt-artifact"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+# Tensors of the plan stages' specs (fitted forecast weights, timesteps), safetensors.
+PLAN_TENSORS = "plan.safetensors"
 SEGMENTS_DIR = "segments"
 ENGINES_DIR = "engines"
 

@@ -1,7 +1,14 @@
 """Run an exported artifact with onnxruntime: the same keyword call as the original model.
 
-Loading reads JSON and ONNX only (never pickle). Every call is checked against the signature
-the artifact was exported for, because the segments are specialised to those shapes.
+Loading reads JSON, safetensors and ONNX only (never pickle). Every call is checked against the
+signature the artifact was exported for, because the segments are specialised to those shapes.
+
+The plan runs as in the PyTorch runtime: stages are rebuilt from their specs (`Stage.spec`,
+`ditopt.plan.stage_from_spec`) and run on the host between ONNX segments, with the same step
+tracking (`ditopt.runtime.StepTracker`): a call with a larger timestep than the last one starts
+a new generation, `reset()` starts one explicitly. A calibrated cache schedule therefore runs
+here exactly as it was chosen; conditional-only steps compute both halves (no half-batch
+segments are exported; the manifest notes say so).
 """
 
 from __future__ import annotations
@@ -15,10 +22,86 @@ import torch
 import torch.utils._pytree as pytree
 
 from ditopt.errors import ArtifactError, InputMismatchError
+from ditopt.plan import RunSegments, Stage, stage_from_spec
+from ditopt.runtime import StepTracker, read_timestep
 
 from .manifest import constant_matches, decode_constant, load_spec, read_manifest, torch_dtype
 
+# Stage kinds an entry without a spec (artifacts written before specs) can still run as.
 SUPPORTED_STAGES = {"run"}
+
+
+class _ArtifactSegment:
+    """One exported segment as the plan stages see a segment: its value names, and `run(env)`."""
+
+    def __init__(self, runner: "ArtifactRunner", entry: dict[str, Any]) -> None:
+        self.name, self.kind, self.block = entry["name"], entry["kind"], entry.get("block")
+        self.inputs = tuple(i["name"] for i in entry["inputs"])
+        self.outputs = tuple(o["name"] for o in entry["outputs"])
+        self.module = self  # stages memoise on id(segment.module)
+        self._runner = runner
+
+    def run(self, env: dict[str, Any]) -> None:
+        self._runner.run_segment(self.name, env)
+
+
+class _ArtifactGraph:
+    """What plan stages read of a DiTGraph (segments by name, value shapes, the latent and
+    timestep inputs, the signature's outputs), backed by the artifact's segments."""
+
+    def __init__(self, runner: "ArtifactRunner", manifest: dict[str, Any]) -> None:
+        self.segments = tuple(_ArtifactSegment(runner, e) for e in manifest["segments"])
+        self._by_name = {s.name: s for s in self.segments}
+        self.main_segments = tuple(s for s in self.segments if s.kind != "variant")
+        sig = manifest["signature"]
+        outputs = tuple(o["name"] if o["kind"] == "env" else None for o in sig["outputs"])
+        self.signature = type("ArtifactSignature", (), {"outputs": outputs})()
+        self.timestep_input = sig.get("timestep_input")
+        self.latent_input = sig.get("latent_input")
+        shapes = {v["name"]: tuple(v["shape"]) for e in manifest["segments"] for v in (*e["inputs"], *e["outputs"])}
+        self.meta: dict[str, Any] = {"_value_shapes": shapes}
+
+    def segment(self, name: str) -> _ArtifactSegment:
+        return self._by_name[name]
+
+    def at_step(self, step: int) -> "_ArtifactGraph":
+        return self  # export refuses graphs with early-step variants
+
+
+def _plan_stages(root: Path, manifest: dict[str, Any]) -> list[Stage]:
+    """The manifest's plan as stages: rebuilt from each entry's spec, or a plain run of its
+    segments; ArtifactError for a stage this runtime cannot run."""
+    tensors: dict[str, torch.Tensor] = {}
+    if manifest.get("plan_tensors"):
+        file = root / manifest["plan_tensors"]
+        if not file.is_file():
+            raise ArtifactError(f"{root} is incomplete: {manifest['plan_tensors']} missing; export the model again")
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(file))
+    stages: list[Stage] = []
+    for i, entry in enumerate(manifest["plan"]):
+        kind, spec = entry.get("kind"), entry.get("spec")
+        if spec is None:
+            if kind not in SUPPORTED_STAGES:
+                raise ArtifactError(
+                    f"stage kind {kind!r} has no ONNX runtime support yet; run this model with the "
+                    "PyTorch runtime (ditopt.optimize) instead"
+                )
+            stages.append(RunSegments(tuple(entry["segments"])))
+            continue
+        prefix = entry.get("spec_tensor_prefix", "")
+        own = {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
+        try:
+            stages.append(stage_from_spec(spec, own))
+        except KeyError as exc:
+            raise ArtifactError(
+                f"plan stage {i} (kind {kind!r}) cannot be rebuilt here: no loader for {exc}; install the ditopt "
+                "version or plugin that wrote the artifact, or run the model with the PyTorch runtime"
+            ) from None
+        except (TypeError, ValueError) as exc:
+            raise ArtifactError(f"plan stage {i} (kind {kind!r}) has an invalid spec ({exc}); export the model again") from exc
+    return stages
 
 
 class ArtifactRunner:
@@ -39,6 +122,16 @@ class ArtifactRunner:
         self._segments = {s["name"]: s for s in manifest["segments"]}
         self._feeds = {name: [i.name for i in sess.get_inputs()] for name, sess in sessions.items()}
         self._keywords = list(self._in_spec.child(1).context)
+        self._graph = _ArtifactGraph(self, manifest)
+        self._plan = _plan_stages(path, manifest)
+        steps = [len(e["spec"]["policy"]["compute"]) for e in manifest["plan"]
+                 if (e.get("spec") or {}).get("policy", {}).get("type") == "static"]
+        self.tracker = StepTracker(max(steps) if steps else None)
+        self.last_record: dict[str, Any] = {}
+
+    def reset(self) -> None:
+        """Start a new generation: clear every stage's cross-step state."""
+        self.tracker.reset()
 
     @property
     def model_class(self) -> str:
@@ -113,24 +206,27 @@ class ArtifactRunner:
                 )
             if leaf.dtype == torch.bfloat16:
                 raise ArtifactError(f"input {name!r} is bfloat16, which the numpy bridge to onnxruntime cannot carry")
-            env[name] = leaf.detach().cpu().numpy()
+            env[name] = leaf.detach().cpu()
         return env
 
     # -- execution ----------------------------------------------------------------------------------
-    def run_segment(self, name: str, env: dict[str, np.ndarray]) -> None:
-        """Run one segment on numpy values from `env` and add its outputs to it."""
+    def run_segment(self, name: str, env: dict[str, Any]) -> None:
+        """Run one segment on values from `env` (torch tensors or numpy arrays) and add its
+        outputs to it as torch tensors."""
         sess = self.sessions[name]
         outputs = [o["name"] for o in self._segments[name]["outputs"]]
-        results = sess.run(outputs, {k: env[k] for k in self._feeds[name]})
-        env.update(zip(outputs, results))
+        feeds = {k: _as_numpy(env[k]) for k in self._feeds[name]}
+        env.update(zip(outputs, (torch.from_numpy(r) for r in sess.run(outputs, feeds))))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         env = self._check(self._flatten(args, kwargs))
-        for stage in self.manifest["plan"]:
-            for name in stage["segments"]:
-                self.run_segment(name, env)
+        tin = self._graph.timestep_input
+        ctx = self.tracker.advance(read_timestep(env.get(tin)) if tin else None)
+        for stage in self._plan:
+            stage.run(self._graph, env, ctx)
+        self.last_record = ctx.record
         flat = [
-            decode_constant(o) if o["kind"] == "constant" else torch.from_numpy(np.ascontiguousarray(env[o["name"]]))
+            decode_constant(o) if o["kind"] == "constant" else _as_tensor(env[o["name"]])
             for o in self.manifest["signature"]["outputs"]
         ]
         if self._out_spec is None:
@@ -138,27 +234,42 @@ class ArtifactRunner:
         return pytree.tree_unflatten(flat, self._out_spec)
 
 
+def _as_numpy(value: Any) -> Any:
+    return value.detach().contiguous().numpy() if isinstance(value, torch.Tensor) else value
+
+
+def _as_tensor(value: Any) -> torch.Tensor:
+    return value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(value))
+
+
+def _session_options(ort: Any) -> Any:
+    """No spinning: after a run, onnxruntime's intra-op threads busy-wait for the next one by
+    default, and the host work between segments (a cache stage's forecast in torch) then ran
+    on cores they held: on dit-digits `balanced`, a skipped step's multiply-adds took 6 ms
+    instead of 0.1 ms, and sampling through the artifact was 3.7x slower than the PyTorch
+    runtime (`benchmarks/exploration/export_balanced.py`)."""
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
 def load_artifact(path: str | os.PathLike, providers: Sequence[Any] | None = None) -> ArtifactRunner:
     """Open the artifact at `path` with one onnxruntime session per segment.
 
-    `providers` defaults to `["CPUExecutionProvider"]`. Only plans made of plain segment runs
-    execute here; an artifact whose plan holds other stages (caching) raises ArtifactError.
+    `providers` defaults to `["CPUExecutionProvider"]`. The plan's stages run on the host as in
+    the PyTorch runtime (caching stages included); a stage kind this installation cannot
+    rebuild raises ArtifactError, before any session is made.
     """
     import onnxruntime as ort
 
     root = Path(path)
     manifest = read_manifest(root)
-    for stage in manifest["plan"]:
-        if stage.get("kind") not in SUPPORTED_STAGES:
-            raise ArtifactError(
-                f"stage kind {stage.get('kind')!r} has no ONNX runtime support yet; run this model with the "
-                "PyTorch runtime (ditopt.optimize) instead"
-            )
+    _plan_stages(root, manifest)  # fail on an unsupported stage before building sessions
     sessions = {}
     for seg in manifest["segments"]:
         file = root / seg["file"]
         missing = [f for f in (seg["file"], *seg.get("external_data", [])) if not (root / f).is_file()]
         if missing:
             raise ArtifactError(f"{root} is incomplete: {missing} missing; export the model again")
-        sessions[seg["name"]] = ort.InferenceSession(str(file), providers=list(providers or ["CPUExecutionProvider"]))
+        sessions[seg["name"]] = ort.InferenceSession(str(file), _session_options(ort), providers=list(providers or ["CPUExecutionProvider"]))
     return ArtifactRunner(root, manifest, sessions)

@@ -88,7 +88,11 @@ def test_manifest_describes_segments_signature_and_plan(dit_artifact):
     assert pytree.treespec_loads(sig["out_spec"]) == graph.signature.out_spec
     assert sig["outputs"] == [{"kind": "env", "name": graph.signature.outputs[0]}]
 
-    assert manifest["plan"] == [stage.describe() for stage in graph.plan]
+    assert sig["latent_input"] == "hidden_states" and sig["timestep_input"] == "timestep"
+    described = [{k: v for k, v in e.items() if k not in ("spec", "spec_tensor_prefix")} for e in manifest["plan"]]
+    assert described == [stage.describe() for stage in graph.plan]
+    assert [e["spec"] for e in manifest["plan"]] == [{"kind": "run", "names": list(stage.names)} for stage in graph.plan]
+    assert manifest["plan_tensors"] is None and not (path / "plan.safetensors").exists()  # plain runs have no tensors
     assert manifest["report"]["profile"]["name"] == "identity"
     assert manifest["engines"] == {}
     assert not list(path.parent.glob(".artifact.*"))  # no temp or backup directories left
@@ -222,3 +226,121 @@ def test_lowering_drops_squeeze_of_non_unit_dims():
     x = torch.randn(2, 3, 1)
     assert all(torch.equal(a, b) for a, b in zip(lowered(x), gm(x)))
     assert _lower_for_onnx(lowered) is lowered  # nothing left to rewrite
+
+
+# -- cached plans in the artifact runner ----------------------------------------------------------
+DIT_TIMES = [900, 700, 500, 350, 200, 100]
+
+
+def _dit_sampler(model_in, kwargs, times=DIT_TIMES):
+    """A deterministic sampling loop over `times`, returning every call's output (and the final
+    sample last): what optimize calibrates on, and what the runtime and the runner replay."""
+
+    def run(model):
+        x, outs = kwargs["hidden_states"].clone(), []
+        for t in times:
+            call = {**kwargs, "hidden_states": x, "timestep": torch.full((x.shape[0],), t)}
+            with torch.no_grad():
+                out = model(**call)[0]
+            outs.append(out)
+            x = x - 0.05 * out[:, : x.shape[1]]
+        return x
+
+    return run
+
+
+CACHED_PROFILES = {
+    "residual taylor o1": ({"name": "residual_cache", "interval": 2, "warmup": 1, "order": 1}, False),
+    "calibrated fitted": ({"name": "calibrated_schedule", "computed_steps": 3, "warmup": 2, "order": 1, "history": 2}, True),
+    "feature forecast o2": ({"name": "taylor_forecast", "order": 2, "interval": 2, "warmup": 2}, False),
+}
+
+
+@pytest.mark.parametrize("case", list(CACHED_PROFILES))
+def test_cached_plan_runs_in_the_artifact_as_in_pytorch(case, tmp_path):
+    cfg, calibrated = CACHED_PROFILES[case]
+    model = build_model("dit")
+    kwargs = {**make_inputs("dit", model, batch=2), "return_dict": False}
+    profile = {"name": case, "budget": {"max_rel_err": 1.0}, "passes": [cfg]}
+    extra = {"calibration": _dit_sampler(model, kwargs)} if calibrated else {"num_steps": len(DIT_TIMES)}
+    optimized = ditopt.optimize(model, profile, example_inputs=kwargs, **extra)
+    path = export_artifact(optimized, tmp_path / "artifact", example_inputs=kwargs)
+    manifest = read_manifest(path)
+    cached_stage = next(e for e in manifest["plan"] if e["kind"] in ("cached-span", "feature-forecast"))
+    assert cached_stage["spec"]["policy"]["type"] == "static"
+    assert (manifest["plan_tensors"] == "plan.safetensors") and (path / "plan.safetensors").is_file()
+    runner = load_artifact(path)
+
+    g = torch.Generator().manual_seed(3)
+    optimized.reset()
+    for generation in range(2):  # the second starts when the timestep rises again: state is cleared
+        xs = [torch.randn(kwargs["hidden_states"].shape, generator=g) for _ in DIT_TIMES]
+        cached_steps = 0
+        for x, t in zip(xs, DIT_TIMES):
+            call = {**kwargs, "hidden_states": x, "timestep": torch.full((2,), t)}
+            with torch.no_grad():
+                expected, dense = optimized(**call)[0], model(**call)[0]
+            out = runner(**call)[0]
+            assert runner.last_record.get("cached") == optimized.last_record.get("cached")
+            assert runner.last_record.get("computed") == optimized.last_record.get("computed")
+            assert relative_error(out, expected) < PARITY, (generation, t)
+            if optimized.last_record.get("cached"):
+                cached_steps += 1
+                assert relative_error(out, dense) > 10 * PARITY  # a forecast, not a computed step
+        assert cached_steps >= 2
+
+
+def test_a_damaged_or_foreign_plan_is_refused_with_the_fix(tmp_path):
+    model = build_model("dit")
+    kwargs = {**make_inputs("dit", model, batch=2), "return_dict": False}
+    profile = {"name": "c", "budget": {"max_rel_err": 1.0}, "passes": [CACHED_PROFILES["calibrated fitted"][0]]}
+    optimized = ditopt.optimize(model, profile, example_inputs=kwargs, calibration=_dit_sampler(model, kwargs))
+    path = export_artifact(optimized, tmp_path / "artifact", example_inputs=kwargs)
+
+    missing = tmp_path / "missing"
+    shutil.copytree(path, missing)
+    (missing / "plan.safetensors").unlink()
+    with pytest.raises(ArtifactError, match="incomplete: plan.safetensors missing; export the model again"):
+        load_artifact(missing)
+
+    foreign = tmp_path / "foreign"
+    shutil.copytree(path, foreign)
+    manifest = json.loads((foreign / "manifest.json").read_text())
+    entry = next(e for e in manifest["plan"] if e["kind"] == "cached-span")
+    entry["spec"]["kind"] = entry["kind"] = "plugin-cache"
+    (foreign / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="kind 'plugin-cache'.*cannot be rebuilt here"):
+        load_artifact(foreign)
+
+    broken = tmp_path / "broken"
+    shutil.copytree(path, broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    next(e for e in manifest["plan"] if e["kind"] == "cached-span")["spec"]["policy"]["type"] = "sometimes"
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="invalid spec.*unknown cache policy type 'sometimes'"):
+        load_artifact(broken)
+
+
+def test_conditional_only_steps_compute_in_full_in_the_runner_and_the_manifest_says_so(tmp_path):
+    from ditopt.passes.caching import CachedSpan, StaticSchedule
+
+    model = build_model("dit")
+    kwargs = {**make_inputs("dit", model, batch=2), "return_dict": False}
+    kwargs["hidden_states"] = torch.cat([kwargs["hidden_states"][:1]] * 2)  # batched CFG: equal halves
+    graph = ditopt.capture(model, kwargs)
+    blocks = tuple(s.name for s in graph.segments if s.kind == "block")
+    policy = StaticSchedule((True, True, False, True), cond_only=(False, False, False, True))
+    graph = graph.evolve(plan=(graph.plan[0], CachedSpan(blocks, policy, order=1), graph.plan[-1]))
+    path = export_artifact(graph, tmp_path / "artifact")
+    assert any("conditional-only steps" in n for n in read_manifest(path)["notes"])
+    runner = load_artifact(path)
+    x = kwargs["hidden_states"]
+    for step, t in enumerate(DIT_TIMES[:4]):
+        call = {**kwargs, "hidden_states": x, "timestep": torch.full((2,), t)}
+        out = runner(**call)[0]
+        with torch.no_grad():
+            dense = model(**call)[0]
+        if step == 3:
+            assert runner.last_record["cond_only_declined"] == ["the runtime offers no half-batch program"]
+            assert relative_error(out, dense) < PARITY  # computed in full: the dense result
+        x = x - 0.05 * out[:, : x.shape[1]]

@@ -21,9 +21,9 @@ import torch
 import torch.fx as fx
 
 from ditopt.graph import DiTGraph, Segment
-from ditopt.plan import Stage, StepContext
+from ditopt.plan import Stage, StageSpec, StepContext, register_stage_loader
 
-from .stage import StaticSchedule, TaylorCache, static_decision
+from .stage import StaticSchedule, TaylorCache, policy_from_spec, policy_spec, static_decision
 
 FORECAST_SUFFIX = "__forecast"
 _CHECK_OPS = {torch.ops.aten._assert_tensor_metadata.default}
@@ -108,6 +108,11 @@ class FeatureForecast(Stage):
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "segments": list(self.blocks), "order": self.order, **self.policy.describe()}
 
+    def spec(self) -> StageSpec:
+        policy, tensors = policy_spec(self.policy, f"{self.key}.")
+        return {"kind": self.kind, "blocks": list(self.blocks), "features": {b: list(f) for b, f in self.features.items()},
+                "order": self.order, "key": self.key, "policy": policy}, tensors
+
     def run(self, graph: DiTGraph, env: dict[str, Any], ctx: StepContext) -> None:
         state = ctx.state.setdefault(self.key, {"taylor": {b: TaylorCache(self.order) for b in self.blocks}, "history": [], "cached_run": 0})
         t = ctx.timestep if ctx.timestep is not None else float(ctx.step)
@@ -127,3 +132,8 @@ class FeatureForecast(Stage):
             ctx.record.setdefault("computed", []).extend(self.blocks)
         else:
             ctx.record.setdefault("cached", []).extend(self.blocks)
+
+
+register_stage_loader(FeatureForecast.kind, lambda spec, tensors: FeatureForecast(
+    tuple(spec["blocks"]), {b: tuple(f) for b, f in spec["features"].items()}, policy_from_spec(spec["policy"], tensors),
+    int(spec["order"]), spec["key"]))

@@ -51,7 +51,7 @@ import torch
 from ditopt.calibration.streams import SpanIO, span_io, value_shapes
 from ditopt.errors import CalibrationError
 from ditopt.graph import DiTGraph, latent_halves_equal
-from ditopt.plan import RunSegments, Stage, StepContext
+from ditopt.plan import RunSegments, Stage, StageSpec, StepContext, register_stage_loader
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,6 +379,11 @@ class CachedSpan(Stage):
     def uses_second_half(self) -> bool:
         return isinstance(self.policy, StaticSchedule) and any(self.policy.cond_only)
 
+    def spec(self) -> StageSpec:
+        policy, tensors = policy_spec(self.policy, f"{self.key}.")
+        return {"kind": self.kind, "blocks": list(self.blocks), "probe": list(self.probe), "order": self.order,
+                "key": self.key, "policy": policy}, tensors
+
     # -- one call ------------------------------------------------------------------------------
     def run(self, graph: DiTGraph, env: dict[str, Any], ctx: StepContext) -> None:
         fitted = isinstance(self.policy, StaticSchedule) and bool(self.policy.weights)
@@ -493,3 +498,52 @@ class CachedSpan(Stage):
         if not self.probe:
             raise ValueError(f"{type(self.policy).__name__} needs probe blocks")
         return env[io.primary_input] - env[cached_span_io(graph, self.probe).primary_input]
+
+
+# --------------------------------------------------------------------------------------------
+# Stages as data (export artifacts)
+# --------------------------------------------------------------------------------------------
+def policy_spec(policy: Any, prefix: str) -> StageSpec:
+    """A cache policy as JSON plus tensors named `prefix`...: timesteps and fitted weights go in
+    float64 tensors (exact, and NaN-safe where JSON is not)."""
+    if isinstance(policy, (ProbeGate, ConfidenceGate)):
+        kind = "probe" if isinstance(policy, ProbeGate) else "confidence"
+        return {"type": kind, "threshold": policy.threshold, "warmup": policy.warmup, "max_cached": policy.max_cached}, {}
+    if not isinstance(policy, StaticSchedule):
+        raise TypeError(f"unknown cache policy {policy!r}")
+    tensors = {f"{prefix}timesteps": torch.tensor(policy.timesteps, dtype=torch.float64)}
+    weights: list[dict[str, Any] | None] = []
+    for step, per_history in enumerate(policy.weights):
+        if not per_history:
+            weights.append(None)
+            continue
+        name = f"{prefix}weights.{step}"
+        tensors[name] = torch.tensor([w for ws in per_history for w in ws], dtype=torch.float64)
+        weights.append({"tensor": name, "lengths": [len(ws) for ws in per_history]})
+    return {"type": "static", "compute": list(policy.compute), "timesteps": f"{prefix}timesteps", "on_mismatch": policy.on_mismatch,
+            "weights": weights, "cond_only": list(policy.cond_only), "cfg_delta_order": policy.cfg_delta_order}, tensors
+
+
+def policy_from_spec(spec: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Any:
+    kind = spec.get("type")
+    if kind in ("probe", "confidence"):
+        cls = ProbeGate if kind == "probe" else ConfidenceGate
+        return cls(float(spec["threshold"]), int(spec["warmup"]), int(spec["max_cached"]))
+    if kind != "static":
+        raise ValueError(f"unknown cache policy type {kind!r}")
+    weights = []
+    for entry in spec["weights"]:
+        if entry is None:
+            weights.append(())
+            continue
+        flat, out, at = tensors[entry["tensor"]].tolist(), [], 0
+        for n in entry["lengths"]:
+            out.append(tuple(flat[at : at + n]))
+            at += n
+        weights.append(tuple(out))
+    return StaticSchedule(tuple(bool(c) for c in spec["compute"]), tuple(tensors[spec["timesteps"]].tolist()), spec["on_mismatch"],
+                          tuple(weights), tuple(bool(c) for c in spec["cond_only"]), int(spec["cfg_delta_order"]))
+
+
+register_stage_loader(CachedSpan.kind, lambda spec, tensors: CachedSpan(
+    tuple(spec["blocks"]), policy_from_spec(spec["policy"], tensors), int(spec["order"]), tuple(spec["probe"]), spec["key"]))
