@@ -219,6 +219,15 @@ class ArtifactRunner:
         env.update(zip(outputs, (torch.from_numpy(r) for r in sess.run(outputs, feeds))))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # diffusers' `return_dict` picks only the output container. Where the artifact was
+        # exported without it (the model's default), `return_dict=False` asks for the tuple a
+        # diffusers model returns then, so samplers written for the model run on the artifact.
+        as_tuple = False
+        if "return_dict" in kwargs and "return_dict" not in self._keywords:
+            flag = kwargs.pop("return_dict")
+            if not isinstance(flag, bool):
+                raise InputMismatchError(f"return_dict must be True or False, not {flag!r}")
+            as_tuple = not flag
         env = self._check(self._flatten(args, kwargs))
         tin = self._graph.timestep_input
         ctx = self.tracker.advance(read_timestep(env.get(tin)) if tin else None)
@@ -229,7 +238,7 @@ class ArtifactRunner:
             decode_constant(o) if o["kind"] == "constant" else _as_tensor(env[o["name"]])
             for o in self.manifest["signature"]["outputs"]
         ]
-        if self._out_spec is None:
+        if self._out_spec is None or as_tuple:
             return tuple(flat)
         return pytree.tree_unflatten(flat, self._out_spec)
 

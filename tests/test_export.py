@@ -58,6 +58,17 @@ def test_onnxruntime_parity(arch, tmp_path):
     graph = ditopt.capture(model, make_inputs(arch, model))
     runner = load_artifact(export_artifact(graph, tmp_path / "artifact"))
     assert _parity(model, runner, make_inputs(arch, model, seed=1)) < PARITY
+    if arch == "plain":
+        return  # not a diffusers model: no return_dict
+    # Exported without return_dict: a sampler's return_dict=False gets the model's tuple.
+    kwargs = make_inputs(arch, model, seed=2)
+    with torch.no_grad():
+        ref = model(**kwargs, return_dict=False)
+    out = runner(**kwargs, return_dict=False)
+    assert type(out) is tuple and len(out) == len(ref) and relative_error(out[0], ref[0]) < PARITY
+    assert type(runner(**kwargs, return_dict=True)) is type(model(**kwargs))
+    with pytest.raises(InputMismatchError, match="return_dict must be True or False"):
+        runner(**kwargs, return_dict="no")
 
 
 def test_manifest_describes_segments_signature_and_plan(dit_artifact):
@@ -253,6 +264,8 @@ CACHED_PROFILES = {
     "residual taylor o1": ({"name": "residual_cache", "interval": 2, "warmup": 1, "order": 1}, False),
     "calibrated fitted": ({"name": "calibrated_schedule", "computed_steps": 3, "warmup": 2, "order": 1, "history": 2}, True),
     "feature forecast o2": ({"name": "taylor_forecast", "order": 2, "interval": 2, "warmup": 2}, False),
+    # A threshold no change reaches: every step the warm-up and max_cached allow is skipped.
+    "probe gate": ({"name": "probe_cache", "probe_blocks": 1, "threshold": 10.0, "warmup": 2, "max_cached": 2}, False),
 }
 
 
@@ -267,8 +280,10 @@ def test_cached_plan_runs_in_the_artifact_as_in_pytorch(case, tmp_path):
     path = export_artifact(optimized, tmp_path / "artifact", example_inputs=kwargs)
     manifest = read_manifest(path)
     cached_stage = next(e for e in manifest["plan"] if e["kind"] in ("cached-span", "feature-forecast"))
-    assert cached_stage["spec"]["policy"]["type"] == "static"
-    assert (manifest["plan_tensors"] == "plan.safetensors") and (path / "plan.safetensors").is_file()
+    static = cached_stage["spec"]["policy"]["type"] == "static"
+    assert static or cached_stage["spec"]["policy"] == {"type": "probe", "threshold": 10.0, "warmup": 2, "max_cached": 2}
+    # Static schedules keep their timesteps (and fitted weights) in plan.safetensors.
+    assert (manifest["plan_tensors"] == "plan.safetensors") == static == (path / "plan.safetensors").is_file()
     runner = load_artifact(path)
 
     g = torch.Generator().manual_seed(3)
