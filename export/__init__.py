@@ -8,7 +8,10 @@
 Artifact layout::
 
     manifest.json             format, versions, signature, segments, plan, report, engines
-    segments/<name>.onnx      one per segment: prologue, block.0 .. block.N-1, epilogue
+    plan.safetensors          tensors of the plan stages' specs (a static schedule's timesteps
+                              and fitted forecast weights), when a stage has any
+    segments/<name>.onnx      one per segment: prologue, block.0 .. block.N-1, epilogue, and the
+                              variants a pass added (block.i:record as block.i_record.onnx)
     segments/<name>.onnx.data weights stored as ONNX external data
     engines/<name>.plan       (later) TensorRT engines, listed in manifest["engines"][<name>]
                               with precision, GPU and the sha256 of the ONNX file built from
@@ -19,13 +22,17 @@ manifest.json (format "ditopt-artifact", format_version 1)::
     structure_hash (DiTGraph.structure_hash of the exported program),
     signature{inputs: [{name, kind: "tensor", shape, dtype} | {name, kind: "constant", type,
               value (JSON) or repr}], in_spec, out_spec (treespec_dumps strings),
-              outputs: [{kind: "env", name} | {kind: "constant", type, value}], timestep_input},
+              outputs: [{kind: "env", name} | {kind: "constant", type, value}], timestep_input,
+              latent_input},
     segments: [{name, kind, block, file, external_data, sha256, opset,
                 inputs/outputs: [{name, shape, dtype}]}]   in execution order,
-    plan: [stage.describe()], notes, structure (DiTGraph.summary()),
+    plan: [stage.describe() + {spec (Stage.spec() JSON), spec_tensor_prefix}], plan_tensors
+          ("plan.safetensors" or null), notes, structure (DiTGraph.summary()),
     report (OptimizationReport.to_dict() or null), engines_dir, engines {}
 
-The runner rebuilds diffusers output dataclasses from out_spec (importing only `diffusers.*`
+The runner rebuilds the plan's stages from their specs and runs them on the host between
+segments (cache schedules included; see docs/design.md, "Export"). It rebuilds diffusers
+output dataclasses from out_spec (importing only `diffusers.*`
 modules a spec names); an out_spec naming a type it cannot load degrades to a tuple.
 """
 

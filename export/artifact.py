@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import tempfile
 import uuid
@@ -70,6 +71,9 @@ def export_artifact(
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the artifact is not
         (tmp / SEGMENTS_DIR).mkdir()
+        stems = [segment_file_stem(seg.name) for seg in graph.segments]
+        if len(set(stems)) != len(stems):
+            raise ArtifactError(f"segment names {[s.name for s in graph.segments]} map to clashing file names {stems}")
         segments = [_export_segment(seg, tmp, opset) for seg in graph.segments]
         plan, tensors = _plan(graph)
         if tensors:
@@ -187,6 +191,12 @@ def _tensor_entries(seg: Segment, names: tuple[str, ...], values: list[Any], wha
     return entries
 
 
+def segment_file_stem(name: str) -> str:
+    """A file name for a segment on every filesystem: variant names hold ':' (block.0:record),
+    which Windows refuses."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
+
 def _export_segment(seg: Segment, root: Path, opset: int | None) -> dict[str, Any]:
     inputs = _tensor_entries(seg, seg.inputs, _placeholder_values(seg), "input")
     outputs = _tensor_entries(seg, seg.outputs, _output_values(seg), "output")
@@ -194,7 +204,7 @@ def _export_segment(seg: Segment, root: Path, opset: int | None) -> dict[str, An
     args = tuple(
         torch.zeros(v.shape, dtype=v.dtype, device=v.device) for v in _placeholder_values(seg)
     )
-    rel = f"{SEGMENTS_DIR}/{seg.name}.onnx"
+    rel = f"{SEGMENTS_DIR}/{segment_file_stem(seg.name)}.onnx"
     path = root / rel
     try:
         with warnings.catch_warnings():
