@@ -125,3 +125,19 @@ def register_collector(name: str) -> Callable:
 
 def get_collector(name: str) -> Any:
     return _lookup(_COLLECTORS, name, "calibration collector")
+
+
+# Export lowerings: a custom op the ONNX exporter cannot translate (the kernels' `ditopt::` ops)
+# maps to a function of standard torch ops computing the same result; export re-traces a segment
+# through it before handing it to the exporter. Kernels register their ops here.
+_EXPORT_LOWERINGS: dict[Any, Callable] = {}
+
+
+def register_export_lowering(op: Any, fn: Callable) -> None:
+    """Export `op` (an OpOverload) as what `fn(*args, **kwargs)` traces to."""
+    _EXPORT_LOWERINGS[op] = fn
+
+
+def export_lowerings() -> dict[Any, Callable]:
+    load_plugins()
+    return dict(_EXPORT_LOWERINGS)

@@ -209,7 +209,8 @@ def _export_segment(seg: Segment, root: Path, opset: int | None) -> dict[str, An
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(_lower_for_onnx(seg.module), args, dynamo=True, opset_version=opset, verbose=False)
+            module = _lower_for_onnx(_lower_custom_ops(seg.module, args))
+            program = torch.onnx.export(module, args, dynamo=True, opset_version=opset, verbose=False)
         _name_io(program.model, seg.inputs, seg.outputs)
         program.save(str(path), external_data=True)
     except ArtifactError:
@@ -232,6 +233,24 @@ def _export_segment(seg: Segment, root: Path, opset: int | None) -> dict[str, An
         "inputs": inputs,
         "outputs": outputs,
     }
+
+
+def _lower_custom_ops(module: fx.GraphModule, args: tuple) -> fx.GraphModule:
+    """Re-trace a segment holding ops with a registered export lowering (the kernels' custom
+    attention ops) through those lowerings: standard torch ops the ONNX exporter translates."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from ditopt.registry import export_lowerings
+
+    lowerings = export_lowerings()
+    if not any(n.op == "call_function" and n.target in lowerings for n in module.graph.nodes):
+        return module
+    # Then functionalized: the CPU paths write into slices of preallocated outputs (out=, index
+    # assignment), which the exporter's own torch.export refuses while weights require grad. Two
+    # traces because decompositions run below a functionalization wrapped around the first.
+    with torch.no_grad():
+        lowered = make_fx(module, decomposition_table=lowerings)(*args)
+        return make_fx(torch.func.functionalize(lowered))(*args)
 
 
 def _lower_for_onnx(module: fx.GraphModule) -> fx.GraphModule:

@@ -178,8 +178,11 @@ def _compensation(qb, kc, vs, n, Hm, selected, scale, chunk_elems: int = 1 << 21
 
 def block_sparse_attention_cpu(q, k, v, block_size: int = 64, rho: float = 0.25, n_text: int = 0,
                                include_diagonal: bool = True, scale: Optional[float] = None,
-                               eps: float = 1e-6, compensate: bool = True) -> torch.Tensor:
-    """Vectorized PyTorch path (CPU).  Returns contiguous ``[B, heads, N, D]`` in ``q.dtype``."""
+                               eps: float = 1e-6, compensate: bool = True, attention=None) -> torch.Tensor:
+    """Vectorized PyTorch path (CPU).  Returns contiguous ``[B, heads, N, D]`` in ``q.dtype``.
+    `attention`: the (out, lse) attention to use instead of the fused CPU op (export passes
+    :func:`ditopt.kernels.neighborhood.attention_with_lse`)."""
+    flash = attention or _flash_cpu
     B, Hh, N, D = q.shape
     scale = D ** -0.5 if scale is None else float(scale)
     M = N - n_text
@@ -203,11 +206,11 @@ def block_sparse_attention_cpu(q, k, v, block_size: int = 64, rho: float = 0.25,
         pm = torch.zeros(nb, bs, dtype=q.dtype, device=q.device)
         pm[-1, M - (nb - 1) * bs:] = float("-inf")
         mask = pm[idx].reshape(BH, nb, 1, ksel * bs).expand(BH, nb, bs, ksel * bs)
-    o_e, l_e = _flash_cpu(qb, ks, vsel, attn_mask=mask, scale=scale)   # [BH,nb,bs,D], [BH,nb,bs]
+    o_e, l_e = flash(qb, ks, vsel, attn_mask=mask, scale=scale)   # [BH,nb,bs,D], [BH,nb,bs]
     parts_o = [o_e]
     parts_l = [l_e]
     if n_text:
-        o_t, l_t = _flash_cpu(qb.reshape(BH, 1, nb * bs, D), k[:, :, :n_text].reshape(BH, 1, n_text, D),
+        o_t, l_t = flash(qb.reshape(BH, 1, nb * bs, D), k[:, :, :n_text].reshape(BH, 1, n_text, D),
                               v[:, :, :n_text].reshape(BH, 1, n_text, D), scale=scale)
         parts_o.append(o_t.view(BH, nb, bs, D))
         parts_l.append(l_t.view(BH, nb, bs))

@@ -168,9 +168,21 @@ def neighborhood_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
-def _flash(q, k, v, scale):
-    out, lse = _flash_cpu(q, k, v, scale=scale)
+def _flash(q, k, v, scale, attention=None):
+    out, lse = (attention or _flash_cpu)(q, k, v, scale=scale)
     return out, lse
+
+
+def attention_with_lse(q, k, v, attn_mask=None, scale=None):
+    """(out, log-sum-exp) like ``_scaled_dot_product_flash_attention_for_cpu``, from matmul,
+    logsumexp and exp: what ONNX export traces instead (its translation of the fused op does
+    not give a log-sum-exp onnxruntime accepts). Materializes the logits: export only."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if attn_mask is not None:
+        logits = logits + attn_mask
+    lse = torch.logsumexp(logits, dim=-1)
+    return torch.matmul(torch.exp(logits - lse.unsqueeze(-1)), v), lse
 
 
 @lru_cache(maxsize=64)
@@ -251,7 +263,7 @@ def _stack_tiles(xt: torch.Tensor, idx: torch.Tensor, slot: int) -> torch.Tensor
     return torch.index_select(xt, 1, idx)
 
 
-def _image_neighborhood(qt, kt, vt, radius, scale, need_lse=True):
+def _image_neighborhood(qt, kt, vt, radius, scale, need_lse=True, attention=None):
     """qt, kt, vt: [BH, TH, TW, t2, Dp] full tiles.
 
     Returns (out [BH, TH*TW*t2, Dp], lse [BH, TH*TW*t2] or None).  ONE flash-attention call:
@@ -267,14 +279,16 @@ def _image_neighborhood(qt, kt, vt, radius, scale, need_lse=True):
     kw = K3.as_strided(shape, strides, K3.storage_offset())
     vw = V3.as_strided(shape, strides, V3.storage_offset())
     qw = qt.reshape(BH * TH, TW, t2, Dp)
-    out, lse = _flash(qw, kw, vw, scale)                                # [BH*TH, TW, t2, Dp]
+    out, lse = _flash(qw, kw, vw, scale, attention)                     # [BH*TH, TW, t2, Dp]
     return out.reshape(BH, TH * TW * t2, Dp), (lse.reshape(BH, TH * TW * t2) if need_lse else None)
 
 
 def neighborhood_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                height: int, width: int, tile: int = 8, radius: int = 1,
-                               n_text: int = 0, scale: Optional[float] = None) -> torch.Tensor:
+                               n_text: int = 0, scale: Optional[float] = None, attention=None) -> torch.Tensor:
     """Fast exact CPU path (fp32/bf16); same semantics as :func:`neighborhood_attention_reference`.
+    `attention`: the (out, lse) attention to use instead of the fused CPU op (export passes
+    :func:`attention_with_lse`).
 
     Returns a contiguous ``[B, heads, N, D]`` tensor in ``q.dtype``."""
     B, Hh, N, D = q.shape
@@ -294,7 +308,7 @@ def neighborhood_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         qt = qi.reshape(BH, TH, TW, t2, D)
         kt = ki.reshape(BH, TH, TW, t2, D)
         vt = vi.reshape(BH, TH, TW, t2, D)
-        o_img, l_img = _image_neighborhood(qt, kt, vt, radius, scale, need_lse=n_text > 0)
+        o_img, l_img = _image_neighborhood(qt, kt, vt, radius, scale, need_lse=n_text > 0, attention=attention)
     else:
         # scatter into padded full tiles with one extra head dim that masks the pad keys
         Np = TH * TW * t2
@@ -310,7 +324,7 @@ def neighborhood_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         vp[:, idx, :D] = vi.reshape(BH, HW, D)
         shp = (BH, TH, TW, t2, D + 1)
         o_p, l_p = _image_neighborhood(qp.view(shp), kp.view(shp), vp.view(shp), radius, 1.0,
-                                       need_lse=n_text > 0)
+                                       need_lse=n_text > 0, attention=attention)
         o_img = o_p.index_select(1, idx)[..., :D]
         l_img = l_p.index_select(1, idx) if n_text else None
 
@@ -319,7 +333,7 @@ def neighborhood_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
     out = q.new_empty(B, Hh, N, D)
     # image queries x text keys, merged through the log-sum-exps
-    o_t, l_t = _flash(qi, k[:, :, :n_text], v[:, :, :n_text], scale)
+    o_t, l_t = _flash(qi, k[:, :, :n_text], v[:, :, :n_text], scale, attention)
     o_img = o_img.view(B, Hh, HW, D)
     l_img = l_img.view(B, Hh, HW)
     # o = (e^l_img o_img + e^l_t o_t) / (e^l_img + e^l_t) = lerp(o_t, o_img, sigmoid(l_img - l_t))

@@ -18,6 +18,7 @@ Both ops carry a ``torch.utils.flop_counter`` formula: a custom op is opaque to 
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -26,8 +27,10 @@ from torch import Tensor
 
 from torch.utils.flop_counter import register_flop_formula
 
+from ditopt.registry import register_export_lowering
+
 from .block_sparse import block_sparse_attention_cpu, block_sparse_attention_reference, num_selected
-from .neighborhood import (neighborhood_attention_cpu, neighborhood_attention_reference, neighborhood_density,
+from .neighborhood import (attention_with_lse, neighborhood_attention_cpu, neighborhood_attention_reference, neighborhood_density,
                            neighborhood_mask)
 
 __all__ = ["neighborhood_attention", "block_sparse_attention", "neighborhood_attention_macs",
@@ -153,3 +156,11 @@ def _block_sparse_attention_flops(q_shape, k_shape, v_shape, block_size=64, rho=
                                   include_diagonal=True, scale=None, eps=1e-6, compensate=True,
                                   *args, **kwargs) -> int:
     return 2 * block_sparse_attention_macs(q_shape, block_size, rho, n_text, compensate)
+
+
+# ONNX has no ditopt ops: export traces each through its CPU path, which is standard torch ops
+# (tile gathers and SDPA; PISA's block scores, top-k and compensation) at the segment's static shapes.
+register_export_lowering(torch.ops.ditopt.neighborhood_attention.default,
+                         functools.partial(neighborhood_attention_cpu, attention=attention_with_lse))
+register_export_lowering(torch.ops.ditopt.block_sparse_attention.default,
+                         functools.partial(block_sparse_attention_cpu, attention=attention_with_lse))

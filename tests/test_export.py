@@ -359,3 +359,44 @@ def test_conditional_only_steps_compute_in_full_in_the_runner_and_the_manifest_s
             assert runner.last_record["cond_only_declined"] == ["the runtime offers no half-batch program"]
             assert relative_error(out, dense) < PARITY  # computed in full: the dense result
         x = x - 0.05 * out[:, : x.shape[1]]
+
+
+# -- attention substitution: the kernels' custom ops lower to standard ONNX --------------------------
+@pytest.mark.parametrize("arch,attention", [
+    ("dit", {"name": "neighborhood_attention", "tile": 2, "radius": 1}),
+    ("dit", {"name": "neighborhood_attention", "tile": 4, "radius": 1}),  # 14x14 grid: partial tiles
+    ("dit", {"name": "block_sparse_attention", "tile": 2, "rho": 0.5}),
+    ("flux", {"name": "neighborhood_attention", "tile": 2, "radius": 1}),  # text tokens: the lse merge
+    ("flux", {"name": "block_sparse_attention", "tile": 2, "rho": 0.5}),
+])
+def test_substituted_attention_exports_and_matches_the_pytorch_runtime(arch, attention, tmp_path):
+    import onnx
+
+    model = build_model(arch)
+    resolution = (28 if attention.get("tile") == 4 else 16) if arch == "dit" else None  # grid 14x14 / 8x8
+    kwargs = make_inputs(arch, model, batch=2, resolution=resolution)
+    forced = {**attention, "min_mass": 0.0, "max_cost": None}
+
+    def calibration(m):
+        with torch.no_grad():
+            return m(**kwargs)[0]
+
+    optimized = ditopt.optimize(model, {"name": "a", "budget": {"max_rel_err": 1.0}, "passes": [forced]},
+                                example_inputs=kwargs, calibration=calibration)
+    graph = optimized.programs[0]
+    ops = {str(n.target) for s in graph.segments for n in s.module.graph.nodes if n.op == "call_function"}
+    assert any(op.startswith("ditopt.") for op in ops)  # the substitution is in the graph
+    path = export_artifact(optimized, tmp_path / "artifact", example_inputs=kwargs)
+    for entry in read_manifest(path)["segments"]:
+        domains = {node.domain for node in onnx.load(str(path / entry["file"]), load_external_data=False).graph.node}
+        assert not any("ditopt" in d for d in domains), entry["name"]
+    runner = load_artifact(path)
+    call = make_inputs(arch, model, batch=2, seed=4, resolution=resolution)
+    with torch.no_grad():
+        expected = optimized(**call)
+        dense = model(**call)
+    out = runner(**call)
+    error = relative_error(tensor_leaves(out)[0], tensor_leaves(expected)[0])
+    assert error < PARITY
+    # Substituted, not dense: the artifact is much closer to the substituted model than to the dense one.
+    assert relative_error(tensor_leaves(out)[0], tensor_leaves(dense)[0]) > 10 * max(error, 1e-6)
