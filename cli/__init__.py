@@ -102,7 +102,7 @@ def optimize(
         from ditopt.io import atomic_write_text
 
         atomic_write_text(report, json.dumps(data, indent=2, default=str))
-        heatmap = write_attention_heatmap(getattr(optimized, "stats", None), report)
+        heatmap = write_attention_heatmap(getattr(optimized, "stats", None), report, substituted_tile(data))
         if heatmap is not None and not as_json:
             console.print(f"attention heatmap: {heatmap}")
     if as_json:
@@ -116,14 +116,26 @@ def optimize(
         raise typer.Exit(EXIT_QUALITY)
 
 
-def write_attention_heatmap(stats: Any, report: Path) -> Optional[Path]:
+def substituted_tile(report: dict[str, Any]) -> Optional[int]:
+    """The tile an applied attention pass of this report chose (its 'auto' pick may differ from
+    the default tile for the grid), or None."""
+    for entry in report.get("passes", []):
+        tile = (entry.get("report") or {}).get("tile")
+        if entry.get("name") in ("neighborhood_attention", "block_sparse_attention") and entry.get("applied") and isinstance(tile, int):
+            return tile
+    return None
+
+
+def write_attention_heatmap(stats: Any, report: Path, tile: Optional[int] = None) -> Optional[Path]:
     """Next to a report, the layer x head map of calibrated attention locality (REPORT.attention.png),
-    when the calibration measured attention: what a user checks before trusting a substitution."""
+    when the calibration measured attention: what a user checks before trusting a substitution.
+    Drawn at `tile` (the one the pass chose) when the calibration measured it."""
     if stats is None or "attention" not in getattr(stats, "meta", {}):
         return None
     from ditopt.passes.attention import attention_heatmap
 
-    return Path(attention_heatmap(stats, report.with_suffix(".attention.png")))
+    measured = stats.meta["attention"].get("tiles", [])
+    return Path(attention_heatmap(stats, report.with_suffix(".attention.png"), tile if tile in measured else None))
 
 
 def _print_report(data: dict[str, Any]) -> None:

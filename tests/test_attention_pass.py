@@ -337,6 +337,19 @@ def test_collector_over_a_sampling_loop(tmp_path):
     assert (tmp_path / "r.attention.png").stat().st_size > 1000
     assert write_attention_heatmap(None, tmp_path / "s.json") is None and not (tmp_path / "s.attention.png").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["heat.png", "r.attention.png"]  # no temp files left
+    # It draws the tile the pass chose (when measured), not the grid's default.
+    from PIL import Image
+
+    from ditopt.cli import substituted_tile
+
+    chose4 = {"passes": [{"name": "caching", "applied": True, "report": {}},
+                         {"name": "neighborhood_attention", "applied": True, "report": {"tile": 4}}]}
+    assert substituted_tile(chose4) == 4 and substituted_tile({"passes": []}) is None
+    assert Image.open(tmp_path / "r.attention.png").text["Title"] == "attention mass kept, tile 2"
+    write_attention_heatmap(stats, tmp_path / "r.json", substituted_tile(chose4))
+    assert Image.open(tmp_path / "r.attention.png").text["Title"] == "attention mass kept, tile 4"
+    write_attention_heatmap(stats, tmp_path / "r.json", 8)  # not measured: the default tile
+    assert Image.open(tmp_path / "r.attention.png").text["Title"] == "attention mass kept, tile 2"
 
 
 @pytest.mark.parametrize("arch", ["dit", "flux"])

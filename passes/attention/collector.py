@@ -178,7 +178,9 @@ def attention_collector(graph: DiTGraph) -> AttentionCollector:
 
 
 def attention_heatmap(stats: Any, path: str, tile: int | None = None) -> str:
-    """PNG: per radius (and per rho), a layer x head map of the calibrated attention mass kept."""
+    """PNG: per radius (and per rho), a layer x head map of the calibrated attention mass kept,
+    at `tile` (default: the tile `tile='auto'` starts from for this grid). The tile is also in
+    the PNG's Title text."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -205,6 +207,6 @@ def attention_heatmap(stats: Any, path: str, tile: int | None = None) -> str:
     from ditopt.io import atomic_write_bytes
 
     png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=100)
+    fig.savefig(png, format="png", dpi=100, metadata={"Title": f"attention mass kept, tile {tile}"})
     plt.close(fig)
     return str(atomic_write_bytes(path, png.getvalue()))  # never a half-written PNG
