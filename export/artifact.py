@@ -65,6 +65,7 @@ def export_artifact(
     graph, report = _select_program(optimized_or_graph, example_inputs)
     _check_exportable(graph)
     _check_target(target, force)
+    half, no_half = _half_program(optimized_or_graph, graph, example_inputs)
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -81,6 +82,9 @@ def export_artifact(
 
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / PLAN_TENSORS))
         manifest = _manifest(graph, report, segments, example_inputs, plan, PLAN_TENSORS if tensors else None)
+        if half is not None:
+            manifest["half_program"] = _half_entry(graph, half, tmp, opset)
+        manifest["notes"] += _plan_notes(graph, half, no_half)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
         _move_into_place(tmp, target, force)
     except BaseException:
@@ -197,14 +201,14 @@ def segment_file_stem(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
 
-def _export_segment(seg: Segment, root: Path, opset: int | None) -> dict[str, Any]:
+def _export_segment(seg: Segment, root: Path, opset: int | None, subdir: str = "") -> dict[str, Any]:
     inputs = _tensor_entries(seg, seg.inputs, _placeholder_values(seg), "input")
     outputs = _tensor_entries(seg, seg.outputs, _output_values(seg), "output")
     # The graph is static, so values do not matter to the trace: zeros of the recorded shapes.
     args = tuple(
         torch.zeros(v.shape, dtype=v.dtype, device=v.device) for v in _placeholder_values(seg)
     )
-    rel = f"{SEGMENTS_DIR}/{segment_file_stem(seg.name)}.onnx"
+    rel = f"{SEGMENTS_DIR}/{subdir}{segment_file_stem(seg.name)}.onnx"
     path = root / rel
     try:
         with warnings.catch_warnings():
@@ -398,11 +402,50 @@ def _plan(graph: DiTGraph) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor
     return plan, tensors
 
 
-def _plan_notes(graph: DiTGraph) -> list[str]:
-    if any(stage.uses_second_half() for stage in graph.plan):
-        return ["conditional-only steps (CFG reuse) compute both halves of the batch in the artifact runner: "
-                "no half-batch segments are exported, so those steps cost a full step there (same values up to the "
-                "half rebuild's error, which the full step does not make)"]
+HALF_DIR = "half/"  # under SEGMENTS_DIR: the half-batch program's segments
+
+
+def _half_program(obj: Any, graph: DiTGraph, example_inputs: dict[str, Any] | None) -> tuple[DiTGraph | None, str | None]:
+    """The program for the second half of the call's rows, which the plan's conditional-only
+    steps run (`OptimizedDiT.second_half_program`); or (None, why there is none); (None, None)
+    where the plan has no such steps."""
+    if not any(stage.uses_second_half() for stage in graph.plan):
+        return None, None
+    if not isinstance(obj, OptimizedDiT) or example_inputs is None:
+        return None, "export the OptimizedDiT with example_inputs to include the half-batch segments"
+    call = normalize_call(obj.original, (), dict(example_inputs))
+    leaves, _ = pytree.tree_flatten(((), call))
+    latent = graph.bind(leaves).get(graph.latent_input) if graph.latent_input else None
+    if not isinstance(latent, torch.Tensor):
+        return None, "the model has no latent input to halve"
+    half = obj.second_half_program(call, latent)
+    return (half, None) if isinstance(half, DiTGraph) else (None, half)
+
+
+def _half_entry(graph: DiTGraph, half: DiTGraph, root: Path, opset: int | None) -> dict[str, Any]:
+    """The half-batch program for the manifest: every main segment's value names and shapes (the
+    runner checks what a span reads against them), with ONNX files for the segments the
+    conditional-only stages run on it."""
+    run = {n for stage in graph.plan if stage.uses_second_half() for n in stage.segment_names()}
+    (root / SEGMENTS_DIR / HALF_DIR).mkdir()
+    segments = []
+    for seg in half.main_segments:
+        if seg.name in run:
+            segments.append(_export_segment(seg, root, opset, HALF_DIR))
+        else:
+            segments.append({"name": seg.name, "kind": seg.kind, "block": seg.block, "file": None,
+                             "inputs": _tensor_entries(seg, seg.inputs, _placeholder_values(seg), "input"),
+                             "outputs": _tensor_entries(seg, seg.outputs, _output_values(seg), "output")})
+    outputs = [o if isinstance(o, str) else None for o in half.signature.outputs]
+    return {"segments": segments, "outputs": outputs, "latent_input": half.latent_input}
+
+
+def _plan_notes(graph: DiTGraph, half: DiTGraph | None, no_half: str | None) -> list[str]:
+    if half is not None:
+        return [f"conditional-only steps (CFG reuse) run the half-batch segments in {SEGMENTS_DIR}/{HALF_DIR}"]
+    if no_half is not None:
+        return [f"conditional-only steps (CFG reuse) compute both halves of the batch in the artifact runner ({no_half}): "
+                "those steps cost a full step there, and give a full step's values"]
     return []
 
 
@@ -419,7 +462,7 @@ def _manifest(graph: DiTGraph, report: Any, segments: list[dict[str, Any]], exam
         "segments": segments,
         "plan": plan,
         "plan_tensors": plan_tensors,
-        "notes": list(graph.notes) + _plan_notes(graph),
+        "notes": list(graph.notes),
         "structure": graph.summary(),
         "report": report.to_dict() if hasattr(report, "to_dict") else None,
         # Filled by a TensorRT build: {segment name: {"file": "engines/<segment>.plan",

@@ -34,31 +34,32 @@ SUPPORTED_STAGES = {"run"}
 class _ArtifactSegment:
     """One exported segment as the plan stages see a segment: its value names, and `run(env)`."""
 
-    def __init__(self, runner: "ArtifactRunner", entry: dict[str, Any]) -> None:
+    def __init__(self, runner: "ArtifactRunner", entry: dict[str, Any], session: str | None) -> None:
         self.name, self.kind, self.block = entry["name"], entry["kind"], entry.get("block")
         self.inputs = tuple(i["name"] for i in entry["inputs"])
         self.outputs = tuple(o["name"] for o in entry["outputs"])
         self.module = self  # stages memoise on id(segment.module)
-        self._runner = runner
+        self._runner, self._session = runner, session
 
     def run(self, env: dict[str, Any]) -> None:
-        self._runner.run_segment(self.name, env)
+        if self._session is None:
+            raise ArtifactError(f"segment {self.name} of this program was not exported (no ONNX file)")
+        self._runner.run_session(self._session, self.outputs, env)
 
 
 class _ArtifactGraph:
     """What plan stages read of a DiTGraph (segments by name, value shapes, the latent and
-    timestep inputs, the signature's outputs), backed by the artifact's segments."""
+    timestep inputs, the signature's outputs), backed by the artifact's segments: the exported
+    program's, or the half-batch program's (`prefix` names its sessions)."""
 
-    def __init__(self, runner: "ArtifactRunner", manifest: dict[str, Any]) -> None:
-        self.segments = tuple(_ArtifactSegment(runner, e) for e in manifest["segments"])
+    def __init__(self, runner: "ArtifactRunner", entries: list[dict[str, Any]], outputs: list[str | None],
+                 timestep_input: str | None, latent_input: str | None, prefix: str = "") -> None:
+        self.segments = tuple(_ArtifactSegment(runner, e, prefix + e["name"] if e.get("file") else None) for e in entries)
         self._by_name = {s.name: s for s in self.segments}
         self.main_segments = tuple(s for s in self.segments if s.kind != "variant")
-        sig = manifest["signature"]
-        outputs = tuple(o["name"] if o["kind"] == "env" else None for o in sig["outputs"])
-        self.signature = type("ArtifactSignature", (), {"outputs": outputs})()
-        self.timestep_input = sig.get("timestep_input")
-        self.latent_input = sig.get("latent_input")
-        shapes = {v["name"]: tuple(v["shape"]) for e in manifest["segments"] for v in (*e["inputs"], *e["outputs"])}
+        self.signature = type("ArtifactSignature", (), {"outputs": tuple(outputs)})()
+        self.timestep_input, self.latent_input = timestep_input, latent_input
+        shapes = {v["name"]: tuple(v["shape"]) for e in entries for v in (*e["inputs"], *e["outputs"])}
         self.meta: dict[str, Any] = {"_value_shapes": shapes}
 
     def segment(self, name: str) -> _ArtifactSegment:
@@ -66,6 +67,16 @@ class _ArtifactGraph:
 
     def at_step(self, step: int) -> "_ArtifactGraph":
         return self  # export refuses graphs with early-step variants
+
+
+HALF_PREFIX = "half/"  # session names of the half-batch program's segments
+
+
+def _session_files(manifest: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(session name, segment entry) of every ONNX file in the artifact."""
+    files = [(e["name"], e) for e in manifest["segments"]]
+    half = manifest.get("half_program") or {}
+    return files + [(HALF_PREFIX + e["name"], e) for e in half.get("segments", []) if e.get("file")]
 
 
 def _plan_stages(root: Path, manifest: dict[str, Any]) -> list[Stage]:
@@ -119,10 +130,13 @@ class ArtifactRunner:
         # An output container type that is not registered here (e.g. a diffusers output class
         # from another version) degrades to a plain tuple of the output leaves.
         self._out_spec = load_spec(sig["out_spec"])
-        self._segments = {s["name"]: s for s in manifest["segments"]}
         self._feeds = {name: [i.name for i in sess.get_inputs()] for name, sess in sessions.items()}
         self._keywords = list(self._in_spec.child(1).context)
-        self._graph = _ArtifactGraph(self, manifest)
+        outputs = [o["name"] if o["kind"] == "env" else None for o in sig["outputs"]]
+        self._graph = _ArtifactGraph(self, manifest["segments"], outputs, sig.get("timestep_input"), sig.get("latent_input"))
+        half = manifest.get("half_program")
+        self._half = (None if half is None else
+                      _ArtifactGraph(self, half["segments"], half["outputs"], sig.get("timestep_input"), half.get("latent_input"), HALF_PREFIX))
         self._plan = _plan_stages(path, manifest)
         steps = [len(e["spec"]["policy"]["compute"]) for e in manifest["plan"]
                  if (e.get("spec") or {}).get("policy", {}).get("type") == "static"]
@@ -213,10 +227,11 @@ class ArtifactRunner:
     def run_segment(self, name: str, env: dict[str, Any]) -> None:
         """Run one segment on values from `env` (torch tensors or numpy arrays) and add its
         outputs to it as torch tensors."""
-        sess = self.sessions[name]
-        outputs = [o["name"] for o in self._segments[name]["outputs"]]
-        feeds = {k: _as_numpy(env[k]) for k in self._feeds[name]}
-        env.update(zip(outputs, (torch.from_numpy(r) for r in sess.run(outputs, feeds))))
+        self._graph.segment(name).run(env)
+
+    def run_session(self, session: str, outputs: tuple[str, ...], env: dict[str, Any]) -> None:
+        feeds = {k: _as_numpy(env[k]) for k in self._feeds[session]}
+        env.update(zip(outputs, (torch.from_numpy(r) for r in self.sessions[session].run(list(outputs), feeds))))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # diffusers' `return_dict` picks only the output container. Where the artifact was
@@ -231,6 +246,8 @@ class ArtifactRunner:
         env = self._check(self._flatten(args, kwargs))
         tin = self._graph.timestep_input
         ctx = self.tracker.advance(read_timestep(env.get(tin)) if tin else None)
+        if self._half is not None:
+            ctx.second_half = lambda: self._half
         for stage in self._plan:
             stage.run(self._graph, env, ctx)
         self.last_record = ctx.record
@@ -275,10 +292,10 @@ def load_artifact(path: str | os.PathLike, providers: Sequence[Any] | None = Non
     manifest = read_manifest(root)
     _plan_stages(root, manifest)  # fail on an unsupported stage before building sessions
     sessions = {}
-    for seg in manifest["segments"]:
+    for name, seg in _session_files(manifest):
         file = root / seg["file"]
         missing = [f for f in (seg["file"], *seg.get("external_data", [])) if not (root / f).is_file()]
         if missing:
             raise ArtifactError(f"{root} is incomplete: {missing} missing; export the model again")
-        sessions[seg["name"]] = ort.InferenceSession(str(file), _session_options(ort), providers=list(providers or ["CPUExecutionProvider"]))
+        sessions[name] = ort.InferenceSession(str(file), _session_options(ort), providers=list(providers or ["CPUExecutionProvider"]))
     return ArtifactRunner(root, manifest, sessions)

@@ -180,6 +180,29 @@ def test_composition_verdict_counts_only_gated_rows_at_the_budget():
     assert "**missed**" in render._composition_verdict({"results": rows})
 
 
+def test_export_section_reads_the_export_benchmark(tmp_path):
+    import json
+
+    render = _benchmark_script("render_benchmarks")
+    assert render.export_section(tmp_path) == []  # no run: no section
+
+    def row(setting, seconds, psnr, **extra):
+        return {"setting": setting, "s_per_sample": seconds, "speedup_vs_eager": 1.0 / seconds, "psnr_db_mean": psnr,
+                "psnr_identical": False, **extra}
+
+    result = {"command": "python benchmarks/bench_export.py", "date": "d", "wall_s": 1.0,
+              "machine": {"cpu_model": "cpu", "torch_threads": 2}, "config": {"samples": 16, "batch": 4, "repeats": 5},
+              "models": {"m": {"rows": [row("eager", 1.0, None), row("balanced: PyTorch runtime", 0.25, 29.5),
+                                         row("balanced: artifact (onnxruntime)", 0.5, 29.5, max_abs_diff_vs_runtime=2e-6)],
+                               "plans": {"balanced": {"export_s": 3.0, "gate_passed": True, "steps": 50, "compute_steps": [0, 5, 9],
+                                                      "files": ["manifest.json", "plan.safetensors", "segments/a.onnx"]}}}}}
+    (tmp_path / "export.json").write_text(json.dumps(result))
+    text = "\n".join(render.export_section(tmp_path))
+    assert "| m | balanced: artifact (onnxruntime) | 0.500 | 2.00x | 29.50 | 2.0e-06 (vs the PyTorch runtime) |" in text
+    assert "3 of 50 steps computed, held-out gate passed" in text and "1 ONNX segments" in text
+    assert "0.50 dB under its 30 dB budget" in text  # a plan that reads under its budget on these seeds says so
+
+
 def test_settings_expand():
     full = settings_for(list(METHODS))
     assert full[0].method == "baseline"

@@ -336,6 +336,48 @@ def test_a_damaged_or_foreign_plan_is_refused_with_the_fix(tmp_path):
         load_artifact(broken)
 
 
+def test_conditional_only_steps_run_the_exported_half_batch_segments(tmp_path):
+    model = build_model("dit")
+    kwargs = {**make_inputs("dit", model, batch=2), "return_dict": False}
+    kwargs["hidden_states"] = torch.cat([kwargs["hidden_states"][:1]] * 2)  # batched CFG: equal halves
+    kwargs["class_labels"] = torch.tensor([0, 1])
+
+    def cfg_sampler(m):
+        x = kwargs["hidden_states"][:1].clone()
+        for t in DIT_TIMES:
+            with torch.no_grad():
+                out = m(**{**kwargs, "hidden_states": torch.cat([x, x]), "timestep": torch.full((2,), t)})[0]
+            x = x - 0.05 * (out[:1] + 1.5 * (out[1:] - out[:1]))[:, :4]
+        return x
+
+    cfg = {"name": "calibrated_schedule", "compute_steps": (0, 1, 2, 3, 5), "cond_only_steps": (3, 5), "forecast": "taylor", "order": 1}
+    optimized = ditopt.optimize(model, {"name": "cfg", "budget": {"max_rel_err": 1.0}, "passes": [cfg]},
+                                example_inputs=kwargs, calibration=cfg_sampler)
+    path = export_artifact(optimized, tmp_path / "artifact", example_inputs=kwargs)
+    manifest = read_manifest(path)
+    half = manifest["half_program"]
+    exported = [e["name"] for e in half["segments"] if e["file"]]
+    assert exported == ["block.0", "block.1"] and all((path / e["file"]).is_file() for e in half["segments"] if e["file"])
+    assert half["segments"][0]["inputs"][0]["shape"][0] == 1  # the half program takes one of the two rows
+    assert any("run the half-batch segments" in n for n in manifest["notes"])
+    runner = load_artifact(path)
+    optimized.reset()
+    x = kwargs["hidden_states"]
+    for step, t in enumerate(DIT_TIMES):
+        call = {**kwargs, "hidden_states": x, "timestep": torch.full((2,), t)}
+        with torch.no_grad():
+            expected, dense = optimized(**call)[0], model(**call)[0]
+        out = runner(**call)[0]
+        assert runner.last_record.get("cond_only") == optimized.last_record.get("cond_only")
+        assert "cond_only_declined" not in runner.last_record
+        error = relative_error(out, expected)
+        assert error < PARITY, step
+        if step in (3, 5):
+            assert runner.last_record["cond_only"] == ["block.0", "block.1"]
+            assert relative_error(out, dense) > 10 * max(error, 1e-6)  # the first half was rebuilt, not computed
+        x = x - 0.05 * out[:1].repeat(2, 1, 1, 1)[:, :4]
+
+
 def test_conditional_only_steps_compute_in_full_in_the_runner_and_the_manifest_says_so(tmp_path):
     from ditopt.passes.caching import CachedSpan, StaticSchedule
 
@@ -346,8 +388,10 @@ def test_conditional_only_steps_compute_in_full_in_the_runner_and_the_manifest_s
     blocks = tuple(s.name for s in graph.segments if s.kind == "block")
     policy = StaticSchedule((True, True, False, True), cond_only=(False, False, False, True))
     graph = graph.evolve(plan=(graph.plan[0], CachedSpan(blocks, policy, order=1), graph.plan[-1]))
-    path = export_artifact(graph, tmp_path / "artifact")
-    assert any("conditional-only steps" in n for n in read_manifest(path)["notes"])
+    path = export_artifact(graph, tmp_path / "artifact")  # a DiTGraph: no runtime to capture the half program
+    notes = read_manifest(path)["notes"]
+    assert any("compute both halves" in n and "export the OptimizedDiT with example_inputs" in n for n in notes)
+    assert "half_program" not in read_manifest(path)
     runner = load_artifact(path)
     x = kwargs["hidden_states"]
     for step, t in enumerate(DIT_TIMES[:4]):
