@@ -261,20 +261,24 @@ def _dit_sampler(model_in, kwargs, times=DIT_TIMES):
 
 
 CACHED_PROFILES = {
-    "residual taylor o1": ({"name": "residual_cache", "interval": 2, "warmup": 1, "order": 1}, False),
-    "calibrated fitted": ({"name": "calibrated_schedule", "computed_steps": 3, "warmup": 2, "order": 1, "history": 2}, True),
-    "feature forecast o2": ({"name": "taylor_forecast", "order": 2, "interval": 2, "warmup": 2}, False),
+    # name: (passes, needs calibration)
+    "residual taylor o1": ([{"name": "residual_cache", "interval": 2, "warmup": 1, "order": 1}], False),
+    "calibrated fitted": ([{"name": "calibrated_schedule", "computed_steps": 3, "warmup": 2, "order": 1, "history": 2}], True),
+    "feature forecast o2": ([{"name": "taylor_forecast", "order": 2, "interval": 2, "warmup": 2}], False),
     # A threshold no change reaches: every step the warm-up and max_cached allow is skipped.
-    "probe gate": ({"name": "probe_cache", "probe_blocks": 1, "threshold": 10.0, "warmup": 2, "max_cached": 2}, False),
+    "probe gate": ([{"name": "probe_cache", "probe_blocks": 1, "threshold": 10.0, "warmup": 2, "max_cached": 2}], False),
+    # Both pass families in one artifact: substituted attention on the computed steps.
+    "attention + residual": ([{"name": "neighborhood_attention", "tile": 2, "radius": 1, "min_mass": 0.0, "max_cost": None},
+                              {"name": "residual_cache", "interval": 2, "warmup": 1, "order": 1}], True),
 }
 
 
 @pytest.mark.parametrize("case", list(CACHED_PROFILES))
 def test_cached_plan_runs_in_the_artifact_as_in_pytorch(case, tmp_path):
-    cfg, calibrated = CACHED_PROFILES[case]
+    passes, calibrated = CACHED_PROFILES[case]
     model = build_model("dit")
-    kwargs = {**make_inputs("dit", model, batch=2), "return_dict": False}
-    profile = {"name": case, "budget": {"max_rel_err": 1.0}, "passes": [cfg]}
+    kwargs = {**make_inputs("dit", model, batch=2, resolution=16), "return_dict": False}  # an 8x8 token grid
+    profile = {"name": case, "budget": {"max_rel_err": 1.0}, "passes": passes}
     extra = {"calibration": _dit_sampler(model, kwargs)} if calibrated else {"num_steps": len(DIT_TIMES)}
     optimized = ditopt.optimize(model, profile, example_inputs=kwargs, **extra)
     path = export_artifact(optimized, tmp_path / "artifact", example_inputs=kwargs)
@@ -285,6 +289,8 @@ def test_cached_plan_runs_in_the_artifact_as_in_pytorch(case, tmp_path):
     # Static schedules keep their timesteps (and fitted weights) in plan.safetensors.
     assert (manifest["plan_tensors"] == "plan.safetensors") == static == (path / "plan.safetensors").is_file()
     runner = load_artifact(path)
+    if "attention" in case:
+        assert any(str(n.target).startswith("ditopt.") for seg in optimized.programs[0].segments for n in seg.module.graph.nodes)
 
     g = torch.Generator().manual_seed(3)
     optimized.reset()
@@ -308,7 +314,7 @@ def test_cached_plan_runs_in_the_artifact_as_in_pytorch(case, tmp_path):
 def test_a_damaged_or_foreign_plan_is_refused_with_the_fix(tmp_path):
     model = build_model("dit")
     kwargs = {**make_inputs("dit", model, batch=2), "return_dict": False}
-    profile = {"name": "c", "budget": {"max_rel_err": 1.0}, "passes": [CACHED_PROFILES["calibrated fitted"][0]]}
+    profile = {"name": "c", "budget": {"max_rel_err": 1.0}, "passes": CACHED_PROFILES["calibrated fitted"][0]}
     optimized = ditopt.optimize(model, profile, example_inputs=kwargs, calibration=_dit_sampler(model, kwargs))
     path = export_artifact(optimized, tmp_path / "artifact", example_inputs=kwargs)
 
