@@ -158,6 +158,9 @@ def export(
     out: Path = typer.Argument(..., help="artifact directory to create"),
     profile: str = typer.Option("identity", "--profile", "-p"),
     force: bool = typer.Option(False, "--force", help="replace an existing artifact"),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="before moving the artifact into place, run it beside the "
+                                "PyTorch runtime (zoo models: a sampling run at the exported batch; others: one call) and "
+                                "refuse to write it if they differ"),
     as_json: bool = typer.Option(False, "--json", help="print the manifest"),
 ) -> None:
     """Optimize MODEL and write an artifact: one ONNX file per segment plus manifest.json."""
@@ -165,16 +168,36 @@ def export(
 
     try:
         resolved, optimized = _optimize(model, profile, calibrate=True)
-        path = export_artifact(optimized, out, example_inputs=resolved.example_inputs, force=force)
+        check = _verification_run(resolved) if verify else None
+        path = export_artifact(optimized, out, example_inputs=resolved.example_inputs, force=force, verify_with=check)
     except DitoptError as exc:
         _fail(exc)
     manifest = json.loads((Path(path) / "manifest.json").read_text())
     if as_json:
         _emit_json(manifest)
     else:
-        Console().print(f"wrote {path} ({len(manifest.get('segments', []))} segments)")
+        checked = manifest.get("verification")
+        Console().print(f"wrote {path} ({len(manifest.get('segments', []))} segments)"
+                        + (f"; matches the PyTorch runtime to {checked['max_rel_err']:.1e} (relative)" if checked else ""))
     if not optimized.report.passed:
         raise typer.Exit(EXIT_QUALITY)
+
+
+def _verification_run(resolved: Any) -> Any:
+    """What `export --verify` runs through the runtime and the artifact: for a zoo model, its
+    sampler over a whole generation at the exported batch (every cached step of the plan runs);
+    otherwise one call with the example inputs."""
+    if resolved.example_inputs is None:  # what optimize captured the exported program with
+        from ditopt.inputs import synthesize_inputs
+
+        inputs = synthesize_inputs(resolved.model)
+    else:
+        inputs = dict(resolved.example_inputs)
+    if resolved.bundle is not None:
+        rows = next(v.shape[0] for v in inputs.values() if hasattr(v, "shape") and v.dim() > 0)
+        n = max(rows // 2, 1)  # CFG rows: unconditional and conditional per sample
+        return lambda m: resolved.bundle.sample(list(range(n)), [910000 + i for i in range(n)], model=m)
+    return lambda m: m(**inputs)
 
 
 @bench_app.command("attention")

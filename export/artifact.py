@@ -16,7 +16,7 @@ import tempfile
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -51,6 +51,8 @@ def export_artifact(
     example_inputs: dict[str, Any] | None = None,
     force: bool = False,
     opset: int | None = None,
+    verify_with: Callable[[Any], Any] | None = None,
+    verify_tol: float = 1e-3,
 ) -> Path:
     """Export every segment of a captured graph to ONNX and write the artifact to `out_dir`.
 
@@ -60,6 +62,11 @@ def export_artifact(
     `example_inputs` (optional) must match the signature it was captured for.
 
     An existing artifact at `out_dir` is replaced only with `force=True`. Returns `out_dir`.
+
+    `verify_with(model)`: a run (e.g. the user's sampling loop at the exported shape) done with
+    the PyTorch runtime and with the written artifact before it is moved into place; where
+    their outputs differ by more than `verify_tol` (relative L2) nothing is written and
+    ArtifactError says by how much. The result goes into `manifest["verification"]`.
     """
     target = Path(out_dir)
     graph, report = _select_program(optimized_or_graph, example_inputs)
@@ -86,6 +93,9 @@ def export_artifact(
             manifest["half_program"] = _half_entry(graph, half, tmp, opset)
         manifest["notes"] += _plan_notes(graph, half, no_half)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        if verify_with is not None:
+            manifest["verification"] = _verify(optimized_or_graph, tmp, verify_with, verify_tol)
+            (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
         _move_into_place(tmp, target, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -110,6 +120,33 @@ def _select_program(obj: Any, example_inputs: dict[str, Any] | None) -> tuple[Di
             )
         return obj, None
     raise ArtifactError(f"export_artifact takes an OptimizedDiT or a DiTGraph, not {type(obj).__name__}")
+
+
+def _verify(obj: Any, tmp: Path, run: Callable[[Any], Any], tol: float) -> dict[str, Any]:
+    """Run `run` with the PyTorch runtime and with the artifact written at `tmp` (each from a
+    fresh generation); the largest relative error over the outputs' tensors, or ArtifactError."""
+    from ditopt.verify import relative_error, tensor_leaves
+
+    from .runner import load_artifact
+
+    if not isinstance(obj, OptimizedDiT):
+        raise ArtifactError("verify_with needs the OptimizedDiT (the PyTorch runtime to compare the artifact with)")
+    runner = load_artifact(tmp)
+    obj.reset()
+    with torch.no_grad():
+        expected = tensor_leaves(run(obj))
+    obj.reset()
+    got = tensor_leaves(run(runner))
+    if len(got) != len(expected) or not expected:
+        raise ArtifactError(f"verification run returned {len(got)} tensors from the artifact and {len(expected)} from the runtime")
+    error = max(relative_error(g, e) for g, e in zip(got, expected))
+    if not error <= tol:  # NaN fails too
+        raise ArtifactError(
+            f"the artifact's outputs differ from the PyTorch runtime's by {error:.3g} (relative L2) on the verification "
+            f"run, above the tolerance {tol:g}; nothing was written. Check the notes of a plan the runner runs "
+            "differently (conditional-only steps without half-batch segments), or raise verify_tol"
+        )
+    return {"max_rel_err": error, "tolerance": tol, "outputs": len(expected)}
 
 
 def _check_exportable(graph: DiTGraph) -> None:

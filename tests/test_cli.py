@@ -39,6 +39,11 @@ def test_export_refuses_overwrite(tmp_path):
     assert (out / "manifest.json").is_file()
     assert runner.invoke(app, ["export", "tiny-dit", str(out)]).exit_code == 2
     assert runner.invoke(app, ["export", "tiny-dit", str(out), "--force"]).exit_code == 0
+    # --verify (the default) ran the artifact beside the PyTorch runtime before writing it
+    assert json.loads((out / "manifest.json").read_text())["verification"]["max_rel_err"] < 1e-4
+    assert "matches the PyTorch runtime" in first.output
+    assert runner.invoke(app, ["export", "tiny-dit", str(out), "--force", "--no-verify"]).exit_code == 0
+    assert "verification" not in json.loads((out / "manifest.json").read_text())
 
 
 def test_optimize_exits_1_and_says_why_when_the_gate_fails(monkeypatch, tmp_path):

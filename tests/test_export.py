@@ -450,3 +450,22 @@ def test_substituted_attention_exports_and_matches_the_pytorch_runtime(arch, att
     assert error < PARITY
     # Substituted, not dense: the artifact is much closer to the substituted model than to the dense one.
     assert relative_error(tensor_leaves(out)[0], tensor_leaves(dense)[0]) > 10 * max(error, 1e-6)
+
+
+def test_verification_runs_the_artifact_beside_the_runtime_before_writing_it(tmp_path):
+    model = build_model("dit")
+    kwargs = {**make_inputs("dit", model, batch=2), "return_dict": False}
+    passes, _ = CACHED_PROFILES["residual taylor o1"]
+    optimized = ditopt.optimize(model, {"name": "v", "budget": {"max_rel_err": 1.0}, "passes": passes},
+                                example_inputs=kwargs, num_steps=len(DIT_TIMES))
+    trajectory = _dit_sampler(model, kwargs)  # a whole generation: computed and cached steps
+    path = export_artifact(optimized, tmp_path / "ok", example_inputs=kwargs, verify_with=trajectory)
+    check = read_manifest(path)["verification"]
+    assert 0 < check["max_rel_err"] < PARITY and check["outputs"] == 1
+    # A tolerance the float differences of onnxruntime cannot meet: refused, and nothing written.
+    with pytest.raises(ArtifactError, match=r"differ from the PyTorch runtime's by .* above the tolerance 1e-12; nothing was written"):
+        export_artifact(optimized, tmp_path / "strict", example_inputs=kwargs, verify_with=trajectory, verify_tol=1e-12)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok"]  # no artifact, no temp directory left
+    graph = optimized.programs[0]
+    with pytest.raises(ArtifactError, match="verify_with needs the OptimizedDiT"):
+        export_artifact(graph, tmp_path / "graph", verify_with=trajectory)
