@@ -13,6 +13,7 @@ Artifact layout::
     segments/<name>.onnx      one per segment: prologue, block.0 .. block.N-1, epilogue, and the
                               variants a pass added (block.i:record as block.i_record.onnx)
     segments/<name>.onnx.data weights stored as ONNX external data
+    segments/half/<name>.onnx the half-batch program's segments that conditional-only steps run
     engines/<name>.plan       (later) TensorRT engines, listed in manifest["engines"][<name>]
                               with precision, GPU and the sha256 of the ONNX file built from
 
@@ -28,7 +29,10 @@ manifest.json (format "ditopt-artifact", format_version 1)::
                 inputs/outputs: [{name, shape, dtype}]}]   in execution order,
     plan: [stage.describe() + {spec (Stage.spec() JSON), spec_tensor_prefix}], plan_tensors
           ("plan.safetensors" or null), notes, structure (DiTGraph.summary()),
-    report (OptimizationReport.to_dict() or null), engines_dir, engines {}
+    report (OptimizationReport.to_dict() or null), engines_dir, engines {},
+    half_program {segments (as above; file null where not exported), outputs, latent_input}
+          (only with conditional-only steps), verification {max_rel_err, tolerance, outputs}
+          (only when export ran verify_with)
 
 The runner rebuilds the plan's stages from their specs and runs them on the host between
 segments (cache schedules included; see docs/design.md, "Export"). It rebuilds diffusers
