@@ -15,6 +15,9 @@ warm-up round. Optimization calibrates on the zoo's calibration seeds and gates 
 validation seeds, as `ditopt export` does.
 
     python benchmarks/bench_export.py --out benchmarks/results/export.json
+    python benchmarks/bench_export.py --profiles balanced benchmarks/exploration/profiles/balanced-cfg-reuse.toml --out ...
+
+A profile given as a TOML file is labelled by its file name.
 """
 
 from __future__ import annotations
@@ -76,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
             settings["identity artifact (onnxruntime)"] = load_artifact(
                 export_artifact(identity, Path(tmp) / f"{name}-identity", example_inputs=example))
             plans = {}
-            for profile in args.profiles:
-                opt = ditopt.optimize(eager, profile, example_inputs=example, calibration=bundle.calibration_fn(),
+            for profile_arg in args.profiles:
+                profile = Path(profile_arg).stem if profile_arg.endswith(".toml") else profile_arg
+                opt = ditopt.optimize(eager, profile_arg, example_inputs=example, calibration=bundle.calibration_fn(),
                                       validation=bundle.validation_fn())
                 t0 = time.perf_counter()
                 path = export_artifact(opt, Path(tmp) / f"{name}-{profile}", example_inputs=example)
@@ -88,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
                 stage = next(e for e in runner.manifest["plan"] if e.get("kind") == "cached-span")
                 plans[profile] = {"export_s": export_s, "gate_passed": opt.report.passed, "files": sorted(
                     str(f.relative_to(path)) for f in path.rglob("*") if f.is_file() and not f.name.endswith(".data")),
-                    "compute_steps": stage.get("compute_steps"), "steps": stage.get("steps")}
+                    "compute_steps": stage.get("compute_steps"), "steps": stage.get("steps"),
+                    "cond_only_steps": stage.get("cond_only_steps", []), "notes": runner.manifest["notes"],
+                    "budget_db": opt.report.to_dict()["profile"]["budget"].get("min_psnr_db")}
 
             reference = bundle.sample(classes, seeds, model=eager, batch_size=args.batch)
             samples = {k: (reference if k == "eager" else generate(m, cls=classes, sd=seeds)) for k, m in settings.items()}

@@ -493,12 +493,15 @@ def export_section(results_dir: Path) -> list[str]:
     lines.append("")
     for name, model in r["models"].items():
         for profile, plan in model["plans"].items():
-            lines.append(f"- {name} `{profile}`: {len(plan['compute_steps'] or [])} of {plan['steps']} steps computed, "
+            cond = plan.get("cond_only_steps") or []
+            half = sum(f.startswith("segments/half/") for f in plan["files"])
+            lines.append(f"- {name} `{profile}`: {len(plan['compute_steps'] or [])} of {plan['steps']} steps computed"
+                         + (f" ({len(cond)} conditional-only, run on {half} exported half-batch segments)" if cond else "") + ", "
                          f"held-out gate {'passed' if plan['gate_passed'] else 'missed'}; exported in {plan['export_s']:.1f} s "
                          f"({', '.join(f for f in plan['files'] if not f.startswith('segments/'))} and "
-                         f"{sum(f.startswith('segments/') for f in plan['files'])} ONNX segments)")
+                         f"{sum(f.startswith('segments/') and not f.startswith('segments/half/') for f in plan['files'])} ONNX segments)")
             row = next((x for x in model["rows"] if x["setting"] == f"{profile}: PyTorch runtime"), None)
-            budget = PRESET_BUDGETS_DB.get(profile)
+            budget = plan.get("budget_db", PRESET_BUDGETS_DB.get(profile))  # runs before 22:10 UTC did not record it
             if row and budget is not None and row["psnr_db_mean"] is not None and row["psnr_db_mean"] < budget:
                 lines.append(f"  - it reads {row['psnr_db_mean']:.2f} dB on these seeds, {budget - row['psnr_db_mean']:.2f} dB under "
                              f"its {budget:g} dB budget: the gate bounds the mean on the validation seeds (one-sided 90%), "
