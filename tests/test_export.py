@@ -309,6 +309,14 @@ def test_cached_plan_runs_in_the_artifact_as_in_pytorch(case, tmp_path):
                 cached_steps += 1
                 assert relative_error(out, dense) > 10 * PARITY  # a forecast, not a computed step
         assert cached_steps >= 2
+    # Another step count than calibrated: the artifact re-derives the schedule as the runtime does.
+    for t in (850, 600, 300, 150, 50):
+        call = {**kwargs, "hidden_states": torch.randn(kwargs["hidden_states"].shape, generator=g), "timestep": torch.full((2,), t)}
+        with torch.no_grad():
+            expected = optimized(**call)[0]
+        out = runner(**call)[0]
+        assert runner.last_record.get("cached") == optimized.last_record.get("cached"), t
+        assert relative_error(out, expected) < PARITY, t
 
 
 def test_a_damaged_or_foreign_plan_is_refused_with_the_fix(tmp_path):
