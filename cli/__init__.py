@@ -179,6 +179,9 @@ def export(
         checked = manifest.get("verification")
         Console().print(f"wrote {path} ({len(manifest.get('segments', []))} segments)"
                         + (f"; matches the PyTorch runtime to {checked['max_rel_err']:.1e} (relative)" if checked else ""))
+        for note in manifest.get("notes", []):
+            if isinstance(note, str) and note.startswith("conditional-only"):  # how the artifact runs those steps
+                Console().print(f"note: {note}")
     if not optimized.report.passed:
         raise typer.Exit(EXIT_QUALITY)
 
