@@ -238,9 +238,14 @@ def segment_file_stem(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
 
+def _segment_io(seg: Segment) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The manifest entries (name, shape, dtype) of a segment's inputs and outputs."""
+    return (_tensor_entries(seg, seg.inputs, _placeholder_values(seg), "input"),
+            _tensor_entries(seg, seg.outputs, _output_values(seg), "output"))
+
+
 def _export_segment(seg: Segment, root: Path, opset: int | None, subdir: str = "") -> dict[str, Any]:
-    inputs = _tensor_entries(seg, seg.inputs, _placeholder_values(seg), "input")
-    outputs = _tensor_entries(seg, seg.outputs, _output_values(seg), "output")
+    inputs, outputs = _segment_io(seg)
     # The graph is static, so values do not matter to the trace: zeros of the recorded shapes.
     args = tuple(
         torch.zeros(v.shape, dtype=v.dtype, device=v.device) for v in _placeholder_values(seg)
@@ -470,9 +475,9 @@ def _half_entry(graph: DiTGraph, half: DiTGraph, root: Path, opset: int | None) 
         if seg.name in run:
             segments.append(_export_segment(seg, root, opset, HALF_DIR))
         else:
+            inputs, outputs = _segment_io(seg)
             segments.append({"name": seg.name, "kind": seg.kind, "block": seg.block, "file": None,
-                             "inputs": _tensor_entries(seg, seg.inputs, _placeholder_values(seg), "input"),
-                             "outputs": _tensor_entries(seg, seg.outputs, _output_values(seg), "output")})
+                             "inputs": inputs, "outputs": outputs})
     outputs = [o if isinstance(o, str) else None for o in half.signature.outputs]
     return {"segments": segments, "outputs": outputs, "latent_input": half.latent_input}
 

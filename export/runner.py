@@ -7,8 +7,9 @@ The plan runs as in the PyTorch runtime: stages are rebuilt from their specs (`S
 `ditopt.plan.stage_from_spec`) and run on the host between ONNX segments, with the same step
 tracking (`ditopt.runtime.StepTracker`): a call with a larger timestep than the last one starts
 a new generation, `reset()` starts one explicitly. A calibrated cache schedule therefore runs
-here exactly as it was chosen; conditional-only steps compute both halves (no half-batch
-segments are exported; the manifest notes say so).
+here exactly as it was chosen; conditional-only steps run the exported half-batch segments
+(`manifest["half_program"]`), or compute both halves where the artifact has none (the
+manifest's notes say why).
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ def _plan_stages(root: Path, manifest: dict[str, Any]) -> list[Stage]:
 class ArtifactRunner:
     """Callable replaying an artifact's plan on onnxruntime sessions, one per segment."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any], sessions: dict[str, Any]) -> None:
+    def __init__(self, path: Path, manifest: dict[str, Any], sessions: dict[str, Any], plan: list[Stage] | None = None) -> None:
         self.path = path
         self.manifest = manifest
         self.sessions = sessions
@@ -137,7 +138,7 @@ class ArtifactRunner:
         half = manifest.get("half_program")
         self._half = (None if half is None else
                       _ArtifactGraph(self, half["segments"], half["outputs"], sig.get("timestep_input"), half.get("latent_input"), HALF_PREFIX))
-        self._plan = _plan_stages(path, manifest)
+        self._plan = _plan_stages(path, manifest) if plan is None else plan
         steps = [len(e["spec"]["policy"]["compute"]) for e in manifest["plan"]
                  if (e.get("spec") or {}).get("policy", {}).get("type") == "static"]
         self.tracker = StepTracker(max(steps) if steps else None)
@@ -290,7 +291,7 @@ def load_artifact(path: str | os.PathLike, providers: Sequence[Any] | None = Non
 
     root = Path(path)
     manifest = read_manifest(root)
-    _plan_stages(root, manifest)  # fail on an unsupported stage before building sessions
+    plan = _plan_stages(root, manifest)  # fails on an unsupported stage before any session is built
     sessions = {}
     for name, seg in _session_files(manifest):
         file = root / seg["file"]
@@ -298,4 +299,4 @@ def load_artifact(path: str | os.PathLike, providers: Sequence[Any] | None = Non
         if missing:
             raise ArtifactError(f"{root} is incomplete: {missing} missing; export the model again")
         sessions[name] = ort.InferenceSession(str(file), _session_options(ort), providers=list(providers or ["CPUExecutionProvider"]))
-    return ArtifactRunner(root, manifest, sessions)
+    return ArtifactRunner(root, manifest, sessions, plan)
