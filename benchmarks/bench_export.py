@@ -24,13 +24,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
 import statistics
-import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -53,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ditopt
     from ditopt import zoo
-    from ditopt.bench.measure import machine_info
+    from ditopt.bench.measure import script_run_record
     from ditopt.export import export_artifact, load_artifact
     from ditopt.io import atomic_write_text
     from ditopt.metrics import psnr_per_sample
@@ -126,11 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"PSNR {row['psnr_db_mean'] if row['psnr_db_mean'] is not None else '-'}", flush=True)
             models[name] = {"rows": rows, "plans": plans}
     result = {
-        "command": "python benchmarks/bench_export.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **script_run_record("benchmarks/bench_export.py", argv, args.threads),
         "wall_s": round(time.time() - started, 1),
-        "loadavg_at_end": list(os.getloadavg()),
-        "machine": machine_info(args.threads),
         "config": {"samples": args.samples, "batch": args.batch, "repeats": args.repeats, "profiles": args.profiles},
         "models": models,
     }

@@ -18,12 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
 import statistics
-import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -45,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers import DiTTransformer2DModel
 
     import ditopt
-    from ditopt.bench.measure import mac_counter, machine_info
+    from ditopt.bench.measure import mac_counter, script_run_record
     from ditopt.io import atomic_write_text
 
     torch.set_num_threads(args.threads)
@@ -110,11 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{label:18s} {name:16s} {med:8.3f} s  speedup {speedup:5.2f}x  MACs {mac_ratio:.3f}  "
                   f"realized/MAC {speedup * mac_ratio:5.0%}", flush=True)
     result = {
-        "command": "python benchmarks/bench_forecast_overhead.py "
-                   + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "loadavg_at_end": list(os.getloadavg()),
-        "machine": machine_info(args.threads),
+        **script_run_record("benchmarks/bench_forecast_overhead.py", argv, args.threads),
         "config": {"blocks": args.blocks, "batch": args.batch, "tokens": 256, "steps": args.steps,
                    "interval": args.interval, "warmup": warmup, "repeats": args.repeats},
         "rows": rows,

@@ -99,6 +99,22 @@ def _version(module: str) -> str | None:
         return None
 
 
+def script_run_record(script: str, argv: list[str] | None, threads: int) -> dict[str, Any]:
+    """What a benchmark script records of its run when it ends: the command as typed (from the
+    repository root), the UTC date, the load average then, and the machine."""
+    import shlex
+    import sys
+    from datetime import datetime, timezone
+
+    args = argv if argv is not None else sys.argv[1:]
+    return {
+        "command": f"python {script} " + " ".join(shlex.quote(a) for a in args),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "loadavg_at_end": list(os.getloadavg()),
+        "machine": machine_info(threads),
+    }
+
+
 def machine_info(threads: int) -> dict[str, Any]:
     try:
         load = os.getloadavg()
