@@ -309,6 +309,60 @@ def test_feature_forecast_recomputes_gate_by_hand():
     assert opt.last_record["cached"] == ["block.0", "block.1", "block.2"]
 
 
+def _feature_stage(opt):
+    from ditopt.passes.caching.features import FeatureForecast
+
+    return next(s for s in opt.programs[0].plan if isinstance(s, FeatureForecast))
+
+
+@pytest.mark.parametrize("arch,stacked", [("dit", True), ("pixart", True), ("plain", True), ("flux", False), ("sd3", False)])
+def test_feature_forecast_stacks_additive_blocks_and_matches_the_per_block_path(arch, stacked):
+    """DiT / PixArt blocks add gate * feature to one stream, so a skipped step forecasts the whole
+    stack in one product per Taylor term; two-stream blocks (FLUX, SD3) keep the per-block path.
+    Both paths give the same samples."""
+    import dataclasses
+
+    from conftest import build_model, make_inputs
+
+    model = build_model(arch)
+    kw = make_inputs(arch, model, batch=2)
+    profile = _profile(name="taylor_forecast", order=2, interval=3, warmup=2, target="features")
+    opt = ditopt.optimize(model, profile, example_inputs=kw, num_steps=8)
+    stage = _feature_stage(opt)
+    program = opt.programs[0]
+    gates = [s for s in program.segments if s.name.endswith(":gates")]
+    assert (stage.additive is not None) == stacked == bool(gates)
+    assert opt.report.passes[0].report["stages"][0]["stacked_forecast"] == stacked
+    if not stacked:
+        return
+    assert [f.stream_in for f in stage.additive[1:]] == [f.stream_out for f in stage.additive[:-1]]
+    for seg, form in zip(gates, stage.additive):  # the modulation only: no attention, no stream, no features
+        targets = {n.target for n in seg.module.graph.nodes if n.op == "call_function"}
+        assert torch.ops.aten.scaled_dot_product_attention.default not in targets
+        assert form.stream_in not in seg.inputs and not any(i.endswith("__forecast") for i in seg.inputs)
+        assert seg.outputs == tuple(g for g in form.gates if g is not None)
+    per_block = ditopt.optimize(model, profile, example_inputs=kw, num_steps=8)
+    plan = list(per_block.programs[0].plan)
+    i = plan.index(_feature_stage(per_block))
+    plan[i] = dataclasses.replace(plan[i], additive=None)
+    per_block.programs[0].plan = tuple(plan)
+    tkey = next(k for k in kw if k in ("timestep", "t"))
+    g = torch.Generator().manual_seed(1)
+    skipped = 0
+    with torch.no_grad():
+        for step in range(8):
+            call = {**kw, tkey: torch.full_like(kw[tkey], 900 - 110 * step)}
+            latent = next(k for k in ("hidden_states", "x") if k in kw)
+            call[latent] = torch.randn(kw[latent].shape, generator=g)
+            a, b = opt(**call), per_block(**call)
+            a, b = (getattr(v, "sample", v) for v in (a, b))
+            a, b = (v[0] if isinstance(v, tuple) else v for v in (a, b))
+            assert opt.last_record.get("cached") == per_block.last_record.get("cached")
+            skipped += bool(opt.last_record.get("cached"))
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item()), step
+    assert skipped >= 4
+
+
 def test_feature_forecast_does_not_fire_without_projections():
     model = AffineDiT(depth=2).eval()  # blocks without attention-output / FFN projections
     opt = _opt(model, dict(name="taylor_forecast", target="features"), num_steps=4)

@@ -285,6 +285,8 @@ def test_cached_plan_runs_in_the_artifact_as_in_pytorch(case, tmp_path):
     manifest = read_manifest(path)
     cached_stage = next(e for e in manifest["plan"] if e["kind"] in ("cached-span", "feature-forecast"))
     static = cached_stage["spec"]["policy"]["type"] == "static"
+    if case == "feature forecast o2":  # DiT blocks are additive: the artifact runs the stacked forecast and its gates
+        assert cached_stage["spec"]["additive"] and any(p.stem.endswith("_gates") for p in (path / "segments").glob("*.onnx"))
     assert static or cached_stage["spec"]["policy"] == {"type": "probe", "threshold": 10.0, "warmup": 2, "max_cached": 2}
     # Static schedules keep their timesteps (and fitted weights) in plan.safetensors.
     assert (manifest["plan_tensors"] == "plan.safetensors") == static == (path / "plan.safetensors").is_file()

@@ -254,8 +254,8 @@ def forecast_plan(graph: DiTGraph, policy: StaticSchedule, order: int, target: s
     block's pre-gate features."""
     blocks = tuple(_block_names(graph))
     if target == "features":
-        with_variants, features = add_feature_variants(graph, blocks)
-        stage: Stage = FeatureForecast(blocks, {k: tuple(v) for k, v in features.items()}, policy, order)
+        with_variants, features, additive = add_feature_variants(graph, blocks)
+        stage: Stage = FeatureForecast(blocks, {k: tuple(v) for k, v in features.items()}, policy, order, additive=additive)
         return replace_blocks(with_variants, [stage]), stage
     stage = CachedSpan(blocks, policy, order, key="schedule")
     return replace_blocks(graph, [stage]), stage

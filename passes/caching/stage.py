@@ -88,6 +88,13 @@ class TaylorCache:
         """The derivative estimates themselves (for inspection and tests; allocates)."""
         return [[d * s for d in ds] for ds, s in zip(self.diffs, self.scales)]
 
+    def coefficients(self, t: float) -> list[float]:
+        """The forecast at ``t`` is ``sum_i coefficients[i] * diffs[i]`` (``coefficients[0] == 1``)."""
+        if self.t is None:
+            raise RuntimeError("forecast requested before any computed step")
+        dt = t - self.t
+        return [dt**i / math.factorial(i) * self.scales[i] for i in range(len(self.diffs))]
+
     def predict(self, t: float) -> list[torch.Tensor]:
         """Forecast at ``t``; order 0 returns the cached tensors themselves (the stages only
         read them: the captured graphs are functional)."""
@@ -95,8 +102,7 @@ class TaylorCache:
             raise RuntimeError("forecast requested before any computed step")
         if len(self.diffs) == 1:
             return list(self.diffs[0])
-        dt = t - self.t
-        coefs = [dt**i / math.factorial(i) * self.scales[i] for i in range(len(self.diffs))]
+        coefs = self.coefficients(t)
         out = [torch.add(v, d, alpha=coefs[1]) for v, d in zip(self.diffs[0], self.diffs[1])]
         for i in range(2, len(self.diffs)):
             for o, d in zip(out, self.diffs[i]):
