@@ -7,6 +7,7 @@ call is timed too. MACs by torch's flop counter (the stacked path's batched prod
 
 Output: benchmarks/results/exploration/stacked_forecast_ab_dit-digits.log (stdout, as run)."""
 import dataclasses
+import os
 import statistics
 import time
 
@@ -71,7 +72,7 @@ for r in range(7):
         times[key].append(time.perf_counter() - t0)
 ref = statistics.median(times["eager"])
 print(f"dit-digits, taylor_forecast order 2 features, warm-up 3; {torch.get_num_threads()} threads; "
-      f"load average {__import__('os').getloadavg()}")
+      f"load average {os.getloadavg()}")
 for key in runs:
     med = statistics.median(times[key])
     speed, mac_ratio = ref / med, macs["eager"] / macs[key]

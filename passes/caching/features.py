@@ -80,9 +80,14 @@ def forecast_variant(segment: Segment, features: list[str]) -> Segment:
         if node.op == "call_function" and node.target in _CHECK_OPS:
             graph.erase_node(node)  # shape checks would keep the dropped branches alive
     _prune(graph)
+    return _variant(segment, f"{segment.name}:forecast", graph, segment.outputs)
+
+
+def _variant(base: Segment, name: str, graph: fx.Graph, outputs: tuple[str, ...]) -> Segment:
+    """A variant segment `name` (block:suffix) of `base`'s block, reading what `graph`'s placeholders name."""
     inputs = tuple(n.name for n in graph.nodes if n.op == "placeholder")
-    module = fx.GraphModule(segment.module, graph, class_name=f"{type(segment.module).__name__}_forecast")
-    return Segment(f"{segment.name}:forecast", "variant", segment.block, module, inputs, segment.outputs)
+    module = fx.GraphModule(base.module, graph, class_name=f"{type(base.module).__name__}_{name.rsplit(':', 1)[1]}")
+    return Segment(name, "variant", base.block, module, inputs, outputs)
 
 
 def _prune(graph: fx.Graph) -> None:
@@ -172,10 +177,8 @@ def additive_form(forecast: Segment, features: list[str]) -> tuple[AdditiveForm,
     out = next(n for n in gates_graph.nodes if n.op == "output")
     out.args = (tuple(copied[g.name] for g in gated),)
     _prune(gates_graph)
-    module = fx.GraphModule(forecast.module, gates_graph, class_name=f"{type(forecast.module).__name__}_gates")
-    inputs = tuple(n.name for n in gates_graph.nodes if n.op == "placeholder")
     name = forecast.name.rsplit(":", 1)[0] + ":gates"
-    return form, Segment(name, "variant", forecast.block, module, inputs, tuple(g.name for g in gated))
+    return form, _variant(forecast, name, gates_graph, tuple(g.name for g in gated))
 
 
 def _term(node: Any, placeholders: dict) -> tuple[str, fx.Node | None] | None:
@@ -245,45 +248,43 @@ class FeatureForecast(Stage):
                 "order": self.order, "key": self.key, "policy": policy, "additive": additive}, tensors
 
     def run(self, graph: DiTGraph, env: dict[str, Any], ctx: StepContext) -> None:
-        if self.additive is not None:
-            self._run_stacked(graph, env, ctx)
-            return
-        state = ctx.state.setdefault(self.key, {"taylor": {b: TaylorCache(self.order) for b in self.blocks}, "history": [], "cached_run": 0})
+        # One Taylor cache per block, or one over all blocks' stacked features (additive blocks).
+        caches = {"stack": TaylorCache(self.order)} if self.additive is not None else {b: TaylorCache(self.order) for b in self.blocks}
+        state = ctx.state.setdefault(self.key, {"taylor": caches, "history": [], "cached_run": 0})
+        caches = state["taylor"]
         t = ctx.timestep if ctx.timestep is not None else float(ctx.step)
-        first = state["taylor"][self.blocks[0]]
-        compute = first.t is None or static_decision(self.policy, ctx, state)
-        for name in self.blocks:
-            taylor = state["taylor"][name]
-            if compute:
-                graph.segment(f"{name}:record").run(env)
-                taylor.update([env[f] for f in self.features[name]], t)
-            else:
-                for f, value in zip(self.features[name], taylor.predict(t)):
+        compute = next(iter(caches.values())).t is None or static_decision(self.policy, ctx, state)
+        if compute:
+            self._record(graph, env, caches, t)
+            state["history"].append(t)
+            ctx.record.setdefault("computed", []).extend(self.blocks)
+        elif self.additive is not None:
+            self._forecast_stack(graph, env, caches["stack"], t)
+            ctx.record.setdefault("cached", []).extend(self.blocks)
+        else:
+            for name in self.blocks:
+                for f, value in zip(self.features[name], caches[name].predict(t)):
                     env[f + FORECAST_SUFFIX] = value
                 graph.segment(f"{name}:forecast").run(env)
-        if compute:
-            state["history"].append(t)
-            ctx.record.setdefault("computed", []).extend(self.blocks)
-        else:
             ctx.record.setdefault("cached", []).extend(self.blocks)
 
+    def _record(self, graph: DiTGraph, env: dict[str, Any], caches: dict[str, TaylorCache], t: float) -> None:
+        """Compute the blocks and cache their features: per block, or stacked channel-major
+        (``[batch, channels, features, tokens]``) for the stacked forecast."""
+        stacked = []
+        for name in self.blocks:
+            graph.segment(f"{name}:record").run(env)
+            values = [env[f] for f in self.features[name]]
+            if self.additive is None:
+                caches[name].update(values, t)
+            else:
+                stacked.extend(v.transpose(1, 2) for v in values)
+        if self.additive is not None:
+            caches["stack"].update([torch.stack(stacked, dim=2)], t)
 
-    def _run_stacked(self, graph: DiTGraph, env: dict[str, Any], ctx: StepContext) -> None:
-        """The per-block path's arithmetic over all blocks at once (see the module docstring)."""
+    def _forecast_stack(self, graph: DiTGraph, env: dict[str, Any], cache: TaylorCache, t: float) -> None:
+        """The per-block forecast's arithmetic over all blocks at once (see the module docstring)."""
         assert self.additive is not None
-        state = ctx.state.setdefault(self.key, {"stack": TaylorCache(self.order), "history": [], "cached_run": 0})
-        t = ctx.timestep if ctx.timestep is not None else float(ctx.step)
-        cache: TaylorCache = state["stack"]
-        compute = cache.t is None or static_decision(self.policy, ctx, state)
-        if compute:
-            values = []
-            for name in self.blocks:
-                graph.segment(f"{name}:record").run(env)
-                values.extend(env[f].transpose(1, 2) for f in self.features[name])
-            cache.update([torch.stack(values, dim=2)], t)  # [batch, channels, features, tokens]
-            state["history"].append(t)
-            ctx.record.setdefault("computed", []).extend(self.blocks)
-            return
         stream = env[self.additive[0].stream_in]
         b, n, c = stream.shape
         gates = []
@@ -292,7 +293,6 @@ class FeatureForecast(Stage):
                 graph.segment(f"{name}:gates").run(env)
             gates.extend(stream.new_ones(b, c) if g is None else env[g].expand(b, 1, c).reshape(b, c) for g in form.gates)
         env[self.additive[-1].stream_out] = stream + stacked_forecast(cache, t, torch.stack(gates, dim=-1)).transpose(1, 2)
-        ctx.record.setdefault("cached", []).extend(self.blocks)
 
 
 def stacked_forecast(cache: TaylorCache, t: float, gates: torch.Tensor) -> torch.Tensor:
