@@ -7,6 +7,7 @@ import json
 import platform
 import warnings
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any, Callable, Literal
 
 import torch
@@ -14,13 +15,14 @@ from torch import nn
 
 from . import __version__
 from .capture import capture, normalize_call
-from .errors import CalibrationError, DitoptError, QualityGateError, QualityGateWarning
+from .errors import (CalibrationError, DitoptError, InputMismatchError, QualityGateError, QualityGateWarning,
+                     UnsupportedModelError)
 from .graph import DiTGraph
 from .inputs import synthesize_inputs
 from .profiles import Profile, load_profile
 from .registry import PassContext, get_pass
 from .runtime import OptimizedDiT
-from .verify import Verification, psnr, verify_end_to_end, verify_per_call
+from .verify import Verification, psnr, unverified_end_to_end, verify_end_to_end, verify_per_call
 
 
 @dataclass
@@ -93,7 +95,11 @@ def describe_gate_failure(report: dict[str, Any]) -> str | None:
     lines = []
     for v in failed:
         budget = v.get("budget") or {}
-        if v.get("kind") == "end-to-end":
+        unverified = next((d["unverified"] for d in v.get("details", []) if "unverified" in d), None)
+        if v.get("kind") == "end-to-end" and unverified:
+            text = (f"quality budget unverified: min_psnr_db = {budget.get('min_psnr_db')} was not checked on samples the "
+                    f"search did not see, because {unverified}. The model is flagged (report.passed is False).")
+        elif v.get("kind") == "end-to-end":
             spread = next((d for d in v.get("details", []) if "samples" in d), {})
             attempts = len(report.get("retries", [])) + 1
             text = (f"quality gate failed: over {spread.get('samples', '?')} held-out samples the "
@@ -194,12 +200,16 @@ def optimize(
 
     `example_inputs` (keyword arguments of one forward call) are required for non-diffusers
     models. `calibration(model)` runs the user's own sampling loop with the model it is given
-    and returns the final samples; it is needed when the profile's passes read calibration
-    statistics (or pass `stats` from an earlier run). `validation(model)` samples held-out
-    seeds for the end-to-end check (default: the calibration function); the budget counts as
-    met when the lower confidence bound on their mean PSNR (`budget.psnr_confidence`, default
-    0.9) reaches it, so more held-out samples give a tighter bound and a faster result. The
-    user's model is never modified.
+    and returns the final samples (one row per seed); it is needed when the profile's passes
+    read calibration statistics (or pass `stats` from an earlier run). `validation(model)`
+    samples held-out seeds for the end-to-end check of a PSNR budget. The check never judges on
+    samples the search saw: without `validation=`, it uses held-out seeds the calibration
+    sampler derives (`calibration.held_out()`, PipelineSampler and the zoo's samplers), or else
+    the odd rows of the calibration run, which the search and its fitted statistics then leave
+    out; with fewer than 4 calibration samples and no validation the budget is reported
+    unverified and the gate fails. The budget counts as met when the lower confidence bound on
+    the held-out mean PSNR (`budget.psnr_confidence`, default 0.9) reaches it, so more held-out
+    samples give a tighter bound and a faster result. The user's model is never modified.
 
     When the quality gate still fails after `max_retries` retries, `on_gate_miss` decides:
     "raise" (default) raises `QualityGateError` saying what missed and what to change, with the
@@ -208,6 +218,19 @@ def optimize(
     """
     if on_gate_miss not in ("raise", "warn", "return"):
         raise DitoptError(f"on_gate_miss={on_gate_miss!r}: use 'raise', 'warn' or 'return'")
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+        raise DitoptError(f"max_retries={max_retries!r}: give a whole number >= 0 (0: no retry after a held-out miss)")
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(f"optimize takes a torch.nn.Module (e.g. pipe.transformer), not {type(model).__name__}")
+    if example_inputs is not None and not isinstance(example_inputs, Mapping):
+        raise InputMismatchError(
+            f"example_inputs is a {type(example_inputs).__name__}; give the keyword arguments of one forward call "
+            "as a dict, e.g. example_inputs={'hidden_states': x, 'timestep': t, 'class_labels': y}"
+        )
+    for name, fn in (("calibration", calibration), ("validation", validation)):
+        if fn is not None and not callable(fn):
+            raise CalibrationError(f"{name}= must be a function fn(model) -> samples, not a {type(fn).__name__}")
+    _check_inference_mode(model)
     prof = load_profile(profile)
     kwargs = dict(example_inputs) if example_inputs is not None else synthesize_inputs(model)
     kwargs = normalize_call(model, (), kwargs)
@@ -229,21 +252,30 @@ def optimize(
     if stats is not None and num_steps is None:
         num_steps = stats.num_steps
 
-    ctx = PassContext(model=model, stats=stats, budget=prof.budget, num_steps=num_steps)
     reference = getattr(stats, "reference_samples", None)
     if calibration is not None and reference is None and prof.budget.min_psnr_db is not None:
         with torch.no_grad():
             reference = calibration(model)
-    if calibration is not None and isinstance(reference, torch.Tensor):
-        ctx.extras["evaluate"] = _evaluator(model, calibration, reference, num_steps)
 
     plan_level = any(get_pass(e.name).level == "plan" for e in prof.passes)
-    check_end_to_end = plan_level and prof.budget.min_psnr_db is not None and (validation or calibration) is not None
-    validation_fn = validation or calibration
+    holdout = _plan_held_out(prof, plan_level, calibration, validation, reference, stats)
+    ctx = PassContext(model=model, stats=holdout.search_stats, budget=prof.budget, num_steps=num_steps)
+    if calibration is not None and isinstance(reference, torch.Tensor):
+        ctx.extras["evaluate"] = _evaluator(model, calibration, reference, num_steps, rows=holdout.search_rows)
+
+    check_end_to_end = holdout.sample_fn is not None
     validation_reference = None
     if check_end_to_end:
-        with torch.no_grad():
-            validation_reference = validation_fn(model) if validation is not None else reference
+        if holdout.reference is not None:
+            validation_reference = holdout.reference
+        else:
+            with torch.no_grad():
+                validation_reference = holdout.sample_fn(model)
+            if not isinstance(validation_reference, torch.Tensor):
+                raise CalibrationError(
+                    f"the validation function returned a {type(validation_reference).__name__}; it must return the final "
+                    "samples as one tensor [N, ...] (one row per seed)"
+                )
 
     attempts: list[dict[str, Any]] = []
     for attempt in range(max_retries + 1):
@@ -256,9 +288,9 @@ def optimize(
         if not check_end_to_end:
             break
         with torch.no_grad():
-            end_to_end = verify_end_to_end(validation_fn, validation_reference, optimized, prof.budget.min_psnr_db,
-                                           prof.budget.psnr_confidence)
-        end_to_end.details.append({"attempt": attempt, "held_out": validation is not None})
+            end_to_end = verify_end_to_end(holdout.sample_fn, validation_reference, optimized, prof.budget.min_psnr_db,
+                                           prof.budget.psnr_confidence, rows=holdout.rows, samples_from=holdout.source)
+        end_to_end.details.append({"attempt": attempt, "held_out": True, **holdout.notes})
         attempts.append(end_to_end.to_dict())
         if end_to_end.passed or attempt == max_retries:
             break
@@ -294,6 +326,9 @@ def optimize(
     if attempts:
         report.verification.append(attempts[-1])
         report.retries = attempts[:-1]
+    elif holdout.unverified is not None:
+        report.verification.append(
+            unverified_end_to_end(prof.budget.min_psnr_db, prof.budget.psnr_confidence, holdout.unverified).to_dict())
     optimized.report = report
     optimized.stats = stats
     if not report.passed and on_gate_miss != "return":
@@ -336,11 +371,15 @@ def _runtime(model, prof, ctx, kwargs, graph, rolled_back, resolved, num_steps) 
     return OptimizedDiT(model, build, first=(kwargs, graph), num_steps=num_steps)
 
 
-def _evaluator(model: nn.Module, sample_fn: Callable, reference: torch.Tensor, num_steps: int | None) -> Callable[[DiTGraph], float]:
-    """PSNR of `sample_fn` run with a candidate graph's plan against the reference samples.
+def _evaluator(model: nn.Module, sample_fn: Callable, reference: torch.Tensor, num_steps: int | None,
+               rows: list[int] | None = None) -> Callable[[DiTGraph], float]:
+    """PSNR of `sample_fn` run with a candidate graph's plan against the reference samples,
+    over `rows` of them only when given (the rest are held out for the end-to-end check).
     The candidate's plan is moved onto graphs captured at the sampling shape (same segment
     names), so one capture per shape serves every candidate."""
     captured: dict[tuple, DiTGraph] = {}
+    index = torch.tensor(rows, dtype=torch.long) if rows is not None else None
+    judged = reference.index_select(0, index) if index is not None else reference
 
     def evaluate(candidate: DiTGraph) -> float:
         from .capture import call_key
@@ -355,6 +394,96 @@ def _evaluator(model: nn.Module, sample_fn: Callable, reference: torch.Tensor, n
         runner = OptimizedDiT(model, build, num_steps=num_steps)
         with torch.no_grad():
             samples = sample_fn(runner)
-        return psnr(samples, reference)
+        if index is not None:
+            samples = samples.index_select(0, index)
+        return psnr(samples, judged)
 
     return evaluate
+
+
+# A calibration run split into search and held-out samples needs a few of each: with fewer than
+# two held-out samples there is no spread to bound the mean with.
+MIN_SPLIT_SAMPLES = 4
+
+
+@dataclass
+class HeldOut:
+    """Where the end-to-end check gets samples the budget search did not see.
+
+    sample_fn: the function sampled for the check (None: no check); reference: its original-model
+    samples when already known (a split calibration run); rows: the judged rows of them;
+    search_rows / search_stats: what the search may see; unverified: why no out-of-sample check
+    can be made, when a budget needs one; notes: for the report."""
+
+    sample_fn: Callable[[nn.Module], Any] | None = None
+    source: str = "held-out"
+    reference: torch.Tensor | None = None
+    rows: list[int] | None = None
+    search_rows: list[int] | None = None
+    search_stats: Any = None
+    unverified: str | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+def _plan_held_out(prof: Profile, plan_level: bool, calibration: Callable | None, validation: Callable | None,
+                   reference: Any, stats: Any) -> HeldOut:
+    """Decide the samples of the end-to-end check, never the ones the search judged plans on:
+    `validation=` when given; else held-out seeds the calibration sampler derives itself
+    (`calibration.held_out()` returning a sampler, as PipelineSampler and the zoo's samplers
+    do; None: it has none); else every other
+    sample of the calibration run, which the search then does not see (its trajectories are
+    left out of the statistics the passes fit on, where they can be matched to samples). Where
+    none of these is possible, the budget is reported unverified."""
+    out = HeldOut(search_stats=stats)
+    if not plan_level or prof.budget.min_psnr_db is None:
+        return out  # no step-level pass or no PSNR budget: nothing to check end to end
+    if validation is not None:
+        out.sample_fn, out.source = validation, "validation= (samples the search did not see)"
+        return out
+    derive = getattr(calibration, "held_out", None)
+    derived = derive() if callable(derive) else None
+    if derived is not None:
+        out.sample_fn = derived
+        out.source = f"held-out seeds derived by {type(calibration).__name__}.held_out()"
+        return out
+    if calibration is None:
+        out.unverified = ("neither validation= nor calibration= was given, so nothing was sampled to check "
+                          f"min_psnr_db = {prof.budget.min_psnr_db} on; pass validation=fn sampling seeds of your own")
+        return out
+    if not isinstance(reference, torch.Tensor) or reference.dim() == 0:
+        out.unverified = ("the calibration function did not return its final samples as one tensor [N, ...], so none "
+                          "could be held out; return them, or pass validation=fn")
+        return out
+    n = int(reference.shape[0])
+    if n < MIN_SPLIT_SAMPLES:
+        out.unverified = (f"the calibration function returned {n} sample{'s' if n != 1 else ''}, too few to hold half "
+                          f"out (need {MIN_SPLIT_SAMPLES} or more), and no validation= was given; sample more seeds "
+                          "or pass validation=fn on seeds of your own")
+        return out
+    out.search_rows, out.rows = list(range(0, n, 2)), list(range(1, n, 2))
+    out.sample_fn, out.reference = calibration, reference
+    out.source = "held-out half of the calibration run (odd rows; the search judged plans on the even rows)"
+    restricted = stats.restricted_to_samples(out.search_rows, n) if stats is not None else None
+    if stats is not None and restricted is None:
+        out.notes["statistics_include_held_out"] = (
+            "the calibration batches could not be matched to the returned samples, so the statistics the passes "
+            "fit on include the held-out samples' trajectories; pass validation= for a fully independent check")
+    elif restricted is not None:
+        out.search_stats = restricted
+        out.notes["search_trajectories"] = restricted.meta["trajectories"]
+        out.notes["held_out_trajectories"] = stats.meta["trajectories"] - restricted.meta["trajectories"]
+    return out
+
+
+def _check_inference_mode(model: nn.Module) -> None:
+    """A model in training mode with dropout or batch norm active gives other outputs every call:
+    no optimized graph could match it. Say so instead of reporting a per-call mismatch."""
+    active = [name or type(model).__name__ for name, m in model.named_modules()
+              if m.training and ((isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0)
+                                 or isinstance(m, nn.modules.batchnorm._BatchNorm))]
+    if active:
+        shown = ", ".join(active[:3]) + (f" and {len(active) - 3} more" if len(active) > 3 else "")
+        raise UnsupportedModelError(
+            f"the model is in training mode and {shown} behave randomly or per batch there, so its outputs cannot be "
+            "matched; call model.eval() before optimize (ditopt does not change the model for you)"
+        )

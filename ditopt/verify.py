@@ -16,7 +16,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from .errors import NonFiniteError
+from .errors import CalibrationError, NonFiniteError
 from .graph import DiTGraph
 from .runtime import StepTracker
 
@@ -175,19 +175,67 @@ def psnr_lower_bound(values: list[float], confidence: float) -> float:
     return mean - float(student_t.ppf(confidence, n - 1)) * sd / math.sqrt(n)
 
 
+class CallCounter:
+    """Counts forward calls of a module (a forward pre-hook), to catch a sampling function that
+    ignores the model it is given: it would compare the original with itself and pass at inf dB."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.calls = 0
+        self._module = module
+        self._handle: Any = None
+
+    def __enter__(self) -> "CallCounter":
+        def count(*_: Any) -> None:
+            self.calls += 1
+
+        self._handle = self._module.register_forward_pre_hook(count)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._handle.remove()
+
+
 def verify_end_to_end(
     sample_fn: Callable[[nn.Module], torch.Tensor], reference_samples: torch.Tensor, optimized: nn.Module,
-    min_psnr_db: float | None, confidence: float = 0.5,
+    min_psnr_db: float | None, confidence: float = 0.5, *, rows: list[int] | None = None,
+    samples_from: str = "held-out",
 ) -> Verification:
     """Sample with the optimized model; pass when the lower confidence bound on the mean
-    per-sample PSNR (`psnr_lower_bound`) meets the budget. `psnr_db` is the measured mean."""
-    samples = sample_fn(optimized)
+    per-sample PSNR (`psnr_lower_bound`) meets the budget. `psnr_db` is the measured mean.
+
+    `rows`: judge only these of the returned samples (the held-out part of a calibration run
+    whose other samples the search saw); `reference_samples` holds all of them.
+    `samples_from` says in the report where the judged samples came from."""
+    with CallCounter(optimized) as counter:
+        samples = sample_fn(optimized)
+    if counter.calls == 0:
+        raise CalibrationError(
+            "the validation function never called the model it was given, so the check would compare the original "
+            "model with itself; it must sample with that model (fn(model) -> samples)"
+        )
     check_finite(samples, "sampling with the optimized model")
+    if not isinstance(samples, torch.Tensor) or samples.shape != reference_samples.shape:
+        raise CalibrationError(
+            f"the validation function returned {tuple(getattr(samples, 'shape', ()))} samples with the optimized model "
+            f"but {tuple(reference_samples.shape)} with the original; it must sample the same seeds every call"
+        )
+    if rows is not None:
+        index = torch.tensor(rows, dtype=torch.long)
+        samples, reference_samples = samples.index_select(0, index), reference_samples.index_select(0, index)
     values = psnr_samples(samples, reference_samples)
     value = sum(values) / len(values)
     bound = psnr_lower_bound(values, confidence)
     passed = min_psnr_db is None or bound >= min_psnr_db
     finite = [min(v, PSNR_CAP_DB) for v in values]
-    spread = {"samples": len(values), "psnr_min_db": min(finite), "psnr_max_db": max(finite)}
+    spread = {"samples": len(values), "psnr_min_db": min(finite), "psnr_max_db": max(finite), "samples_from": samples_from}
+    if rows is not None:
+        spread["rows"] = list(rows)
     return Verification("end-to-end", None, None, value, {"min_psnr_db": min_psnr_db, "confidence": confidence},
                         passed, [spread], psnr_lower_db=bound)
+
+
+def unverified_end_to_end(min_psnr_db: float | None, confidence: float, reason: str) -> Verification:
+    """The end-to-end check that could not be made out of sample: it does not pass (a budget
+    nobody checked on unseen samples is not met), and says why and how to make it checkable."""
+    return Verification("end-to-end", None, None, None, {"min_psnr_db": min_psnr_db, "confidence": confidence},
+                        False, [{"unverified": reason}], psnr_lower_db=None)

@@ -86,8 +86,8 @@ def held_out_misses(monkeypatch):
     def install(n: int, shortfall: float) -> list:
         seen = []
 
-        def check(sample_fn, reference, optimized, min_psnr_db, confidence=0.5):
-            result = real(sample_fn, reference, optimized, min_psnr_db, confidence)
+        def check(sample_fn, reference, optimized, min_psnr_db, confidence=0.5, **kwargs):
+            result = real(sample_fn, reference, optimized, min_psnr_db, confidence, **kwargs)
             seen.append(optimized)
             if len(seen) <= n:
                 return Verification("end-to-end", None, None, result.psnr_db, result.budget, False,

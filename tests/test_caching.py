@@ -109,9 +109,12 @@ def test_passes_that_must_not_fire():
         _opt(AffineDiT().eval(), dict(name="taylor_forecast"))  # no step count, no stats
 
 
-def _sampler(steps: int):
-    x0 = torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(0))
-    return euler_sampler(x0, [1.0 - i / steps for i in range(steps)])
+def _sampler(steps: int, samples: int = 4):
+    """`samples` trajectories from fixed seeds, sampled two at a time (the example batch), so
+    that optimize can hold half of them out of the budget search."""
+    x0 = torch.randn(samples, 4, 8, generator=torch.Generator().manual_seed(0))
+    loops = [euler_sampler(x0[i : i + 2], [1.0 - j / steps for j in range(steps)]) for i in range(0, samples, 2)]
+    return lambda model: torch.cat([loop(model) for loop in loops])
 
 
 def test_stats_round_trip(tmp_path):

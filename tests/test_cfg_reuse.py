@@ -118,11 +118,18 @@ def test_cond_only_steps_must_be_computed_steps():
         _explicit(model, x0, u, c, cond_only=(2,), computed=(0, 1, 3))
 
 
-def _budget(model, sampler, example, mode="auto"):
+def _budget(model, sampler, example, mode="auto", validation=None):
     schedule = {"name": "calibrated_schedule", "order": 1, "warmup": 2, "alpha": 0.0}
     profile = {"name": "b", "budget": {"min_psnr_db": 70.0}, "passes": [schedule if mode is None else {**schedule, "cfg_reuse": mode}]}
     # The search is under test, not the gate: its 2-sample bound may miss, so take the model back flagged.
-    return ditopt.optimize(model, profile, example_inputs=example, calibration=sampler, max_retries=0, on_gate_miss="return")
+    return ditopt.optimize(model, profile, example_inputs=example, calibration=sampler, validation=validation,
+                           max_retries=0, on_gate_miss="return")
+
+
+def _held_out_cfg(u, c, times, seed=11):
+    """A CFG sampler on another starting latent: the held-out check's samples (one calibration
+    sample cannot be split into search and held-out halves)."""
+    return cfg_sampler(torch.randn(1, 4, 8, generator=torch.Generator().manual_seed(seed)), u, c, times)
 
 
 def test_budget_search_uses_cond_only_steps_only_on_batched_cfg():
@@ -132,7 +139,7 @@ def test_budget_search_uses_cond_only_steps_only_on_batched_cfg():
     x0, u, c = torch.randn(1, 4, 8), torch.zeros(1, 8), 1e-6 * torch.randn(1, 8)
     sampler = cfg_sampler(x0, u, c, times)
     example = _inputs(x0, u, c, times[0])
-    opt = _budget(model, sampler, example)
+    opt = _budget(model, sampler, example, validation=_held_out_cfg(u, c, times))
     assert opt.stats.meta["batched_cfg"] is True
     rep = opt.report.passes[0].report
     cond = rep.get("cond_only_steps", [])
@@ -150,7 +157,13 @@ def test_budget_search_uses_cond_only_steps_only_on_batched_cfg():
     assert default.report.passes[0].report["stages"] == off.report.passes[0].report["stages"]
     assert rep["computed_steps"] - len(cond) * (1 - rep["cond_only_cost"]) < k_off
     e2e = opt.report.verification[-1]
-    assert e2e["kind"] == "end-to-end" and float(e2e["psnr_db"]) >= 70.0
+    # 70 dB is what the search measured on its one calibration sample (a prediction); the
+    # held-out sample reads a little less, and the gate judges that one.
+    assert rep["predicted_psnr_db"] >= 70.0
+    assert e2e["kind"] == "end-to-end" and 60.0 < float(e2e["psnr_db"]) < rep["predicted_psnr_db"]
+    assert e2e["details"][0]["samples_from"].startswith("validation=")
+    # Without validation= one calibration sample leaves nothing to hold out: unverified, flagged.
+    assert not default.report.passed and "unverified" in default.report.verification[-1]["details"][0]
     # prepare() captures the half-batch program before the first generation
     fresh = _budget(model, sampler, example)
     fresh.prepare(**example)
@@ -175,9 +188,12 @@ def test_a_held_out_miss_drops_cond_only_steps_before_tightening(held_out_misses
     x0, u, c = torch.randn(1, 4, 8), torch.zeros(1, 8), 1e-6 * torch.randn(1, 8)
     sampler, example = cfg_sampler(x0, u, c, times), _inputs(x0, u, c, times[0])
     seen = held_out_misses(misses, 0.5)
-    profile = {"name": "b", "budget": {"min_psnr_db": 70.0},
+    # 60 dB: the held-out latent reads ~69 dB where the calibration one reads 70, so only the
+    # injected misses (not real ones) drive the retries under test.
+    profile = {"name": "b", "budget": {"min_psnr_db": 60.0},
                "passes": [{"name": "calibrated_schedule", "order": 1, "warmup": 2, "alpha": 0.0, "cfg_reuse": "auto"}]}
-    opt = ditopt.optimize(model, profile, example_inputs=example, calibration=sampler, max_retries=2)
+    opt = ditopt.optimize(model, profile, example_inputs=example, calibration=sampler,
+                          validation=_held_out_cfg(u, c, times), max_retries=2)
     calls = [o.programs[0].plan[1].policy.cond_only for o in seen]
     assert len(calls) == misses + 1
     assert any(calls[0]) and not any(calls[1]) and not any(calls[-1])  # with, then without
@@ -188,10 +204,10 @@ def test_a_held_out_miss_drops_cond_only_steps_before_tightening(held_out_misses
     assert describe_retry(opt.report.retries[0]).endswith("retried with calibrated_schedule cfg_reuse=off")
     report = opt.report.passes[0].report
     assert opt.report.profile["passes"][0]["cfg_reuse"] == "off" and "cond_only_steps" not in report
-    if misses == 1:  # same target: 70 dB + the pass's 1 dB margin
-        assert report["target_psnr_db"] == pytest.approx(71.0)
+    if misses == 1:  # same target: 60 dB + the pass's 1 dB margin
+        assert report["target_psnr_db"] == pytest.approx(61.0)
     else:
-        assert steps[1]["next"] == "tighten" and report["target_psnr_db"] > 71.5
+        assert steps[1]["next"] == "tighten" and report["target_psnr_db"] > 61.5
     assert opt.report.verification[-1]["passed"]
 
 

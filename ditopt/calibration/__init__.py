@@ -28,6 +28,8 @@ from ..runtime import OptimizedDiT
 from .streams import SpanIO, span_io
 
 STATS_VERSION = 1
+# Tensors indexed [trajectory, ...]: what a restriction to some samples' trajectories subsets.
+PER_TRAJECTORY = ("block_residual_sketch", "block_residual_norm")
 SKETCH_SIZE = 2048  # residual elements kept per block and step: enough to estimate norms of differences
 
 
@@ -47,6 +49,57 @@ class CalibStats:
         if name not in self.tensors:
             raise CalibrationError(f"calibration stats have no {name!r}; re-run calibration with the collector that provides it")
         return self.tensors[name]
+
+    def trajectory_samples(self, num_samples: int) -> list[int] | None:
+        """Which of the calibration function's `num_samples` returned samples each recorded
+        trajectory belongs to, or None where the batching does not say.
+
+        Trajectories are recorded per (generation, CFG branch, batch row). Generations are taken
+        to return their samples in order; a generation of r rows returns r samples, or r / 2 when
+        CFG is batched into the call (rows i and i + r/2 are one sample's two branches, as
+        diffusers pipelines and the zoo build them)."""
+        layout = self.meta.get("trajectory_layout")
+        if not layout:
+            return None
+        rows_per_gen: dict[int, int] = {}
+        for generation, _branch, rows in layout:
+            rows_per_gen.setdefault(generation, rows)
+        total = sum(rows_per_gen.values())
+        if total == num_samples:
+            per_sample = 1
+        elif total == 2 * num_samples and all(r % 2 == 0 for r in rows_per_gen.values()):
+            per_sample = 2
+        else:
+            return None
+        offsets, offset = {}, 0
+        for generation, rows in rows_per_gen.items():
+            offsets[generation] = offset
+            offset += rows // per_sample
+        owners = []
+        for generation, _branch, rows in layout:
+            share = rows // per_sample
+            owners.extend(offsets[generation] + row % share for row in range(rows))
+        return owners
+
+    def restricted_to_samples(self, keep: list[int], num_samples: int) -> "CalibStats | None":
+        """These stats with only the trajectories of the samples in `keep` (indices into the
+        calibration function's returned samples) and those reference samples; None where the
+        trajectories cannot be matched to samples. Lets the budget search fit and judge on some
+        samples while the others stay unseen for the held-out check."""
+        owners = self.trajectory_samples(num_samples)
+        if owners is None:
+            return None
+        keep_set = set(keep)
+        rows = torch.tensor([i for i, owner in enumerate(owners) if owner in keep_set], dtype=torch.long)
+        count = len(owners)
+        tensors = {
+            name: (t.index_select(0, rows) if name in PER_TRAJECTORY and t.dim() and t.shape[0] == count else t)
+            for name, t in self.tensors.items()
+        }
+        meta = {**self.meta, "trajectories": int(rows.numel()),
+                "trajectory_layout": None, "restricted_to_samples": sorted(keep_set)}
+        reference = self.reference_samples[sorted(keep_set)] if self.reference_samples is not None else None
+        return CalibStats(self.graph_hash, self.model_class, self.num_steps, list(self.timesteps), tensors, meta, reference)
 
     def check_graph(self, graph: DiTGraph) -> None:
         if graph.meta.get("capture_hash", graph.structure_hash()) != self.graph_hash:
@@ -214,6 +267,11 @@ def _summarise(graph: DiTGraph, recording: Recording, samples: Any) -> CalibStat
         if c["timestep"] is not None:
             timesteps.setdefault(c["step"], c["timestep"])
     complete = [t for t in trajectories.values() if len(t) == steps]
+    # (generation, branch, rows) of each complete trajectory group, in stacking order; set only
+    # when every generation was recorded whole, so rows can be matched to returned samples.
+    layout = [[g, b, int(next(iter(t.values())).shape[0])] for (g, b), t in trajectories.items() if len(t) == steps]
+    if len(complete) != len(trajectories):
+        layout = None
     if not complete:
         raise CalibrationError("no complete sampling trajectory was recorded: the calibration function must run whole generations")
     # [trajectories, steps, blocks, sketch]; rows of a batch become trajectories too.
@@ -236,6 +294,7 @@ def _summarise(graph: DiTGraph, recording: Recording, samples: Any) -> CalibStat
             "blocks": [s.name for s in graph.block_segments],
             "sketch": int(stacked.shape[-1]),
             "stream_shape": list(recording.row_shape),
+            "trajectory_layout": layout,
             # Every call had equal latent halves: CFG batched into one call (rows of the first
             # half unconditional). Lets calibrated_schedule try conditional-only steps.
             "batched_cfg": all(c["batched_cfg"] for c in calls),

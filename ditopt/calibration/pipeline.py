@@ -25,6 +25,9 @@ from ..capture import normalize_call
 from ..errors import CalibrationError
 
 
+HELD_OUT_SEED_OFFSET = 1_000_003  # far from seeds people pick by hand (0, 1, 42, 1234)
+
+
 class _FirstCall(Exception):
     """Raised by the recorder to stop the pipeline after the transformer's first call."""
 
@@ -85,6 +88,21 @@ class PipelineSampler:
 
     def __call__(self, model: nn.Module) -> torch.Tensor:
         return images_to_tensor(self._call(model).images)
+
+    def held_out(self) -> "PipelineSampler":
+        """A sampler on seeds (and, for class-conditional pipelines, classes) this one never
+        samples: what `optimize` checks the budget on when no `validation=` is given. The seed
+        moves by HELD_OUT_SEED_OFFSET; `class_labels` move by their own count, modulo the
+        transformer's number of classes where its config says it (DiT's num_embeds_ada_norm).
+        Prompts stay as given: new prompts cannot be made up, so pass `validation=` with
+        prompts of your own for a check on unseen prompts."""
+        kwargs = dict(self.call_kwargs)
+        labels = kwargs.get("class_labels")
+        config = getattr(getattr(self.pipe, self.component, None), "config", None)
+        classes = getattr(config, "num_embeds_ada_norm", None) if config is not None else None
+        if isinstance(labels, (list, tuple)) and labels and all(isinstance(c, int) for c in labels) and isinstance(classes, int):
+            kwargs["class_labels"] = [(c + len(labels)) % classes for c in labels]
+        return PipelineSampler(self.pipe, seed=self.seed + HELD_OUT_SEED_OFFSET, component=self.component, **kwargs)
 
     def example_inputs(self) -> dict[str, Any]:
         """The keyword arguments of the pipeline's first call of its transformer (stops there)."""

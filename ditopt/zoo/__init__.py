@@ -91,6 +91,26 @@ CALIBRATION_CLASSES, CALIBRATION_SEEDS = list(range(10)), list(range(1000, 1010)
 VALIDATION_CLASSES, VALIDATION_SEEDS = [3, 7, 1, 8, 0, 5, 2, 9], list(range(5000, 5008))
 
 
+class ZooSampler:
+    """``fn(model) -> samples`` on fixed (class, seed) pairs of a zoo model; with ``held_out``
+    pairs, ``held_out()`` gives the sampler ``optimize`` verifies a budget on when it is given no
+    ``validation=``."""
+
+    def __init__(self, bundle: "ZooBundle", classes: Sequence[int], seeds: Sequence[int],
+                 held_out: tuple[Sequence[int], Sequence[int]] | None = None) -> None:
+        self.bundle, self.classes, self.seeds, self._held_out = bundle, list(classes), list(seeds), held_out
+
+    def __call__(self, model: nn.Module) -> torch.Tensor:
+        return self.bundle.sample(self.classes, self.seeds, model=model)
+
+    def held_out(self) -> "ZooSampler | None":
+        """The sampler on the held-out pairs, or None when this sampler names none."""
+        if self._held_out is None:
+            return None
+        classes, seeds = self._held_out
+        return ZooSampler(self.bundle, classes, seeds)
+
+
 @dataclass
 class ZooBundle:
     """A trained zoo model plus everything needed to sample from it.
@@ -120,14 +140,15 @@ class ZooBundle:
     default_eta: float = 0.0
 
     # -- calibration ---------------------------------------------------------------------------
-    def calibration_fn(self) -> Callable[[nn.Module], torch.Tensor]:
+    def calibration_fn(self) -> "ZooSampler":
         """``optimize(calibration=...)`` for this model: one class per digit, seeds kept apart
-        from the validation and benchmark seeds."""
-        return lambda m: self.sample(CALIBRATION_CLASSES, CALIBRATION_SEEDS, model=m)
+        from the validation and benchmark seeds. Its ``held_out()`` is ``validation_fn()``, so
+        optimize checks the budget on those seeds when no ``validation=`` is given."""
+        return ZooSampler(self, CALIBRATION_CLASSES, CALIBRATION_SEEDS, held_out=(VALIDATION_CLASSES, VALIDATION_SEEDS))
 
-    def validation_fn(self) -> Callable[[nn.Module], torch.Tensor]:
+    def validation_fn(self) -> "ZooSampler":
         """``optimize(validation=...)``: held-out seeds the budget is verified on."""
-        return lambda m: self.sample(VALIDATION_CLASSES, VALIDATION_SEEDS, model=m)
+        return ZooSampler(self, VALIDATION_CLASSES, VALIDATION_SEEDS)
 
     # -- schedulers ---------------------------------------------------------------------------
     def make_scheduler(self):
