@@ -1,22 +1,28 @@
 """Write an optimized DiT as an artifact directory: one ONNX file per segment + manifest.json.
 
 The directory is built in a temporary sibling (same filesystem) and renamed into place, so a
-reader sees either the old artifact, the new one, or none: never a half-written one.
+reader sees either the old artifact, the new one, or none: never a half-written one. An export
+holds a lock next to the target (`.NAME.ditopt-lock`, flock) for its whole run: a second export
+to the same target is refused at once, and under the lock any `.NAME.tmp-*` / `.NAME.old-*`
+sibling is known to be left by a killed export, so it is removed (an `.old` one put back when
+the kill fell between the two renames and the target is missing). `force` replaces only a
+directory ditopt wrote: its manifest.json is a ditopt artifact manifest of a known format
+version and it holds nothing that manifest does not list. Every file and directory is created
+with the user's umask.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import os
 import platform
 import re
 import shutil
-import tempfile
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx as fx
@@ -28,6 +34,7 @@ from ditopt.errors import ArtifactError, InputMismatchError
 from ditopt.graph import Constant, DiTGraph, Segment
 from ditopt.runtime import OptimizedDiT
 
+from .integrity import file_table, sha256_file, walk_entries
 from .manifest import (
     ENGINES_DIR,
     FORMAT,
@@ -38,7 +45,9 @@ from .manifest import (
     dump_spec,
     encode_constant,
     encode_key_constant,
+    parse_manifest_file,
     tensor_entry,
+    write_manifest,
 )
 
 aten = torch.ops.aten
@@ -61,7 +70,10 @@ def export_artifact(
     inputs are given; its optimization report goes into the manifest. Given a `DiTGraph`,
     `example_inputs` (optional) must match the signature it was captured for.
 
-    An existing artifact at `out_dir` is replaced only with `force=True`. Returns `out_dir`.
+    An existing artifact at `out_dir` is replaced only with `force=True`, and only where it is
+    one ditopt wrote (a ditopt manifest of a known format version, and no file it does not
+    list); anything else raises ArtifactError and is left as it is. A second export to the same
+    `out_dir` while this one runs raises ArtifactError. Returns `out_dir`.
 
     `verify_with(model)`: a run (e.g. the user's sampling loop at the exported shape) done with
     the PyTorch runtime and with the written artifact before it is moved into place; where
@@ -71,35 +83,46 @@ def export_artifact(
     target = Path(out_dir)
     graph, report = _select_program(optimized_or_graph, example_inputs)
     _check_exportable(graph)
-    _check_target(target, force)
-    half, no_half = _half_program(optimized_or_graph, graph, example_inputs)
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    place = Path(os.path.abspath(target))  # '..' and '.' resolved, links kept: the name of the entry to write
+    if place.parent == place:
+        raise ArtifactError(f"cannot export to {target}: choose a directory below it")
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the artifact is not
-        (tmp / SEGMENTS_DIR).mkdir()
-        stems = [segment_file_stem(seg.name) for seg in graph.segments]
-        if len(set(stems)) != len(stems):
-            raise ArtifactError(f"segment names {[s.name for s in graph.segments]} map to clashing file names {stems}")
-        segments = [_export_segment(seg, tmp, opset) for seg in graph.segments]
-        plan, tensors = _plan(graph)
-        if tensors:
-            from safetensors.torch import save_file
+        place.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ArtifactError(f"cannot create {place.parent} for the artifact ({exc})") from None
+    with _export_lock(place):
+        _clean_stale(place)
+        _check_target(place, force)
+        half, no_half = _half_program(optimized_or_graph, graph, example_inputs)
+        tmp = _make_tmp(place)
+        try:
+            (tmp / SEGMENTS_DIR).mkdir()
+            stems = [segment_file_stem(seg.name) for seg in graph.segments]
+            if len(set(stems)) != len(stems):
+                raise ArtifactError(f"segment names {[s.name for s in graph.segments]} map to clashing file names {stems}")
+            segments = [_export_segment(seg, tmp, opset) for seg in graph.segments]
+            plan, tensors = _plan(graph)
+            if tensors:
+                from safetensors.torch import save
 
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / PLAN_TENSORS))
-        manifest = _manifest(graph, report, segments, example_inputs, plan, PLAN_TENSORS if tensors else None)
-        if half is not None:
-            manifest["half_program"] = _half_entry(graph, half, tmp, opset)
-        manifest["notes"] += _plan_notes(graph, half, no_half)
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-        if verify_with is not None:
-            manifest["verification"] = _verify(optimized_or_graph, tmp, verify_with, verify_tol)
-            (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-        _move_into_place(tmp, target, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                # Bytes written by Python, not safetensors' save_file, which creates the file mode 0600.
+                (tmp / PLAN_TENSORS).write_bytes(save({k: v.contiguous() for k, v in tensors.items()}))
+            manifest = _manifest(graph, report, segments, example_inputs, plan, PLAN_TENSORS if tensors else None)
+            if half is not None:
+                manifest["half_program"] = _half_entry(graph, half, tmp, opset)
+            manifest["notes"] += _plan_notes(graph, half, no_half)
+            files, _ = walk_entries(tmp)
+            manifest["files"] = file_table(tmp, [f for f in files if f != MANIFEST_NAME])
+            write_manifest(tmp, manifest)
+            if verify_with is not None:
+                manifest["verification"] = _verify(optimized_or_graph, tmp, verify_with, verify_tol)
+                write_manifest(tmp, manifest)
+            _move_into_place(tmp, place, force)
+        except BaseException as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, OSError):  # disk full, permissions: named, and nothing was written
+                raise ArtifactError(f"writing the artifact for {target} failed ({exc}); nothing was written") from exc
+            raise
     return target
 
 
@@ -170,41 +193,202 @@ def _check_exportable(graph: DiTGraph) -> None:
             raise ArtifactError(f"plan stage {stage.kind!r} names segments the graph does not have: {missing}")
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _make_tmp(place: Path) -> Path:
+    """A new sibling directory for the artifact being written, created with the user's umask
+    (mkdtemp would make it private, and the rename would keep that)."""
+    while True:
+        tmp = place.parent / f".{place.name}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            os.mkdir(tmp)
+            return tmp
+        except FileExistsError:
+            continue
+
+
+LOCK_SUFFIX = ".ditopt-lock"
+
+
+@contextlib.contextmanager
+def _export_lock(place: Path) -> Iterator[Path]:
+    """Hold `.NAME.ditopt-lock` beside the target for the export: a second export to the same
+    target gets ArtifactError at once, never a race on the renames. flock is released by the
+    kernel when a process dies, so a killed export leaves no lock that blocks the next one."""
+    lock = place.parent / f".{place.name}{LOCK_SUFFIX}"
+    fd = _acquire(lock, place)
+    try:
+        yield lock
+    finally:
+        # Unlinked while still held: an export waiting on this file finds it gone and retries
+        # on a fresh one (see _acquire), so two exports never hold two different files.
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        os.close(fd)
+
+
+def _busy(lock: Path, place: Path, how: str) -> ArtifactError:
+    return ArtifactError(
+        f"another export to {place} is running (it holds {lock}); wait for it to finish, or export to another "
+        f"directory{how}"
+    )
+
+
+def _acquire(lock: Path, place: Path) -> int:
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): an exclusive create, which a killed export leaves behind
+        try:
+            return os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            raise _busy(lock, place, f". If none is running, a killed one left the lock: delete {lock}") from None
+        except OSError as exc:
+            raise ArtifactError(f"cannot create the export lock {lock} ({exc})") from None
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o666)
+        except OSError as exc:
+            raise ArtifactError(f"cannot create the export lock {lock} ({exc})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise _busy(lock, place, "") from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"ditopt export pid {os.getpid()}\n".encode())
+            return fd
+        os.close(fd)  # the holder unlinked it as we locked it: lock the current file
+
+
+# What an export's temporary (or replaced, `.old`) directory holds at its top level.
+_OWN_ENTRIES = {MANIFEST_NAME, PLAN_TENSORS, SEGMENTS_DIR, ENGINES_DIR}
+
+
+def _clean_stale(place: Path) -> None:
+    """Remove `.NAME.tmp-*` and `.NAME.old-*` siblings that killed exports left behind. Runs under
+    the export lock, so none belongs to a running export (to this target: the exact name pattern
+    keeps another target's out). Where the target is missing, the kill came between moving the
+    old artifact aside and the new one in: the newest `.old` directory is put back first."""
+    pattern = re.compile(re.escape(f".{place.name}.") + r"(tmp|old)-[a-z0-9_]{8}")
+    stale = []
+    for entry in place.parent.iterdir():
+        if pattern.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
+            top = {p.name for p in entry.iterdir()}
+            if top <= _OWN_ENTRIES:
+                stale.append(entry)
+            else:
+                warnings.warn(f"{entry} looks like a stale export directory but holds {sorted(top - _OWN_ENTRIES)}, which "
+                              "ditopt does not write; left in place", stacklevel=4)
+    olds = sorted((e for e in stale if ".old-" in e.name), key=lambda e: e.stat().st_mtime)
+    if olds and not (place.exists() or place.is_symlink()):
+        with contextlib.suppress(OSError):
+            os.replace(olds[-1], place)
+            stale.remove(olds[-1])
+    for entry in stale:
+        shutil.rmtree(entry, ignore_errors=True)
 
 
 def _check_target(target: Path, force: bool) -> None:
     if not (target.exists() or target.is_symlink()):
         return
-    if target.is_dir() and not target.is_symlink() and not any(target.iterdir()):
+    if target.is_symlink():
+        raise ArtifactError(
+            f"{target} is a symbolic link (to {os.readlink(target)!r}); ditopt does not replace links. Export to the "
+            "directory it points to, or remove the link"
+        )
+    if target.is_dir() and not any(target.iterdir()):
         return  # an empty directory made for the artifact
     if not force:
         raise ArtifactError(f"{target} already exists; pass force=True (CLI: --force) to overwrite it")
-    if not (target.is_dir() and (target / MANIFEST_NAME).is_file()):
+    problem = _not_replaceable(target)
+    if problem:
         raise ArtifactError(
-            f"{target} exists and is not a ditopt artifact (no {MANIFEST_NAME}); refusing to delete it even "
-            "with force. Remove it yourself or choose another directory."
+            f"{target} exists and {problem}; refusing to delete it even with force. Remove it yourself or choose "
+            "another directory."
         )
 
 
-def _move_into_place(tmp: Path, target: Path, force: bool) -> None:
-    if not (target.exists() or target.is_symlink()):
-        os.replace(tmp, target)  # also replaces an empty directory
-        return
-    if target.is_dir() and not any(target.iterdir()):
-        os.replace(tmp, target)
-        return
-    _check_target(target, force)  # it may have appeared while we were exporting
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(target, old)
+def _not_replaceable(target: Path) -> str | None:
+    """Why `target` is not a directory ditopt wrote and may replace; None where it is one."""
+    if not target.is_dir():
+        return "is not a directory"
     try:
-        os.replace(tmp, target)
-    except BaseException:
-        os.replace(old, target)
-        raise
+        manifest = parse_manifest_file(target / MANIFEST_NAME)
+    except ArtifactError as exc:
+        return f"is not a ditopt artifact ({exc})"
+    if manifest.get("format") != FORMAT:
+        return f'is not a ditopt artifact (its {MANIFEST_NAME} has no "format": "{FORMAT}")'
+    try:
+        listed = _listed_files(manifest)
+    except (TypeError, KeyError, AttributeError, ValueError) as exc:
+        return f"has a ditopt manifest from which the files ditopt wrote cannot be read ({exc})"
+    files, dirs = walk_entries(target)
+    unlisted = [f for f in files if f != MANIFEST_NAME and f not in listed]
+    if unlisted:
+        shown = ", ".join(unlisted[:10]) + (" ..." if len(unlisted) > 10 else "")
+        return f"holds files its ditopt manifest does not list, which may be yours: {shown}"
+    parents = {"/".join(f.split("/")[:i]) for f in listed for i in range(1, f.count("/") + 1)}
+    foreign_dirs = [d for d in dirs if d not in parents]
+    if foreign_dirs:
+        return f"holds directories ditopt did not write: {', '.join(foreign_dirs[:10])}"
+    return None
+
+
+def _listed_files(manifest: dict[str, Any]) -> set[str]:
+    """The files a ditopt manifest of a known version says ditopt wrote (relative paths)."""
+    from .schema import _relative_path
+
+    version = manifest.get("format_version")
+    if version == FORMAT_VERSION:
+        files = manifest["files"]
+        if not isinstance(files, dict):
+            raise TypeError("'files' is not an object")
+        paths = set(files)
+    elif version == 1:  # no file table: the segments' files, their data, the plan tensors
+        entries = list(manifest["segments"]) + list((manifest.get("half_program") or {}).get("segments", []))
+        paths = set()
+        for entry in entries:
+            if entry.get("file"):
+                # Version 1 listed a half-batch segment's data under the main segments' directory;
+                # the exporter wrote it beside the segment's file, as `<file>.data`.
+                paths.update([entry["file"], entry["file"] + ".data", *entry.get("external_data", [])])
+        if manifest.get("plan_tensors"):
+            paths.add(manifest["plan_tensors"])
+        paths.update(e["file"] for e in (manifest.get("engines") or {}).values())
+    else:
+        raise ValueError(f"format version {version!r} is not one this ditopt knows")
+    for path in paths:
+        if not isinstance(path, str):
+            raise TypeError(f"file path {path!r} is not a string")
+        _relative_path(path)  # a listed '../x' must never make a file outside count as listed
+    return paths
+
+
+def _move_into_place(tmp: Path, target: Path, force: bool) -> None:
+    old = None
+    try:
+        if not (target.exists() or target.is_symlink()) or (
+            target.is_dir() and not target.is_symlink() and not any(target.iterdir())
+        ):
+            os.replace(tmp, target)  # also replaces an empty directory
+            return
+        _check_target(target, force)  # it may have changed while we were exporting
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(target, old)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            os.replace(old, target)
+            raise
+    except OSError as exc:
+        # Something other than a ditopt export (which the lock keeps out) wrote the target meanwhile.
+        raise ArtifactError(
+            f"could not move the new artifact into {target} ({exc}): another process changed {target} during the "
+            "export. Nothing was replaced; check what writes there, then export again"
+        ) from None
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -273,8 +457,8 @@ def _export_segment(seg: Segment, root: Path, opset: int | None, subdir: str = "
         "kind": seg.kind,
         "block": seg.block,
         "file": rel,
-        "external_data": [f"{SEGMENTS_DIR}/{d}" for d in data],
-        "sha256": _sha256(path),
+        "external_data": [f"{SEGMENTS_DIR}/{subdir}{d}" for d in data],  # beside the file, half/ included
+        "sha256": sha256_file(path),
         "opset": _opset_of(path),
         "inputs": inputs,
         "outputs": outputs,
@@ -366,14 +550,6 @@ def _name_io(model: Any, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> N
         value.name = name
     for value, name in zip(graph.outputs, outputs):
         value.name = name
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _opset_of(path: Path) -> int | None:

@@ -1,7 +1,11 @@
 """Run an exported artifact with onnxruntime: the same keyword call as the original model.
 
-Loading reads JSON, safetensors and ONNX only (never pickle). Every call is checked against the
-signature the artifact was exported for, because the segments are specialised to those shapes.
+Loading reads JSON, safetensors and ONNX only (never pickle). Before any session is made the
+artifact is checked: the manifest against its schema and its own digest, every file against its
+size and sha256, every path confined to the directory (no links), every ONNX file's external data
+among its segment's listed files; anything wrong is an ArtifactError naming the file. Every call
+is checked against the signature the artifact was exported for, because the segments are
+specialised to those shapes.
 
 The plan runs as in the PyTorch runtime: stages are rebuilt from their specs (`Stage.spec`,
 `ditopt.plan.stage_from_spec`) and run on the host between ONNX segments, with the same step
@@ -26,7 +30,9 @@ from ditopt.errors import ArtifactError, InputMismatchError
 from ditopt.plan import RunSegments, Stage, stage_from_spec
 from ditopt.runtime import StepTracker, read_timestep
 
-from .manifest import constant_matches, decode_constant, load_spec, read_manifest, torch_dtype
+from .integrity import check_external_data, verify_files
+from .manifest import PLAN_TENSORS, constant_matches, decode_constant, load_spec, read_manifest, torch_dtype
+from .schema import validate_static_policy
 
 # Stage kinds an entry without a spec (artifacts written before specs) can still run as.
 SUPPORTED_STAGES = {"run"}
@@ -80,17 +86,42 @@ def _session_files(manifest: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]
     return files + [(HALF_PREFIX + e["name"], e) for e in half.get("segments", []) if e.get("file")]
 
 
+def _plan_tensors(root: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+    if not manifest.get("plan_tensors"):
+        return {}
+    name = manifest["plan_tensors"]
+    file = root / name
+    if not file.is_file():
+        raise ArtifactError(f"{root} is incomplete: {name} missing; export the model again")
+    from safetensors.torch import load
+
+    try:
+        return load(file.read_bytes())
+    except Exception as exc:  # safetensors' own error types
+        raise ArtifactError(f"{root}: {name} is not a readable safetensors file ({exc}); export the model again") from None
+
+
+def _check_static_policy(root: Path, i: int, spec: dict[str, Any], own: dict[str, torch.Tensor]) -> None:
+    """A static schedule's lengths and tensors, which its loader and the runner index blindly."""
+    where = f"{root}: plan stage {i} ({spec.get('kind')!r})"
+    policy = validate_static_policy(spec["policy"], f"{where} policy")
+    steps = len(policy.compute)
+    refs = [(policy.timesteps, None)] + [(w.tensor, sum(w.lengths)) for w in policy.weights if w is not None]
+    for name, numel in refs:
+        tensor = own.get(name)
+        if tensor is None:
+            raise ArtifactError(f"{where} reads tensor {name!r}, which {PLAN_TENSORS} does not hold; export the model again")
+        if tensor.dim() != 1 or (numel is not None and tensor.numel() != numel) or (numel is None and tensor.numel() not in (0, steps)):
+            raise ArtifactError(
+                f"{where}: tensor {name!r} in {PLAN_TENSORS} has shape {tuple(tensor.shape)}, which does not fit its "
+                f"schedule of {steps} steps; export the model again"
+            )
+
+
 def _plan_stages(root: Path, manifest: dict[str, Any]) -> list[Stage]:
     """The manifest's plan as stages: rebuilt from each entry's spec, or a plain run of its
     segments; ArtifactError for a stage this runtime cannot run."""
-    tensors: dict[str, torch.Tensor] = {}
-    if manifest.get("plan_tensors"):
-        file = root / manifest["plan_tensors"]
-        if not file.is_file():
-            raise ArtifactError(f"{root} is incomplete: {manifest['plan_tensors']} missing; export the model again")
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(file))
+    tensors = _plan_tensors(root, manifest)
     stages: list[Stage] = []
     for i, entry in enumerate(manifest["plan"]):
         kind, spec = entry.get("kind"), entry.get("spec")
@@ -102,16 +133,20 @@ def _plan_stages(root: Path, manifest: dict[str, Any]) -> list[Stage]:
                 )
             stages.append(RunSegments(tuple(entry["segments"])))
             continue
-        prefix = entry.get("spec_tensor_prefix", "")
+        prefix = entry.get("spec_tensor_prefix") or ""
         own = {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
+        if isinstance(spec.get("policy"), dict) and spec["policy"].get("type") == "static":
+            _check_static_policy(root, i, spec, own)
         try:
             stages.append(stage_from_spec(spec, own))
         except KeyError as exc:
-            raise ArtifactError(
-                f"plan stage {i} (kind {kind!r}) cannot be rebuilt here: no loader for {exc}; install the ditopt "
-                "version or plugin that wrote the artifact, or run the model with the PyTorch runtime"
-            ) from None
-        except (TypeError, ValueError) as exc:
+            if exc.args == (spec.get("kind"),):  # stage_from_spec: no loader for the kind
+                raise ArtifactError(
+                    f"plan stage {i} (kind {kind!r}) cannot be rebuilt here: no loader for {exc}; install the ditopt "
+                    "version or plugin that wrote the artifact, or run the model with the PyTorch runtime"
+                ) from None
+            raise ArtifactError(f"plan stage {i} (kind {kind!r}) has an invalid spec (no key {exc}); export the model again") from None
+        except Exception as exc:  # the loader's own checks (ValueError, TypeError, ...)
             raise ArtifactError(f"plan stage {i} (kind {kind!r}) has an invalid spec ({exc}); export the model again") from exc
     return stages
 
@@ -131,6 +166,7 @@ class ArtifactRunner:
         # An output container type that is not registered here (e.g. a diffusers output class
         # from another version) degrades to a plain tuple of the output leaves.
         self._out_spec = load_spec(sig["out_spec"])
+        self._check_specs(path, sig)
         self._feeds = {name: [i.name for i in sess.get_inputs()] for name, sess in sessions.items()}
         self._keywords = list(self._in_spec.child(1).context)
         outputs = [o["name"] if o["kind"] == "env" else None for o in sig["outputs"]]
@@ -143,6 +179,22 @@ class ArtifactRunner:
                  if (e.get("spec") or {}).get("policy", {}).get("type") == "static"]
         self.tracker = StepTracker(max(steps) if steps else None)
         self.last_record: dict[str, Any] = {}
+
+    def _check_specs(self, path: Path, sig: dict[str, Any]) -> None:
+        """The specs fit the call (positional args, keyword dict) and the input/output lists."""
+        spec = self._in_spec
+        if not (spec.type is tuple and spec.num_children == 2 and spec.child(1).type is dict
+                and all(isinstance(k, str) for k in spec.child(1).context)):
+            raise ArtifactError(f"{path}: the manifest's in_spec is not a (args, kwargs) call; export the model again")
+        if spec.num_leaves != len(sig["inputs"]):
+            raise ArtifactError(
+                f"{path}: the manifest's in_spec has {spec.num_leaves} leaves for {len(sig['inputs'])} inputs; export the model again"
+            )
+        if self._out_spec is not None and self._out_spec.num_leaves != len(sig["outputs"]):
+            raise ArtifactError(
+                f"{path}: the manifest's out_spec has {self._out_spec.num_leaves} leaves for {len(sig['outputs'])} outputs; "
+                "export the model again"
+            )
 
     def reset(self) -> None:
         """Start a new generation: clear every stage's cross-step state."""
@@ -286,17 +338,42 @@ def load_artifact(path: str | os.PathLike, providers: Sequence[Any] | None = Non
     `providers` defaults to `["CPUExecutionProvider"]`. The plan's stages run on the host as in
     the PyTorch runtime (caching stages included); a stage kind this installation cannot
     rebuild raises ArtifactError, before any session is made.
+
+    Checked first, each failure an ArtifactError naming the file: the manifest (format, version,
+    schema, its own digest), every listed file (present, not a link, size, sha256), the plan's
+    tensors, each ONNX file's external-data locations (only its segment's listed files), and
+    each session's input and output names. Files the manifest does not list are never read;
+    ArtifactWarning names them.
     """
     import onnxruntime as ort
 
     root = Path(path)
-    manifest = read_manifest(root)
+    manifest = read_manifest(root)  # format, version, schema, the manifest's own digest
+    verify_files(root, manifest)  # every file's size and sha256, no links
     plan = _plan_stages(root, manifest)  # fails on an unsupported stage before any session is built
     sessions = {}
     for name, seg in _session_files(manifest):
-        file = root / seg["file"]
-        missing = [f for f in (seg["file"], *seg.get("external_data", [])) if not (root / f).is_file()]
-        if missing:
-            raise ArtifactError(f"{root} is incomplete: {missing} missing; export the model again")
-        sessions[name] = ort.InferenceSession(str(file), _session_options(ort), providers=list(providers or ["CPUExecutionProvider"]))
+        check_external_data(root, seg)
+        try:
+            session = ort.InferenceSession(str(root / seg["file"]), _session_options(ort),
+                                           providers=list(providers or ["CPUExecutionProvider"]))
+        except Exception as exc:  # onnxruntime's Fail / InvalidGraph / InvalidProtobuf ...
+            raise ArtifactError(
+                f"{root}: onnxruntime cannot load {seg['file']} ({type(exc).__name__}: {str(exc)[:500]}); export the model "
+                "again (with this onnxruntime, if the artifact comes from another installation)"
+            ) from None
+        _check_session_io(root, seg, session)
+        sessions[name] = session
     return ArtifactRunner(root, manifest, sessions, plan)
+
+
+def _check_session_io(root: Path, seg: dict[str, Any], session: Any) -> None:
+    """The ONNX graph takes and gives the values its manifest entry names, which the runner
+    feeds and reads by name."""
+    got = ({i.name for i in session.get_inputs()}, {o.name for o in session.get_outputs()})
+    want = ({i["name"] for i in seg["inputs"]}, {o["name"] for o in seg["outputs"]})
+    if not (got[0] <= want[0] and got[1] >= want[1]):
+        raise ArtifactError(
+            f"{root}: {seg['file']} takes {sorted(got[0])} and gives {sorted(got[1])}, but its manifest entry (segment "
+            f"{seg['name']}) says {sorted(want[0])} and {sorted(want[1])}; export the model again"
+        )

@@ -15,6 +15,7 @@ import ditopt
 from ditopt.errors import ArtifactError, InputMismatchError
 from ditopt.export import export_artifact, load_artifact, read_manifest
 from ditopt.export.artifact import _lower_for_onnx
+from ditopt.export.manifest import write_manifest
 from ditopt.plan import RunSegments
 from ditopt.verify import relative_error, tensor_leaves
 
@@ -117,10 +118,16 @@ def test_refuses_to_overwrite_without_force(dit_artifact, tmp_path):
     with pytest.raises(ArtifactError, match="force"):
         export_artifact(optimized, target)
     assert (target / "marker").is_file()
+    # A file the manifest does not list may be the user's: even force leaves the directory alone.
+    with pytest.raises(ArtifactError, match="does not list, which may be yours: marker"):
+        export_artifact(optimized, target, force=True)
+    assert (target / "marker").is_file()
 
+    (target / "marker").unlink()
+    (target / "segments" / "prologue.onnx").write_bytes(b"damaged")  # a damaged artifact is still replaced
     export_artifact(optimized, target, force=True)
-    assert not (target / "marker").exists()
     assert read_manifest(target)["segments"][0]["name"] == "prologue"
+    load_artifact(target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["artifact"]
 
 
@@ -218,7 +225,7 @@ def test_runner_refuses_stage_kinds_it_cannot_run(dit_artifact, tmp_path):
     shutil.copytree(path, target)
     manifest = json.loads((target / "manifest.json").read_text())
     manifest["plan"][1] = {"kind": "first-block-cache", "segments": ["block.0", "block.1"]}
-    (target / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(target, manifest)  # as a ditopt with that stage would write it: sealed
     with pytest.raises(ArtifactError, match="stage kind 'first-block-cache' has no ONNX runtime support yet"):
         load_artifact(target)
 
@@ -339,7 +346,7 @@ def test_a_damaged_or_foreign_plan_is_refused_with_the_fix(tmp_path):
     manifest = json.loads((foreign / "manifest.json").read_text())
     entry = next(e for e in manifest["plan"] if e["kind"] == "cached-span")
     entry["spec"]["kind"] = entry["kind"] = "plugin-cache"
-    (foreign / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(foreign, manifest)
     with pytest.raises(ArtifactError, match="kind 'plugin-cache'.*cannot be rebuilt here"):
         load_artifact(foreign)
 
@@ -347,7 +354,7 @@ def test_a_damaged_or_foreign_plan_is_refused_with_the_fix(tmp_path):
     shutil.copytree(path, broken)
     manifest = json.loads((broken / "manifest.json").read_text())
     next(e for e in manifest["plan"] if e["kind"] == "cached-span")["spec"]["policy"]["type"] = "sometimes"
-    (broken / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(broken, manifest)
     with pytest.raises(ArtifactError, match="invalid spec.*unknown cache policy type 'sometimes'"):
         load_artifact(broken)
 
