@@ -17,7 +17,7 @@ Artifact layout::
     engines/<name>.plan       (later) TensorRT engines, listed in manifest["engines"][<name>]
                               with precision, GPU and the sha256 of the ONNX file built from
 
-manifest.json (format "ditopt-artifact", format_version 1)::
+manifest.json (format "ditopt-artifact", format_version 2; schema in export/schema.py)::
 
     ditopt_version, versions{python, torch, onnx, onnxscript, onnxruntime}, model_class,
     structure_hash (DiTGraph.structure_hash of the exported program),
@@ -32,7 +32,14 @@ manifest.json (format "ditopt-artifact", format_version 1)::
     report (OptimizationReport.to_dict() or null), engines_dir, engines {},
     half_program {segments (as above; file null where not exported), outputs, latent_input}
           (only with conditional-only steps), verification {max_rel_err, tolerance, outputs}
-          (only when export ran verify_with)
+          (only when export ran verify_with),
+    files {path: {sha256, size}}   every file of the artifact but manifest.json,
+    manifest_sha256                sha256 of the manifest's canonical JSON without this key
+
+`load_artifact` checks all of it before it opens a session (see `export/integrity.py` and
+docs/design.md, "Export"): schema, the manifest's digest, every file's size and sha256, paths
+confined to the directory with no links, ONNX external data among the listed files. Edit a
+manifest with `ditopt.export.manifest.write_manifest`, which records its new digest.
 
 The runner rebuilds the plan's stages from their specs and runs them on the host between
 segments (cache schedules included; see docs/design.md, "Export"). It rebuilds diffusers
@@ -41,7 +48,9 @@ modules a spec names); an out_spec naming a type it cannot load degrades to a tu
 """
 
 from ditopt.export.artifact import export_artifact
-from ditopt.export.manifest import FORMAT, FORMAT_VERSION, read_manifest
+from ditopt.export.integrity import ArtifactWarning
+from ditopt.export.manifest import FORMAT, FORMAT_VERSION, read_manifest, write_manifest
 from ditopt.export.runner import ArtifactRunner, load_artifact
 
-__all__ = ["ArtifactRunner", "FORMAT", "FORMAT_VERSION", "export_artifact", "load_artifact", "read_manifest"]
+__all__ = ["ArtifactRunner", "ArtifactWarning", "FORMAT", "FORMAT_VERSION", "export_artifact", "load_artifact",
+           "read_manifest", "write_manifest"]

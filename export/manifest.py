@@ -177,13 +177,13 @@ def check_format(manifest: dict[str, Any], file: Path) -> None:
         return
     if isinstance(version, int) and not isinstance(version, bool) and 0 < version < FORMAT_VERSION:
         raise ArtifactError(
-            f"{file.parent} was written by an older ditopt (artifact format version {version}); this ditopt reads "
+            f"{file} is from an older ditopt (artifact format version {version}); this ditopt reads "
             f"version {FORMAT_VERSION}, whose manifest lists a sha256 for every file. Re-export the model with this "
             "ditopt (ditopt export ... --force replaces the old artifact)"
         )
     if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
         raise ArtifactError(
-            f"{file.parent} has artifact format version {version}, newer than this ditopt reads ({FORMAT_VERSION}); "
+            f"{file} has artifact format version {version}, newer than this ditopt reads ({FORMAT_VERSION}); "
             "upgrade ditopt, or re-export the model with this one"
         )
     raise ArtifactError(f"{file}: format_version {version!r} is not a known artifact format version; export the model again")

@@ -31,7 +31,7 @@ from ditopt.plan import RunSegments, Stage, stage_from_spec
 from ditopt.runtime import StepTracker, read_timestep
 
 from .integrity import check_external_data, verify_files
-from .manifest import PLAN_TENSORS, constant_matches, decode_constant, load_spec, read_manifest, torch_dtype
+from .manifest import MANIFEST_NAME, PLAN_TENSORS, constant_matches, decode_constant, load_spec, read_manifest, torch_dtype
 from .schema import validate_static_policy
 
 # Stage kinds an entry without a spec (artifacts written before specs) can still run as.
@@ -103,7 +103,7 @@ def _plan_tensors(root: Path, manifest: dict[str, Any]) -> dict[str, torch.Tenso
 
 def _check_static_policy(root: Path, i: int, spec: dict[str, Any], own: dict[str, torch.Tensor]) -> None:
     """A static schedule's lengths and tensors, which its loader and the runner index blindly."""
-    where = f"{root}: plan stage {i} ({spec.get('kind')!r})"
+    where = f"{root / MANIFEST_NAME}: plan stage {i} ({spec.get('kind')!r})"
     policy = validate_static_policy(spec["policy"], f"{where} policy")
     steps = len(policy.compute)
     refs = [(policy.timesteps, None)] + [(w.tensor, sum(w.lengths)) for w in policy.weights if w is not None]
@@ -122,13 +122,14 @@ def _plan_stages(root: Path, manifest: dict[str, Any]) -> list[Stage]:
     """The manifest's plan as stages: rebuilt from each entry's spec, or a plain run of its
     segments; ArtifactError for a stage this runtime cannot run."""
     tensors = _plan_tensors(root, manifest)
+    file = root / MANIFEST_NAME
     stages: list[Stage] = []
     for i, entry in enumerate(manifest["plan"]):
         kind, spec = entry.get("kind"), entry.get("spec")
         if spec is None:
             if kind not in SUPPORTED_STAGES:
                 raise ArtifactError(
-                    f"stage kind {kind!r} has no ONNX runtime support yet; run this model with the "
+                    f"{file}: stage kind {kind!r} has no ONNX runtime support yet; run this model with the "
                     "PyTorch runtime (ditopt.optimize) instead"
                 )
             stages.append(RunSegments(tuple(entry["segments"])))
@@ -142,12 +143,12 @@ def _plan_stages(root: Path, manifest: dict[str, Any]) -> list[Stage]:
         except KeyError as exc:
             if exc.args == (spec.get("kind"),):  # stage_from_spec: no loader for the kind
                 raise ArtifactError(
-                    f"plan stage {i} (kind {kind!r}) cannot be rebuilt here: no loader for {exc}; install the ditopt "
+                    f"{file}: plan stage {i} (kind {kind!r}) cannot be rebuilt here: no loader for {exc}; install the ditopt "
                     "version or plugin that wrote the artifact, or run the model with the PyTorch runtime"
                 ) from None
-            raise ArtifactError(f"plan stage {i} (kind {kind!r}) has an invalid spec (no key {exc}); export the model again") from None
+            raise ArtifactError(f"{file}: plan stage {i} (kind {kind!r}) has an invalid spec (no key {exc}); export the model again") from None
         except Exception as exc:  # the loader's own checks (ValueError, TypeError, ...)
-            raise ArtifactError(f"plan stage {i} (kind {kind!r}) has an invalid spec ({exc}); export the model again") from exc
+            raise ArtifactError(f"{file}: plan stage {i} (kind {kind!r}) has an invalid spec ({exc}); export the model again") from exc
     return stages
 
 
@@ -160,13 +161,14 @@ class ArtifactRunner:
         self.sessions = sessions
         sig = manifest["signature"]
         self._inputs: list[dict[str, Any]] = sig["inputs"]
-        self._in_spec = load_spec(sig["in_spec"])
+        file = path / MANIFEST_NAME
+        self._in_spec = _load_spec(file, sig, "in_spec")
         if self._in_spec is None:
-            raise ArtifactError(f"{path}: the artifact's input spec names a container type that is not available here")
+            raise ArtifactError(f"{file}: the artifact's input spec names a container type that is not available here")
         # An output container type that is not registered here (e.g. a diffusers output class
         # from another version) degrades to a plain tuple of the output leaves.
-        self._out_spec = load_spec(sig["out_spec"])
-        self._check_specs(path, sig)
+        self._out_spec = _load_spec(file, sig, "out_spec")
+        self._check_specs(file, sig)
         self._feeds = {name: [i.name for i in sess.get_inputs()] for name, sess in sessions.items()}
         self._keywords = list(self._in_spec.child(1).context)
         outputs = [o["name"] if o["kind"] == "env" else None for o in sig["outputs"]]
@@ -180,19 +182,19 @@ class ArtifactRunner:
         self.tracker = StepTracker(max(steps) if steps else None)
         self.last_record: dict[str, Any] = {}
 
-    def _check_specs(self, path: Path, sig: dict[str, Any]) -> None:
+    def _check_specs(self, file: Path, sig: dict[str, Any]) -> None:
         """The specs fit the call (positional args, keyword dict) and the input/output lists."""
         spec = self._in_spec
         if not (spec.type is tuple and spec.num_children == 2 and spec.child(1).type is dict
                 and all(isinstance(k, str) for k in spec.child(1).context)):
-            raise ArtifactError(f"{path}: the manifest's in_spec is not a (args, kwargs) call; export the model again")
+            raise ArtifactError(f"{file}: signature.in_spec is not an (args, kwargs) call; export the model again")
         if spec.num_leaves != len(sig["inputs"]):
             raise ArtifactError(
-                f"{path}: the manifest's in_spec has {spec.num_leaves} leaves for {len(sig['inputs'])} inputs; export the model again"
+                f"{file}: signature.in_spec has {spec.num_leaves} leaves for {len(sig['inputs'])} inputs; export the model again"
             )
         if self._out_spec is not None and self._out_spec.num_leaves != len(sig["outputs"]):
             raise ArtifactError(
-                f"{path}: the manifest's out_spec has {self._out_spec.num_leaves} leaves for {len(sig['outputs'])} outputs; "
+                f"{file}: signature.out_spec has {self._out_spec.num_leaves} leaves for {len(sig['outputs'])} outputs; "
                 "export the model again"
             )
 
@@ -311,6 +313,13 @@ class ArtifactRunner:
         if self._out_spec is None or as_tuple:
             return tuple(flat)
         return pytree.tree_unflatten(flat, self._out_spec)
+
+
+def _load_spec(file: Path, sig: dict[str, Any], key: str) -> pytree.TreeSpec | None:
+    try:
+        return load_spec(sig[key])
+    except ArtifactError as exc:
+        raise ArtifactError(f"{file}: signature.{key}: {exc}") from None
 
 
 def _as_numpy(value: Any) -> Any:
