@@ -4,6 +4,14 @@ Structure comes from the graph itself: `nn_module_stack` names the module every 
 so blocks are the elements of the model's top-level ModuleLists whose nodes contain attention;
 attention projections, FFNs and adaLN modulation are found by following data flow from the
 attention and activation ops. No per-model attribute lists.
+
+Segments never hold the user's own tensor objects: right after the export, every parameter,
+buffer or tensor constant of the user's model that the graph reads is replaced by an *alias*, a
+tensor object of its own that shares the user's storage (no copy) and remembers, by weak
+reference, the tensor it stands for (`source_of`). `.half()`, `.to()` or `requires_grad_()` on
+a segment therefore change the alias, never the user's tensor. An in-place write through an
+alias would still reach the user's storage: a DiTGraph is read-only, and the runtime
+(`ditopt.runtime.OptimizedDiT`) gives itself private copies before anything can write them.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ import copy
 import inspect
 import re
 import warnings
+import weakref
 from collections import defaultdict
 from typing import Any
 
@@ -452,6 +461,64 @@ def _is_identity(node: fx.Node) -> bool:
             and out.dtype == inp.dtype and out.shape == inp.shape)
 
 
+SOURCE_ATTR = "_ditopt_source"  # on an alias: weakref.ref to the user's tensor it stands for
+
+
+def module_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """Every tensor a module tree holds: parameters, buffers and plain tensor attributes
+    (which torch.export lifts as constants), tied ones once per holder."""
+    found: list[torch.Tensor] = []
+    for module in model.modules():
+        found.extend(t for t in module._parameters.values() if t is not None)
+        found.extend(t for t in module._buffers.values() if t is not None)
+        found.extend(v for v in vars(module).values() if isinstance(v, torch.Tensor))
+    return found
+
+
+def alias(tensor: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
+    """A new tensor object sharing `tensor`'s storage (and its version counter), a Parameter
+    if `tensor` is one, that remembers `source` (default: `tensor`) as what it stands for."""
+    with torch.no_grad():
+        new = nn.Parameter(tensor.detach(), requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else tensor.detach()
+    setattr(new, SOURCE_ATTR, weakref.ref(source if source is not None else tensor))
+    return new
+
+
+def source_of(tensor: torch.Tensor) -> torch.Tensor | None:
+    """The user's tensor an alias stands for (following aliases of aliases), or None: not an
+    alias, or the user's tensor no longer exists."""
+    seen = 0
+    while (ref := getattr(tensor, SOURCE_ATTR, None)) is not None and seen < 8:
+        found = ref()
+        if found is None:
+            return None
+        tensor, seen = found, seen + 1
+    return tensor if seen else None
+
+
+def alias_user_tensors(gm: nn.Module, model: nn.Module) -> int:
+    """Replace, inside `gm`, every tensor object of `model` by an alias (one per tensor, so
+    tied weights stay tied); returns how many tensors were aliased."""
+    own = {id(t): t for t in module_tensors(model)}
+    made: dict[int, torch.Tensor] = {}
+
+    def swap(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor) or id(t) not in own:
+            return t
+        if id(t) not in made:
+            made[id(t)] = alias(t)
+        return made[id(t)]
+
+    for module in gm.modules():
+        for store in (module._parameters, module._buffers):
+            for name, t in store.items():
+                store[name] = swap(t)
+        for name, v in list(vars(module).items()):
+            if isinstance(v, torch.Tensor):
+                module.__dict__[name] = swap(v)
+    return len(made)
+
+
 def drop_identity_ops(gm: fx.GraphModule) -> int:
     """Remove ops that return their input unchanged (see `_is_identity`); returns how many.
 
@@ -490,6 +557,8 @@ def _capture_kwargs(model: nn.Module, kwargs: dict[str, Any]) -> DiTGraph:
             "from the config, pass example_inputs={...}."
         ) from exc
     gm = exported.module()
+    # The unlifted module holds the model's own Parameter objects: give the graph aliases.
+    alias_user_tensors(gm, model)
     drop_identity_ops(gm)
     if any(n.target in SDPA_OPS for n in gm.graph.nodes if n.op == "call_function") is False:
         raise UnsupportedModelError(

@@ -7,6 +7,12 @@ name of the node that produced them in the captured graph. Segments never mutate
 environment themselves; `Segment.run` does, which keeps them pure and exportable.
 
 Annotations refer to nodes *by name*, so they stay valid when a pass copies a segment's graph.
+
+Segment modules read the user's weights through aliases (ditopt.capture: own tensor objects on
+the user's storage, no copy). A DiTGraph is read-only: nothing may write into a segment's
+tensors in place. The runtime (ditopt.runtime.OptimizedDiT) copies a graph's modules before it
+runs or hands them out, and gives itself private copies of the weights before anything could
+write them.
 """
 
 from __future__ import annotations
@@ -107,7 +113,8 @@ class DiTGraph:
     """A captured DiT: segments in execution order plus the recovered structure.
 
     Treated as immutable by passes: a pass builds a new DiTGraph with `evolve` and replaces
-    only the segments it rewrites, so the others (and their parameters) are shared.
+    only the segments it rewrites, so the others (and their parameters) are shared. Never
+    write into a segment's tensors: they share the user's storage.
     """
 
     model_class: str
