@@ -364,8 +364,10 @@ def _relax_on_miss(prof: Profile, records: list[PassRecord]) -> tuple[Profile, d
 
 
 def _runtime(model, prof, ctx, kwargs, graph, rolled_back, resolved, num_steps) -> OptimizedDiT:
-    def build(call_kwargs: dict[str, Any]) -> DiTGraph:
-        replayed, _ = apply_passes(capture(model, call_kwargs), prof, ctx, skip=rolled_back, resolved=dict(resolved))
+    def build(call_kwargs: dict[str, Any], source: nn.Module = model) -> DiTGraph:
+        # `source`: what the runtime asks to capture (a stand-in holding its own weights once
+        # they differ from the user's, e.g. after .double() or load_state_dict on it).
+        replayed, _ = apply_passes(capture(source, call_kwargs), prof, ctx, skip=rolled_back, resolved=dict(resolved))
         return replayed
 
     return OptimizedDiT(model, build, first=(kwargs, graph), num_steps=num_steps)

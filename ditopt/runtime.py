@@ -18,11 +18,27 @@ steps. How calls map to steps (documented in docs/design.md):
 
 One program (captured graph + rewritten plan) is kept per input shape signature: a new batch
 size or resolution is captured again from the original model and the same passes are replayed.
+
+The user's model is never modified, also not through this module afterwards (docs/design.md,
+"The user's model is never modified"). The module runs its own copies of the programs' module
+trees, whose tensors are its own objects sharing the user's storage (no copy up front): an
+in-place change to the user's weights is seen, and nothing here writes them. Every call that
+hands out this module's tensors or writes them in place (`parameters()`, `named_parameters()`,
+`buffers()`, `named_buffers()`, `state_dict()`, `get_parameter()`, `get_buffer()`,
+`load_state_dict()`, `apply()`, `share_memory()`) first gives it private copies of the tensors
+it still shares (copy on write, once). Conversions (`.to()`, `.half()`, `.double()`, `.cuda()`)
+make new tensors anyway and so copy nothing more; `requires_grad_()`, `zero_grad()`, `train()`
+and `eval()` change only this module's own objects. Attributes of the user's model that are
+modules, tensors or methods of it are not handed out (`OriginalAttributeError`; use `.original`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
+import inspect
+import types
 from collections import OrderedDict
 from typing import Any, Callable, Iterator
 
@@ -30,9 +46,91 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from .capture import call_key, normalize_call
+from .capture import SOURCE_ATTR, alias, call_key, module_tensors, normalize_call, source_of
+from .errors import DitoptError
 from .graph import DiTGraph
 from .plan import StepContext
+
+
+class OriginalAttributeError(AttributeError, DitoptError):
+    """An attribute of the user's model that `OptimizedDiT` does not hand out: a module, a
+    tensor or a method of the user's model. Writing to it (or calling it) would change the
+    user's model, and would not change what the optimized module runs. `optimized.original`
+    is the user's model itself."""
+
+
+# --------------------------------------------------------------------------------------------
+# Tensors and module trees
+# --------------------------------------------------------------------------------------------
+def _storage_key(t: torch.Tensor) -> tuple | None:
+    """Where a tensor's values live: (device, storage address); None when nothing can be written
+    there (no elements, meta tensors) or the tensor has no plain storage."""
+    if t.numel() == 0 or t.device.type == "meta":
+        return None
+    try:
+        return (str(t.device), t.untyped_storage().data_ptr())
+    except Exception:  # tensor subclasses without a plain storage
+        return None
+
+
+def _is_alias(t: torch.Tensor, of: torch.Tensor) -> bool:
+    """Whether `t` views exactly `of`'s values: same storage, offset, shape, strides, dtype."""
+    return (t.dtype == of.dtype and t.device == of.device and t.shape == of.shape and t.stride() == of.stride()
+            and t.storage_offset() == of.storage_offset() and _storage_key(t) == _storage_key(of))
+
+
+_COPIED_CONTAINERS = (dict, OrderedDict, list, set)
+
+
+def copy_tree(module: nn.Module, memo: dict[int, nn.Module], swap: Callable[[torch.Tensor], torch.Tensor] | None = None) -> nn.Module:
+    """A copy of a module tree that shares code, graphs and tensors (`swap` maps each tensor,
+    when given) but no container: which tensor, submodule or hook a copy holds can change
+    without touching the original. Plain dicts, lists and sets in a module's __dict__ are
+    copied one level (a memo's table, GraphModule's meta); other values are shared."""
+    found = memo.get(id(module))
+    if found is not None:
+        return found
+    new = object.__new__(type(module))
+    memo[id(module)] = new
+    state = {}
+    for name, value in module.__dict__.items():
+        if type(value) in _COPIED_CONTAINERS:
+            value = copy.copy(value)
+        elif isinstance(value, types.MethodType) and value.__self__ is module:
+            value = types.MethodType(value.__func__, new)
+        state[name] = value
+    new.__dict__.update(state)
+    new._modules = {k: copy_tree(c, memo, swap) if c is not None else None for k, c in module._modules.items()}
+    if swap is not None:
+        for store in (new._parameters, new._buffers):
+            for name, t in store.items():
+                if t is not None:
+                    store[name] = swap(t)
+        for name, value in list(new.__dict__.items()):
+            if isinstance(value, torch.Tensor):
+                new.__dict__[name] = swap(value)
+    return new
+
+
+def _takes_source(build: Callable) -> bool:
+    try:
+        return "source" in inspect.signature(build).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _holds_state(value: Any, depth: int = 0) -> bool:
+    """Whether an attribute of the user's model gives write access to it: a module, a tensor,
+    a method bound to a module, or a container of those."""
+    if isinstance(value, (nn.Module, torch.Tensor)):
+        return True
+    if isinstance(value, types.MethodType) and isinstance(value.__self__, nn.Module):
+        return True
+    if depth < 2 and isinstance(value, (list, tuple, set, frozenset)):
+        return any(_holds_state(v, depth + 1) for v in value)
+    if depth < 2 and isinstance(value, dict):
+        return any(_holds_state(v, depth + 1) for v in value.values())
+    return False
 
 
 class StepTracker:
@@ -75,6 +173,20 @@ class StepTracker:
         )
 
 
+def _fresh_parameter(p: nn.Parameter) -> nn.Parameter:
+    """A Parameter on `p`'s storage with a version counter of its own (no copy)."""
+    with torch.no_grad():
+        try:
+            data = torch.empty(0, dtype=p.dtype, device=p.device).set_(p.untyped_storage(), p.storage_offset(), p.size(), p.stride())
+        except Exception:  # tensor subclasses: a copy
+            data = p.detach().clone()
+    new = nn.Parameter(data, requires_grad=p.requires_grad)
+    new.grad = p.grad
+    if hasattr(p, SOURCE_ATTR):
+        setattr(new, SOURCE_ATTR, getattr(p, SOURCE_ATTR))
+    return new
+
+
 def read_timestep(value: Any) -> float | None:
     if isinstance(value, torch.Tensor):
         if value.numel() == 0:
@@ -102,9 +214,14 @@ class OptimizedDiT(nn.Module):
         # the user's model, and its parameters must not be counted twice.
         object.__setattr__(self, "_original", original)
         object.__setattr__(self, "_build", build)
+        # A build that takes `source=` captures the model it is given: the user's model while this
+        # module runs the user's tensors, else a stand-in holding this module's own (_capture_source).
+        object.__setattr__(self, "_build_takes_source", _takes_source(build))
         self._programs: OrderedDict[tuple, DiTGraph] = OrderedDict()
-        # Segment modules of the live programs, registered so .to()/.parameters() see what runs.
-        # They share parameter tensors with the original model (no copy); rewrites make new ones.
+        # Segment modules of the live programs (this module's own copies of the graphs' module
+        # trees), registered so .to()/.parameters() see what runs. Their tensors are this
+        # module's own objects, sharing the user's storage until a call that could write them
+        # makes them private (module docstring).
         self.segment_modules = nn.ModuleDict()
         self._program_ids: dict[tuple, str] = {}
         self._halves: dict[tuple, tuple[int | None] | str] = {}  # call key -> how to halve it, or why it cannot be
@@ -123,17 +240,30 @@ class OptimizedDiT(nn.Module):
     def config(self) -> Any:
         return getattr(self._original, "config", None)
 
+    def _first_parameter(self) -> torch.Tensor:
+        own = next(iter(self.segment_modules.parameters()), None)  # this module's own, not handed out
+        return own if own is not None else next(self._original.parameters())
+
     @property
     def dtype(self) -> torch.dtype:
-        return next(self._original.parameters()).dtype
+        """The dtype of the weights this module runs (it follows `.half()` etc. on this module)."""
+        return self._first_parameter().dtype
 
     @property
     def device(self) -> torch.device:
-        return next(self._original.parameters()).device
+        return self._first_parameter().device
 
     @property
     def original(self) -> nn.Module:
+        """The user's model itself (never modified by ditopt)."""
         return self._original
+
+    @contextlib.contextmanager
+    def cache_context(self, name: str) -> Iterator[None]:
+        """What diffusers pipelines wrap each branch's call in (`with transformer.cache_context(
+        "cond"):`) for diffusers' own cache hooks. Those hooks do not run here (the plan decides
+        what is cached), so it does nothing, and the user's model gets no hook registry."""
+        yield
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -141,10 +271,196 @@ class OptimizedDiT(nn.Module):
         except AttributeError:
             if name.startswith("_"):
                 raise
-            return getattr(object.__getattribute__(self, "_original"), name)
+            original = object.__getattribute__(self, "_original")
+            value = getattr(original, name)
+            if _holds_state(value):
+                kind = ("method" if isinstance(value, types.MethodType) else "module" if isinstance(value, nn.Module)
+                        else "tensor" if isinstance(value, torch.Tensor) else "container of modules or tensors")
+                raise OriginalAttributeError(
+                    f"OptimizedDiT does not hand out {name!r}, a {kind} of the user's {type(original).__name__}: "
+                    "the optimized module runs its own captured segments, so through it the user's model could only "
+                    f"be changed, never the optimized one. For the user's own model use `.original.{name}`; for this "
+                    "module's weights, `.parameters()` / `.state_dict()`."
+                ) from None
+            return value
+
+    # -- weights --------------------------------------------------------------------------------
+    def _slots(self, params: bool = True, buffers: bool = True) -> list[tuple[dict, str, torch.Tensor]]:
+        """Every (dict, name, tensor) holding a tensor in this module's trees."""
+        found = []
+        for module in self.modules():
+            stores = ([module._parameters] if params else []) + ([module._buffers] if buffers else [])
+            for store in stores:
+                found.extend((store, name, t) for name, t in store.items() if t is not None)
+        return found
+
+    def _user_storages(self) -> set[tuple]:
+        return {k for t in module_tensors(self._original) if (k := _storage_key(t)) is not None}
+
+    def _make_private(self, params: bool = True, buffers: bool = True) -> int:
+        """Copy on write: replace every tensor that still shares the user's storage by a private
+        copy (a new object: its version counter is its own), once per tensor so ties stay
+        tied. Returns how many tensors were copied."""
+        user = self._user_storages()
+        done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for store, name, t in self._slots(params, buffers):
+            hit = done.get(id(t))
+            if hit is None:
+                new = t
+                if _storage_key(t) in user:
+                    with torch.no_grad():
+                        data = t.detach().clone()
+                    if isinstance(t, nn.Parameter):
+                        new = nn.Parameter(data, requires_grad=t.requires_grad)
+                        new.grad = t.grad
+                    else:
+                        new = data
+                    if hasattr(t, SOURCE_ATTR):
+                        setattr(new, SOURCE_ATTR, getattr(t, SOURCE_ATTR))
+                hit = done[id(t)] = (t, new)
+            store[name] = hit[1]
+        return sum(1 for old, new in done.values() if new is not old)
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> "OptimizedDiT":
+        # Each distinct tensor is converted once, so tensors shared by several segments or
+        # programs stay one tensor (torch converts a buffer once per module holding it).
+        user = self._user_storages()
+        before = self._slots()
+        shared = {id(t): t for _, _, t in before if isinstance(t, nn.Parameter) and _storage_key(t) in user}
+        results: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def once(t: torch.Tensor) -> torch.Tensor:
+            hit = results.get(id(t))
+            if hit is None:
+                hit = results[id(t)] = (t, fn(t))
+            return hit[1]
+
+        super()._apply(once, recurse)
+        results.clear()
+        # torch keeps a converted Parameter's object, and with it the user's version counter:
+        # an alias that no longer shares the user's storage gets an object of its own.
+        fresh: dict[int, torch.Tensor] = {}
+        for store, name, t in self._slots(buffers=False):
+            if id(t) in shared and _storage_key(t) not in user:
+                if id(t) not in fresh:
+                    fresh[id(t)] = _fresh_parameter(t)
+                store[name] = fresh[id(t)]
+        # What each tensor stands for follows it (new captures read this module's tensors).
+        for (store, name, old), now in zip(before, [store[name] for store, name, _ in before]):
+            if now is not old and hasattr(old, SOURCE_ATTR) and not hasattr(now, SOURCE_ATTR):
+                setattr(now, SOURCE_ATTR, getattr(old, SOURCE_ATTR))
+        self.tracker.reset()  # cached step state holds tensors of the old dtype/device
+        return self
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
+        self._make_private(buffers=False)
+        return super().parameters(recurse)
+
+    def named_parameters(self, *args: Any, **kwargs: Any) -> Iterator[tuple[str, nn.Parameter]]:
+        self._make_private(buffers=False)
+        return super().named_parameters(*args, **kwargs)
+
+    def buffers(self, recurse: bool = True) -> Iterator[torch.Tensor]:
+        self._make_private(params=False)
+        return super().buffers(recurse)
+
+    def named_buffers(self, *args: Any, **kwargs: Any) -> Iterator[tuple[str, torch.Tensor]]:
+        self._make_private(params=False)
+        return super().named_buffers(*args, **kwargs)
+
+    def get_parameter(self, target: str) -> nn.Parameter:
+        self._make_private(buffers=False)
+        return super().get_parameter(target)
+
+    def get_buffer(self, target: str) -> torch.Tensor:
+        self._make_private(params=False)
+        return super().get_buffer(target)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        # Also without keep_vars: its tensors share this module's storage and may be written.
+        self._make_private()
+        return super().state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        before = self._slots()
+        if not assign:
+            self._make_private()
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        for store, name, old in before:
+            now = store.get(name)
+            if now is not None and now is not old and hasattr(old, SOURCE_ATTR) and not hasattr(now, SOURCE_ATTR):
+                setattr(now, SOURCE_ATTR, getattr(old, SOURCE_ATTR))
+        self.reset()  # cached steps and memos were computed with the old weights
+        return result
+
+    def apply(self, fn: Callable[[nn.Module], None]) -> "OptimizedDiT":
+        self._make_private()
+        return super().apply(fn)
+
+    def share_memory(self) -> "OptimizedDiT":
+        self._make_private()  # share_memory_() moves a storage in place
+        return super().share_memory()
+
+    def requires_grad_(self, requires_grad: bool = True) -> "OptimizedDiT":
+        # Only this module's own Parameter objects change; nothing is copied.
+        for p in {id(t): t for _, _, t in self._slots(buffers=False)}.values():
+            p.requires_grad_(requires_grad)
+        return self
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        # Gradients are this module's own (accumulated on its objects): nothing is copied.
+        for p in {id(t): t for _, _, t in self._slots(buffers=False)}.values():
+            if p.grad is None:
+                continue
+            if set_to_none:
+                p.grad = None
+            else:
+                if p.grad.grad_fn is not None:
+                    p.grad.detach_()
+                else:
+                    p.grad.requires_grad_(False)
+                p.grad.zero_()
+
+    def _currents(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """id(user's tensor) -> (that tensor, the tensor this module runs in its place)."""
+        found: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for _, _, t in self._slots():
+            src = source_of(t)
+            if src is not None and id(src) not in found:
+                found[id(src)] = (src, t)
+        return found
+
+    def _capture_source(self) -> nn.Module:
+        """The model a new capture traces: the user's model while every tensor this module runs
+        is the user's (same storage, dtype, layout); otherwise a stand-in, the user's module tree
+        holding this module's tensors (after `.double()`, `load_state_dict()`, an optimizer
+        step), so that a new shape runs what the other shapes run."""
+        currents = self._currents()
+        if all(_is_alias(t, src) for src, t in currents.values()):
+            return self._original
+        return copy_tree(self._original, {}, swap=lambda u: currents[id(u)][1] if id(u) in currents else u)
+
+    def _own(self, graph: DiTGraph) -> DiTGraph:
+        """The graph with this module's own copy of its module trees, whose tensors that stand
+        for the user's are this module's (one object per user tensor across all programs)."""
+        memo: dict[int, nn.Module] = {}
+        segments = tuple(dataclasses.replace(seg, module=copy_tree(seg.module, memo)) for seg in graph.segments)
+        currents = self._currents()
+        for module in memo.values():
+            for store in (module._parameters, module._buffers):
+                for name, t in store.items():
+                    src = source_of(t) if t is not None else None
+                    if src is None:
+                        continue
+                    if id(src) not in currents:
+                        currents[id(src)] = (src, alias(t, source=src))
+                    store[name] = currents[id(src)][1]
+        # Underscored meta entries are caches keyed on module identities: not carried over.
+        return graph.evolve(segments=segments, meta={k: v for k, v in graph.meta.items() if not k.startswith("_")})
 
     # -- programs -------------------------------------------------------------------------------
-    def _remember(self, key: tuple, graph: DiTGraph) -> None:
+    def _remember(self, key: tuple, graph: DiTGraph) -> DiTGraph:
+        graph = self._own(graph)
         self._programs[key] = graph
         self._programs.move_to_end(key)
         pid = f"program{self._next_id}"
@@ -154,13 +470,14 @@ class OptimizedDiT(nn.Module):
         while len(self._programs) > self._max_programs:
             old, _ = self._programs.popitem(last=False)
             del self.segment_modules[self._program_ids.pop(old)]
+        return graph
 
     def program_for(self, kwargs: dict[str, Any]) -> DiTGraph:
         key = call_key(kwargs)
         graph = self._programs.get(key)
         if graph is None:
-            graph = self._build(kwargs)
-            self._remember(key, graph)
+            graph = self._build(kwargs, source=self._capture_source()) if self._build_takes_source else self._build(kwargs)
+            graph = self._remember(key, graph)
         return graph
 
     def prepare(self, *args: Any, **kwargs: Any) -> None:
@@ -214,8 +531,15 @@ class OptimizedDiT(nn.Module):
 
     # -- state ----------------------------------------------------------------------------------
     def reset(self) -> None:
-        """Start a new generation: clear caches, step index and CFG branch state."""
+        """Start a new generation: clear caches, step index and CFG branch state, and drop what
+        exact memos remember (`conditioning_memo`; they also notice in-place weight changes by
+        themselves, except writes through `.data`, which only this call covers). A new
+        generation detected from the timesteps clears the step state only."""
         self.tracker.reset()
+        for module in self.modules():
+            drop = getattr(module, "drop_remembered", None)
+            if isinstance(drop, types.MethodType):
+                drop()
 
     @contextlib.contextmanager
     def generation(self) -> Iterator["OptimizedDiT"]:
