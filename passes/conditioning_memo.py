@@ -20,8 +20,11 @@ of a skipped cache step (docs/design.md, "Skipped-step overhead"); at FLUX or Di
 they are not, and the pass changes little there.
 
 Results are bitwise the original's: the same ops run on the same inputs, only less often.
-Weights are assumed frozen (inference): the memo is cleared by `.to()`/`.half()` and by
-`clear()`, not by an in-place weight update.
+They stay so when the weights change: every call compares the version counter and storage
+address of each weight the memo's ops read (a LoRA fuse or hot swap written in place, an
+optimizer step, `load_state_dict`, `.to()` / `.half()`) and forgets what it remembered when one
+moved. A write through `.data` moves neither (it bypasses autograd's version counter): after
+one, call `OptimizedDiT.reset()`, which drops every memo's values (as `clear()` does).
 """
 
 from __future__ import annotations
@@ -66,15 +69,46 @@ class ConditioningMemo(nn.Module):
         self.max_bytes = max_bytes
         self._memo: OrderedDict[tuple, tuple[torch.Tensor, ...]] = OrderedDict()
         self._sizes: dict[tuple, int] = {}
+        self._weights_seen: tuple | None = None  # (version, address) of each weight when the values were computed
         self.nbytes = 0  # keys + remembered outputs now held
         self.hits = 0
         self.misses = 0
+        self.weight_changes = 0  # times the weights moved and the remembered values were dropped
 
     def clear(self) -> None:
         """Forget every remembered value (and zero the hit/miss counters)."""
+        self.drop_remembered()
+        self.hits = self.misses = self.weight_changes = 0
+
+    def drop_remembered(self) -> None:
+        """Forget every remembered value; counters are kept (OptimizedDiT.reset calls this)."""
         self._memo.clear()
         self._sizes.clear()
-        self.hits = self.misses = self.nbytes = 0
+        self.nbytes = 0
+
+    def _weight_slots(self) -> list[tuple[dict, str]]:
+        # Where the head's tensors are held, looked up once per head (a copied memo has its own).
+        cached = self.__dict__.get("_slots_of")
+        if cached is None or cached[0] is not self.head:
+            slots = [(store, name) for m in self.head.modules() for store in (m._parameters, m._buffers) for name in store]
+            cached = self.__dict__["_slots_of"] = (self.head, slots)
+        return cached[1]
+
+    def weights_state(self) -> tuple:
+        """The version counter and storage address of every weight the memo's ops read: an
+        in-place write (also into the user's tensors this storage is shared with) bumps the
+        first, a replaced tensor changes the second."""
+        state = []
+        for store, name in self._weight_slots():
+            t = store.get(name)
+            if t is None:
+                continue
+            try:
+                version = t._version
+            except RuntimeError:  # inference-mode tensors keep no version counter
+                version = None
+            state.append((version, t.data_ptr(), t.dtype))
+        return tuple(state)
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "ConditioningMemo":
         # .to()/.half()/.cuda(): remembered values have the old dtype/device.
@@ -86,6 +120,12 @@ class ConditioningMemo(nn.Module):
             # An exported graph must compute the embedding; with trainable weights under
             # autograd a remembered tensor would carry the graph of an earlier call.
             return tuple(self.head(*inputs))
+        weights = self.weights_state()
+        if weights != self.__dict__.get("_weights_seen"):
+            if self._memo:
+                self.weight_changes += 1
+            self.drop_remembered()
+            self._weights_seen = weights
         key = tuple(value_key(x) for x in inputs[: len(self.keys)])
         found = self._memo.get(key)
         if found is not None:
