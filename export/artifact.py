@@ -275,13 +275,17 @@ def _clean_stale(place: Path) -> None:
     pattern = re.compile(re.escape(f".{place.name}.") + r"(tmp|old)-[a-z0-9_]{8}")
     stale = []
     for entry in place.parent.iterdir():
-        if pattern.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
+        if not (pattern.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink()):
+            continue
+        try:
             top = {p.name for p in entry.iterdir()}
-            if top <= _OWN_ENTRIES:
-                stale.append(entry)
-            else:
-                warnings.warn(f"{entry} looks like a stale export directory but holds {sorted(top - _OWN_ENTRIES)}, which "
-                              "ditopt does not write; left in place", stacklevel=4)
+        except OSError:  # unreadable: not ours to judge, so not ours to remove
+            continue
+        if top <= _OWN_ENTRIES:
+            stale.append(entry)
+        else:
+            warnings.warn(f"{entry} looks like a stale export directory but holds {sorted(top - _OWN_ENTRIES)}, which "
+                          "ditopt does not write; left in place", stacklevel=4)
     olds = sorted((e for e in stale if ".old-" in e.name), key=lambda e: e.stat().st_mtime)
     if olds and not (place.exists() or place.is_symlink()):
         with contextlib.suppress(OSError):
