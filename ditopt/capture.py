@@ -28,6 +28,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .errors import CaptureError, MissingInputsError, UnsupportedModelError
 from .graph import AttentionSite, BlockInfo, CallSignature, Constant, DiTGraph, FFNSite, Segment, tensor_key
@@ -461,7 +462,9 @@ def _is_identity(node: fx.Node) -> bool:
             and out.dtype == inp.dtype and out.shape == inp.shape)
 
 
-SOURCE_ATTR = "_ditopt_source"  # on an alias: weakref.ref to the user's tensor it stands for
+# alias -> weakref.ref to the user's tensor it stands for. A side table, not an attribute of the
+# tensor: a tensor carrying a weak reference could no longer be pickled (torch.save) or copied.
+_SOURCES: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def module_tensors(model: nn.Module) -> list[torch.Tensor]:
@@ -480,15 +483,22 @@ def alias(tensor: torch.Tensor, source: torch.Tensor | None = None) -> torch.Ten
     if `tensor` is one, that remembers `source` (default: `tensor`) as what it stands for."""
     with torch.no_grad():
         new = nn.Parameter(tensor.detach(), requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else tensor.detach()
-    setattr(new, SOURCE_ATTR, weakref.ref(source if source is not None else tensor))
+    _SOURCES[new] = weakref.ref(source if source is not None else tensor)
     return new
+
+
+def carry_source(new: torch.Tensor, old: torch.Tensor) -> None:
+    """`new` replaces `old` (a conversion, a private copy): it stands for what `old` stood for."""
+    ref = _SOURCES.get(old)
+    if ref is not None and new is not old and new not in _SOURCES:
+        _SOURCES[new] = ref
 
 
 def source_of(tensor: torch.Tensor) -> torch.Tensor | None:
     """The user's tensor an alias stands for (following aliases of aliases), or None: not an
     alias, or the user's tensor no longer exists."""
     seen = 0
-    while (ref := getattr(tensor, SOURCE_ATTR, None)) is not None and seen < 8:
+    while (ref := _SOURCES.get(tensor)) is not None and seen < 8:
         found = ref()
         if found is None:
             return None

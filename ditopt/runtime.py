@@ -46,7 +46,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from .capture import SOURCE_ATTR, alias, call_key, module_tensors, normalize_call, source_of
+from .capture import alias, call_key, carry_source, module_tensors, normalize_call, source_of
 from .errors import DitoptError
 from .graph import DiTGraph
 from .plan import StepContext
@@ -182,8 +182,7 @@ def _fresh_parameter(p: nn.Parameter) -> nn.Parameter:
             data = p.detach().clone()
     new = nn.Parameter(data, requires_grad=p.requires_grad)
     new.grad = p.grad
-    if hasattr(p, SOURCE_ATTR):
-        setattr(new, SOURCE_ATTR, getattr(p, SOURCE_ATTR))
+    carry_source(new, p)
     return new
 
 
@@ -198,7 +197,29 @@ def read_timestep(value: Any) -> float | None:
 
 
 class OptimizedDiT(nn.Module):
-    """Drop-in replacement for the original transformer (e.g. `pipe.transformer`)."""
+    """Drop-in replacement for the original transformer (e.g. `pipe.transformer`).
+
+    It never modifies the user's model (`.original`), also not afterwards:
+
+    * Its tensors are its own objects sharing the user's storage: no copy up front, and an
+      in-place change of the user's weights is seen. A tensor the user replaces
+      (`p.data = ...`, `.to()` on the user's model) is not: this module keeps its own.
+    * Copy on write: `parameters()`, `named_parameters()`, `buffers()`, `named_buffers()`,
+      `state_dict()` (any `keep_vars`), `get_parameter()`, `get_buffer()`, `load_state_dict()`,
+      `apply()` and `share_memory()` first replace every tensor still shared with the user's
+      model by a private copy (once; one more copy of the weights in memory), so an optimizer
+      step, an in-place op or a load changes this module only. To count or read the user's
+      weights without that copy, use `optimized.original.parameters()`.
+    * `.to()`, `.half()`, `.double()`, `.float()`, `.cuda()` convert this module's tensors
+      (each once) and copy nothing more; `dtype` and `device` follow them, and new input shapes
+      are captured with this module's weights. `requires_grad_()`, `zero_grad()`, `train()` and
+      `eval()` change only this module's own objects.
+    * Unknown attributes are read from the user's model (`config` and plain values, as
+      diffusers pipelines read them), except modules, tensors and methods of it, which raise
+      `OriginalAttributeError` (use `.original`). `cache_context()` is a no-op.
+    * Segment modules reached through internals (`segment_modules`, `programs`) share the
+      user's storage until the copy: do not write into them.
+    """
 
     def __init__(
         self,
@@ -315,8 +336,7 @@ class OptimizedDiT(nn.Module):
                         new.grad = t.grad
                     else:
                         new = data
-                    if hasattr(t, SOURCE_ATTR):
-                        setattr(new, SOURCE_ATTR, getattr(t, SOURCE_ATTR))
+                    carry_source(new, t)
                 hit = done[id(t)] = (t, new)
             store[name] = hit[1]
         return sum(1 for old, new in done.values() if new is not old)
@@ -347,8 +367,7 @@ class OptimizedDiT(nn.Module):
                 store[name] = fresh[id(t)]
         # What each tensor stands for follows it (new captures read this module's tensors).
         for (store, name, old), now in zip(before, [store[name] for store, name, _ in before]):
-            if now is not old and hasattr(old, SOURCE_ATTR) and not hasattr(now, SOURCE_ATTR):
-                setattr(now, SOURCE_ATTR, getattr(old, SOURCE_ATTR))
+            carry_source(now, old)
         self.tracker.reset()  # cached step state holds tensors of the old dtype/device
         return self
 
@@ -388,8 +407,8 @@ class OptimizedDiT(nn.Module):
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
         for store, name, old in before:
             now = store.get(name)
-            if now is not None and now is not old and hasattr(old, SOURCE_ATTR) and not hasattr(now, SOURCE_ATTR):
-                setattr(now, SOURCE_ATTR, getattr(old, SOURCE_ATTR))
+            if now is not None:
+                carry_source(now, old)
         self.reset()  # cached steps and memos were computed with the old weights
         return result
 
