@@ -107,7 +107,7 @@ class ConditioningMemo(nn.Module):
                 version = t._version
             except RuntimeError:  # inference-mode tensors keep no version counter
                 version = None
-            state.append((version, t.data_ptr(), t.dtype))
+            state.append((version, t.data_ptr()))
         return tuple(state)
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "ConditioningMemo":
