@@ -54,5 +54,14 @@ class QualityGateError(DitoptError):
         self.optimized = optimized
 
 
-class QualityGateWarning(UserWarning):
+class DitoptWarning(UserWarning):
+    """Base class for the warnings ditopt gives on purpose (an input it accepts but that is
+    probably not what was meant)."""
+
+
+class ProfileWarning(DitoptWarning):
+    """A profile value is accepted but has no effect or is probably a mistake."""
+
+
+class QualityGateWarning(DitoptWarning):
     """`optimize(..., on_gate_miss="warn")` returned a model that misses its quality budget."""
