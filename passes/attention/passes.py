@@ -4,10 +4,10 @@ chosen per layer from the "attention" calibration (the mass each pattern keeps).
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import torch
-from pydantic import Field, NonNegativeInt
+from pydantic import Field, model_validator
 
 from ditopt.graph import AttentionSite, DiTGraph
 from ditopt.kernels.block_sparse import num_selected
@@ -15,9 +15,10 @@ from ditopt.kernels.layout import tile_grid
 from ditopt.kernels.neighborhood import neighborhood_density
 from ditopt.kernels.ops import block_sparse_attention_macs, neighborhood_attention_macs
 from ditopt.plan import EarlySteps
+from ditopt.profiles.fields import Bool, Float, Int, check_in, check_unique
 from ditopt.registry import PassConfig, PassContext, PassResult, register_pass
 
-from .collector import RADII, RHOS, measurable_sites
+from .collector import RADII, RHOS, TILES, measurable_sites
 from .rewrite import replace_attention, restore_dense, substitutable, substituted
 from .token_order import reorder_tokens_once
 
@@ -35,25 +36,44 @@ DENSE_STEPS_HELP = (
 )
 
 
-class NeighborhoodAttentionConfig(PassConfig):
-    reorder: Literal["once", "per_layer"] = Field("once", description="tile-major token order: once after the prologue (falls back to per layer when unsupported), or permute q/k/v inside each substituted attention")
-    radius: int | Literal["auto"] = Field("auto", description="window radius in tiles; auto: smallest calibrated radius keeping min_mass")
-    tile: int | Literal["auto"] = Field("auto", description="tile edge in tokens (the kernels' tile-major layout); auto: 8 or 4 (at least 4 tiles per axis), whichever keeps fewer multiply-adds per the calibration (see _pick_tile)")
-    min_mass: float = Field(0.95, ge=0.0, le=1.0, description="a layer stays dense when its calibrated mass in the window is below this")
-    blocks: tuple[int, ...] | None = Field(None, description="restrict to these block indices (default: all)")
-    dense_steps: NonNegativeInt | Literal["auto"] = Field(0, description=DENSE_STEPS_HELP)
-    max_cost: float | None = Field(0.9, gt=0.0, description=MAX_COST_HELP)
+# Explicit radius / rho / tile values must be ones the "attention" calibration measures
+# (collector.RADII, RHOS, TILES): any other value has no calibrated mass, so every layer would
+# stay dense (or, for a radius whose window covers the grid, run a substitute that skips nothing).
+AutoOr = Literal["auto"]
 
 
-class BlockSparseAttentionConfig(PassConfig):
+class _AttentionConfig(PassConfig):
     reorder: Literal["once", "per_layer"] = Field("once", description="tile-major token order: once after the prologue (falls back to per layer when unsupported), or permute q/k/v inside each substituted attention")
-    rho: float | Literal["auto"] = Field("auto", description="fraction of key blocks kept; auto: smallest calibrated rho keeping min_mass")
-    tile: int | Literal["auto"] = Field("auto", description="tile edge in tokens; the block size is tile*tile; auto: 8 or 4 (at least 4 tiles per axis), whichever keeps fewer multiply-adds per the calibration (see _pick_tile)")
-    min_mass: float = Field(0.95, ge=0.0, le=1.0, description="a layer stays dense when its calibrated top-rho mass is below this")
-    compensate: bool = Field(True, description="first-order compensation for the skipped blocks (PISA)")
-    blocks: tuple[int, ...] | None = None
-    dense_steps: NonNegativeInt | Literal["auto"] = Field(0, description=DENSE_STEPS_HELP)
-    max_cost: float | None = Field(0.9, gt=0.0, description=MAX_COST_HELP)
+    tile: Union[Annotated[Int, Field(ge=1)], AutoOr] = Field("auto", description="tile edge in tokens (the kernels' tile-major layout), one of the calibrated tiles 2, 4, 8; auto: 8 or 4 (at least 4 tiles per axis), whichever keeps fewer multiply-adds per the calibration (see _pick_tile)")
+    min_mass: Float = Field(0.95, ge=0.0, le=1.0, description="a layer stays dense when its calibrated attention mass is below this")
+    blocks: tuple[Annotated[Int, Field(ge=0)], ...] | None = Field(None, description="restrict to these block indices (default: all)")
+    dense_steps: Union[Annotated[Int, Field(ge=0)], AutoOr] = Field(0, description=DENSE_STEPS_HELP)
+    max_cost: Annotated[Float, Field(gt=0.0)] | None = Field(0.9, description=MAX_COST_HELP)
+
+    @model_validator(mode="after")
+    def _calibrated_values(self) -> "_AttentionConfig":
+        check_in("tile", self.tile, TILES, "the tiles calibration measures")
+        check_unique("blocks", self.blocks, allow_empty=False)
+        return self
+
+
+class NeighborhoodAttentionConfig(_AttentionConfig):
+    radius: Union[Annotated[Int, Field(ge=0)], AutoOr] = Field("auto", description="window radius in tiles, one of the calibrated radii 1, 2, 3; auto: smallest calibrated radius keeping min_mass")
+
+    @model_validator(mode="after")
+    def _calibrated_radius(self) -> "NeighborhoodAttentionConfig":
+        check_in("radius", self.radius, RADII, "the radii calibration measures")
+        return self
+
+
+class BlockSparseAttentionConfig(_AttentionConfig):
+    rho: Union[Annotated[Float, Field(gt=0.0, le=1.0)], AutoOr] = Field("auto", description="fraction of key blocks kept, one of the calibrated 0.125, 0.25, 0.5; auto: smallest calibrated rho keeping min_mass")
+    compensate: Bool = Field(True, description="first-order compensation for the skipped blocks (PISA)")
+
+    @model_validator(mode="after")
+    def _calibrated_rho(self) -> "BlockSparseAttentionConfig":
+        check_in("rho", self.rho, RHOS, "the fractions calibration measures")
+        return self
 
 
 def masses_by_step(ctx: PassContext, key: str, tile: int) -> torch.Tensor | None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Callable, Literal, Union
+from typing import Annotated, Any, Callable, ClassVar, Literal, Union
 
 from pydantic import Field, model_validator
 
 from ditopt.errors import CalibrationError, InvalidProfileError
+from ditopt.profiles.fields import Bool, Float, Int, Step, check_steps, check_unique
 from ditopt.graph import DiTGraph
 from ditopt.plan import RunSegments, Stage
 from ditopt.registry import PassConfig, PassContext, PassResult, register_pass
@@ -28,6 +29,13 @@ from .features import FeatureForecast, NoFeaturesError, add_feature_variants
 from .stage import CachedSpan, ConfidenceGate, ProbeGate, StaticSchedule
 
 Auto = Literal["auto"]
+
+
+class CachingConfig(PassConfig):
+    """Base of the caching passes' configs: each rewrites the whole block stack's step schedule,
+    so a profile holds at most one of them (the profile loader reads `profile_exclusive`)."""
+
+    profile_exclusive: ClassVar[str] = "caching pass (it rewrites the step schedule of every block)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,16 +105,22 @@ def _report(stages: list[CachedSpan], graph: DiTGraph, steps: int) -> dict[str, 
 # --------------------------------------------------------------------------------------------
 # Residual cache (FORA) and Δ-DiT
 # --------------------------------------------------------------------------------------------
-class ResidualCacheConfig(PassConfig):
+class ResidualCacheConfig(CachingConfig):
     """Reuse (order 0) or forecast the residual of blocks [start, end) on a periodic schedule."""
 
-    start: int = Field(0, ge=0)
-    end: int | None = Field(None, ge=1)
-    interval: int = Field(2, ge=1, description="compute every N-th step after warm-up")
-    warmup: int = Field(2, ge=1)
-    order: int = Field(0, ge=0, le=2)
+    start: Int = Field(0, ge=0)
+    end: Int | None = Field(None, ge=1)
+    interval: Int = Field(2, ge=1, description="compute every N-th step after warm-up")
+    warmup: Int = Field(2, ge=1)
+    order: Int = Field(0, ge=0, le=2)
     phase: Literal["all", "early", "late"] = "all"
-    phase_boundary: float = Field(0.5, gt=0, lt=1, description="fraction of steps where 'early' ends")
+    phase_boundary: Float = Field(0.5, gt=0, lt=1, description="fraction of steps where 'early' ends")
+
+    @model_validator(mode="after")
+    def _span_is_not_empty(self) -> "ResidualCacheConfig":
+        if self.end is not None and self.end <= self.start:
+            raise ValueError(f"the block span [start, end) = [{self.start}, {self.end}) is empty: end must be greater than start")
+        return self
 
 
 @register_pass("residual_cache", ResidualCacheConfig, level="plan")
@@ -125,15 +139,15 @@ def residual_cache(graph: DiTGraph, config: ResidualCacheConfig, ctx: PassContex
     return PassResult(replace_blocks(graph, stages), True, _report([stage], graph, steps))
 
 
-class DeltaCacheConfig(PassConfig):
+class DeltaCacheConfig(CachingConfig):
     """Δ-DiT: cache rear blocks early in sampling and front blocks late; split and phase
     boundary chosen from calibration unless given."""
 
-    interval: int = Field(2, ge=1)
-    warmup: int = Field(2, ge=1)
-    order: int = Field(0, ge=0, le=2)
-    split: int | None = Field(None, ge=1, description="first block of the rear span (default: middle)")
-    boundary: int | None = Field(None, ge=1, description="first step of the late phase (default: from stats)")
+    interval: Int = Field(2, ge=1)
+    warmup: Int = Field(2, ge=1)
+    order: Int = Field(0, ge=0, le=2)
+    split: Int | None = Field(None, ge=1, description="first block of the rear span (default: middle)")
+    boundary: Int | None = Field(None, ge=1, description="first step of the late phase (default: from stats)")
 
 
 @register_pass("delta_cache", DeltaCacheConfig, needs=("trajectory",), level="plan")
@@ -172,14 +186,14 @@ def _relative_changes(residual) -> list[float]:
 # --------------------------------------------------------------------------------------------
 # TaylorSeer (periodic forecasting) and the calibrated static schedule
 # --------------------------------------------------------------------------------------------
-class TaylorForecastConfig(PassConfig):
+class TaylorForecastConfig(CachingConfig):
     """TaylorSeer: full compute on warm-up steps and every N-th step, Taylor forecast between;
     `target="features"` forecasts each block's pre-gate attention/FFN outputs and recomputes the
     adaLN gate (as the paper), `"residual"` forecasts what the whole block stack adds."""
 
-    order: int = Field(2, ge=0, le=2)
-    interval: int = Field(4, ge=1)
-    warmup: int = Field(3, ge=1)
+    order: Int = Field(2, ge=0, le=2)
+    interval: Int = Field(4, ge=1)
+    warmup: Int = Field(3, ge=1)
     target: Literal["features", "residual"] = "features"
 
 
@@ -196,7 +210,7 @@ def taylor_forecast(graph: DiTGraph, config: TaylorForecastConfig, ctx: PassCont
     return PassResult(new, True, _report([stage], graph, steps))
 
 
-class CalibratedScheduleConfig(PassConfig):
+class CalibratedScheduleConfig(CachingConfig):
     """Static schedule chosen from calibration: the fewest computed steps whose sampled PSNR on
     the calibration inputs meets the profile's budget (plus a margin).
 
@@ -208,14 +222,14 @@ class CalibratedScheduleConfig(PassConfig):
     very sparse ones (it extrapolates what the trajectory does; the fit, what it did)."""
 
     forecast: Literal["auto", "fitted", "taylor"] = "auto"
-    history: int = Field(3, ge=1, le=4, description="computed steps a fitted forecast combines")
-    per_channel: bool = Field(True, description="fit one weight per channel of the image stream (else one per step)")
-    order: Union[int, Auto] = Field("auto", description="Taylor order 0..2, or 'auto' (taylor: 1 and 2; fitted and auto: 1)")
-    computed_steps: int | None = Field(None, ge=1, description="fix the number of computed steps (no search)")
-    compute_steps: tuple[int, ...] | None = Field(None, description="explicit computed steps (replay)")
-    warmup: Union[Annotated[int, Field(ge=1)], Auto] = Field("auto", description="leading steps always computed, >= 1 (step 0 has nothing to forecast from); 'auto' searches 1, 2 and 3 (2 without a search)")
-    alpha: Union[float, Auto] = Field("auto", description="0: even spacing; 1: spacing by residual change; 'auto' searches 0, 0.5 and 1")
-    margin_db: float = Field(1.0, ge=0, description="PSNR margin over the budget on calibration inputs")
+    history: Int = Field(3, ge=1, le=4, description="computed steps a fitted forecast combines")
+    per_channel: Bool = Field(True, description="fit one weight per channel of the image stream (else one per step)")
+    order: Union[Annotated[Int, Field(ge=0, le=2)], Auto] = Field("auto", description="Taylor order 0..2, or 'auto' (taylor: 1 and 2; fitted and auto: 1)")
+    computed_steps: Int | None = Field(None, ge=1, description="fix the number of computed steps (no search)")
+    compute_steps: tuple[Step, ...] | None = Field(None, description="explicit computed steps (replay): rising, starting with step 0")
+    warmup: Union[Annotated[Int, Field(ge=1)], Auto] = Field("auto", description="leading steps always computed, >= 1 (step 0 has nothing to forecast from); 'auto' searches 1, 2 and 3 (2 without a search)")
+    alpha: Union[Annotated[Float, Field(ge=0)], Auto] = Field("auto", description="0: even spacing; 1: spacing by residual change; 'auto' searches 0, 0.5 and 1")
+    margin_db: Float = Field(1.0, ge=0, description="PSNR margin over the budget on calibration inputs")
     on_mismatch: Literal["rederive", "error"] = "rederive"
     target: Literal["features", "residual"] = "residual"
     # Off by default: on dit-digits a plan with them spends all the headroom, misses the held-out
@@ -225,15 +239,15 @@ class CalibratedScheduleConfig(PassConfig):
         "off", description="'auto': when calibration saw CFG batched into one call, also search steps that compute only the "
         "conditional half of the rows and rebuild the other half (FasterCache's CFG reuse); opt-in: they gain on "
         "flux-digits and cost a retry on dit-digits")
-    cond_only_steps: tuple[int, ...] | None = Field(None, description="explicit conditional-only steps (replay); computed steps only")
+    cond_only_steps: tuple[Annotated[Int, Field(ge=1)], ...] | None = Field(None, description="explicit conditional-only steps (replay); computed steps only, never step 0")
     cfg_delta_order: Literal[0, 1] = Field(1, description="how a conditional-only step rebuilds the unconditional half's "
                                            "difference: 1 extrapolates it linearly from the last two full steps, 0 keeps the last one "
                                            "(FasterCache)")
-    span_starts: tuple[int, ...] | None = Field(None, description="first block of each span after the first: every span "
+    span_starts: tuple[Annotated[Int, Field(ge=1)], ...] | None = Field(None, description="first block of each span after the first: every span "
                                                 "gets its own computed steps (the front and rear of the stack settle at different times, as Δ-DiT found)")
-    span_compute_steps: tuple[tuple[int, ...], ...] | None = Field(None, description="explicit computed steps per span (replay), "
+    span_compute_steps: tuple[tuple[Step, ...], ...] | None = Field(None, description="explicit computed steps per span (replay), "
                                                                    "one tuple per span")
-    cond_only_cost: float = Field(
+    cond_only_cost: Float = Field(
         0.55, gt=0, le=1, description="time of a conditional-only step relative to a full one, to rank schedules "
         "(a half-batch call took 0.553x / 0.552x of a full one on dit-/flux-digits, 2 CPU threads; "
         "benchmarks/exploration/cfg_reuse_probe.py)")
@@ -246,6 +260,28 @@ class CalibratedScheduleConfig(PassConfig):
             raise ValueError("span_starts and span_compute_steps go together (per-span steps are given, not searched)")
         if self.span_starts is not None and (self.compute_steps is not None or self.computed_steps is not None or self.cond_only_steps):
             raise ValueError("span_compute_steps replaces compute_steps / computed_steps / cond_only_steps: give one of them")
+        if self.forecast == "fitted" and self.target != "residual":
+            raise ValueError("forecast='fitted' forecasts the residual; use target='residual' or forecast='taylor'")
+        explicit = "compute_steps" if self.compute_steps is not None else "span_compute_steps" if self.span_compute_steps is not None else None
+        if explicit and (self.order == "auto" or self.forecast == "auto"):
+            raise ValueError(f"{explicit} replays a schedule: it needs a concrete order (0..2) and forecast ('fitted' or 'taylor'), not 'auto'")
+        check_steps("compute_steps", self.compute_steps)
+        check_unique("cond_only_steps", self.cond_only_steps)
+        if self.cond_only_steps and self.target != "residual":
+            raise ValueError("cond_only_steps needs target='residual'")
+        if self.cond_only_steps and self.compute_steps is not None and not set(self.cond_only_steps) <= set(self.compute_steps):
+            extra = sorted(set(self.cond_only_steps) - set(self.compute_steps))
+            raise ValueError(f"cond_only_steps must be computed steps; {extra} are not in compute_steps")
+        if self.span_starts is not None:
+            if any(b <= a for a, b in zip(self.span_starts, self.span_starts[1:])):
+                raise ValueError(f"span_starts = {list(self.span_starts)} must rise strictly (each the first block of the next span)")
+            if self.target != "residual":
+                raise ValueError("span_compute_steps needs target='residual'")
+            if len(self.span_compute_steps or ()) != len(self.span_starts) + 1:
+                raise ValueError(f"span_compute_steps needs one tuple per span (a list of steps each): {len(self.span_starts) + 1} "
+                                 f"for span_starts = {list(self.span_starts)}, got {len(self.span_compute_steps or ())}")
+            for i, chosen in enumerate(self.span_compute_steps or ()):
+                check_steps(f"span_compute_steps[{i}]", chosen)
         return self
 
 
@@ -465,28 +501,28 @@ def _search_cond_only(psnr: Callable[[int, int], float], target: float, warmup: 
 # --------------------------------------------------------------------------------------------
 # Probe-gated cache (FirstBlockCache / DBCache) and confidence-gated forecasting
 # --------------------------------------------------------------------------------------------
-class ProbeCacheConfig(PassConfig):
+class ProbeCacheConfig(CachingConfig):
     """Compute the first `probe_blocks` blocks every step; skip the rest while the probe's
     relative L1 change since the last full step stays under `threshold` ('auto': calibrated
     against the budget)."""
 
-    probe_blocks: int = Field(1, ge=1)
-    threshold: Union[float, Auto] = "auto"
-    warmup: int = Field(2, ge=1)
-    max_cached: int = Field(4, ge=1)
-    order: int = Field(0, ge=0, le=2)
-    margin_db: float = Field(1.0, ge=0)
+    probe_blocks: Int = Field(1, ge=1)
+    threshold: Union[Annotated[Float, Field(ge=0)], Auto] = Field("auto", description="relative L1 change >= 0, or 'auto'")
+    warmup: Int = Field(2, ge=1)
+    max_cached: Int = Field(4, ge=1)
+    order: Int = Field(0, ge=0, le=2)
+    margin_db: Float = Field(1.0, ge=0)
 
 
-class ConfidenceForecastConfig(PassConfig):
+class ConfidenceForecastConfig(CachingConfig):
     """Compute block 0 every step and compare it with its own Taylor forecast; forecast the rest
     while the relative error stays under `threshold` ('auto': calibrated against the budget)."""
 
-    threshold: Union[float, Auto] = "auto"
-    order: int = Field(2, ge=1, le=2)
-    warmup: int = Field(3, ge=1)
-    max_cached: int = Field(6, ge=1)
-    margin_db: float = Field(1.0, ge=0)
+    threshold: Union[Annotated[Float, Field(ge=0)], Auto] = Field("auto", description="relative error >= 0, or 'auto'")
+    order: Int = Field(2, ge=1, le=2)
+    warmup: Int = Field(3, ge=1)
+    max_cached: Int = Field(6, ge=1)
+    margin_db: Float = Field(1.0, ge=0)
 
 
 def _gated(graph: DiTGraph, probe_blocks: int, policy: Any, order: int, key: str) -> tuple[DiTGraph, CachedSpan]:
