@@ -103,14 +103,32 @@ def resolve_model(spec: str) -> ResolvedModel:
             "or package.module:factory (a callable returning an nn.Module)"
         )
     module_name, _, attr = spec.partition(":")
+    if not module_name.strip() or not attr.strip():
+        raise UnsupportedModelError(
+            f"model {spec!r}: write package.module:factory, both parts non-empty (e.g. mypkg.models:make_dit)"
+        )
     try:
         factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
+    except (ImportError, AttributeError, ValueError, TypeError) as exc:
         raise UnsupportedModelError(f"cannot load {spec!r}: {exc}") from None
-    made = factory()
+    if not callable(factory):
+        raise UnsupportedModelError(f"{spec} is a {type(factory).__name__}, not a callable returning a torch.nn.Module")
+    try:
+        made = factory()
+    except Exception as exc:  # the user's factory: say which one failed and how, without a traceback in the CLI
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise UnsupportedModelError(
+            f"{spec}() raised {type(exc).__name__}: {first}. The factory is called with no arguments and must return "
+            "a torch.nn.Module (or a (model, example_inputs) pair)"
+        ) from exc
     example = None
     if isinstance(made, tuple) and len(made) == 2:
         made, example = made
+        if not isinstance(example, dict) and not (isinstance(example, tuple) and len(example) == 2 and isinstance(example[1], dict)):
+            raise UnsupportedModelError(
+                f"{spec} returned (model, {type(example).__name__}); the second item must be the example inputs: a dict of "
+                "keyword arguments of one forward call (or an (args, kwargs) pair)"
+            )
     if not isinstance(made, nn.Module):
         raise UnsupportedModelError(f"{spec} returned {type(made).__name__}, not a torch.nn.Module")
     return ResolvedModel(spec, made.eval() if made.training else made, example)

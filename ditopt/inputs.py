@@ -1,18 +1,25 @@
-"""Example inputs for diffusers transformers, synthesised from the model's config.
+"""Example inputs for diffusers transformers, synthesised from the model's config, and checks
+of call inputs that an exported graph cannot make itself.
 
 Only shapes and dtypes matter for capture; values are fixed random draws. Other models must be
 given example inputs (MissingInputsError says so).
+
+`check_call_inputs(model, kwargs)` checks what the graph would otherwise fail on deep inside, with
+an IndexError or a silent broadcast: class labels outside the model's label embedding table (or
+not integers), and a label batch that differs from the latent batch. It raises
+InputMismatchError naming the label and the valid range.
 """
 
 from __future__ import annotations
 
 import inspect
+import weakref
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import MissingInputsError
+from .errors import InputMismatchError, MissingInputsError
 
 
 def _cfg(model: nn.Module) -> dict[str, Any]:
@@ -103,3 +110,90 @@ def synthesize_inputs(
         else:
             kwargs["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
     return kwargs
+
+
+# -- call input checks --------------------------------------------------------------------------
+_LABEL_TABLES: "weakref.WeakKeyDictionary[nn.Module, tuple[int, int | None] | None]" = weakref.WeakKeyDictionary()
+
+
+def label_table(model: nn.Module) -> tuple[int, int | None] | None:
+    """(rows of the class-label embedding table, number of real classes or None) for a
+    class-conditional model, None for a model without one. Found as diffusers' LabelEmbedding
+    (DiT: `num_classes` real classes, plus the null class row when trained with label dropout) or
+    a module named like `class_embedder` / `y_embedder` / `label_emb` holding an nn.Embedding."""
+    try:
+        return _LABEL_TABLES[model]
+    except (KeyError, TypeError):
+        pass
+    found = None
+    for name, module in model.named_modules():
+        table = getattr(module, "embedding_table", None)
+        if type(module).__name__ == "LabelEmbedding" and isinstance(table, nn.Embedding):
+            classes = getattr(module, "num_classes", None)
+            found = (table.num_embeddings, int(classes) if isinstance(classes, int) else None)
+            break
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(module, nn.Embedding) and leaf in ("class_embedder", "y_embedder", "label_emb", "class_embedding", "label_embedding"):
+            found = (module.num_embeddings, None)
+            break
+    try:
+        _LABEL_TABLES[model] = found
+    except TypeError:
+        pass
+    return found
+
+
+def describe_label_range(rows: int, classes: int | None) -> str:
+    if classes is not None and rows == classes + 1:
+        return f"0..{rows - 1} (classes 0..{classes - 1}, and {classes}: the null class classifier-free guidance uses)"
+    return f"0..{rows - 1}"
+
+
+def check_class_labels(model: nn.Module, labels: Any, name: str = "class_labels") -> None:
+    """InputMismatchError when `labels` (a tensor or ints) are not integers inside the model's
+    class-label embedding table."""
+    table = label_table(model)
+    if table is None or labels is None:
+        return
+    rows, classes = table
+    if isinstance(labels, torch.Tensor):
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise InputMismatchError(
+                f"{name} has dtype {labels.dtype}; class labels are integers: pass torch.tensor([...], dtype=torch.long)"
+            )
+        if labels.numel() == 0 or labels.device.type == "meta":
+            return
+        low, high = int(labels.min()), int(labels.max())
+        bad = high if high >= rows else low
+    else:
+        values = [labels] if isinstance(labels, int) else list(labels)
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in values):
+            raise InputMismatchError(f"{name} = {labels!r}: class labels are whole numbers")
+        if not values:
+            return
+        low, high = min(values), max(values)
+        bad = high if high >= rows else low
+    if low < 0 or high >= rows:
+        raise InputMismatchError(
+            f"{name} contains {bad}, outside {type(model).__name__}'s label embedding table: valid labels are "
+            f"{describe_label_range(rows, classes)}"
+        )
+
+
+def _batch(value: Any) -> int | None:
+    return value.shape[0] if isinstance(value, torch.Tensor) and value.dim() > 0 else None
+
+
+def check_call_inputs(model: nn.Module, kwargs: dict[str, Any]) -> None:
+    """Check one call's keyword inputs against what `model` can take (see the module docstring).
+    Cheap: reads the label tensor's min and max (on an accelerator that is one synchronisation)."""
+    labels = kwargs.get("class_labels")
+    if labels is None:
+        return
+    check_class_labels(model, labels)
+    latent, rows = kwargs.get("hidden_states"), _batch(labels)
+    if rows is not None and _batch(latent) is not None and labels.dim() == 1 and rows not in (1, _batch(latent)):
+        raise InputMismatchError(
+            f"class_labels has {rows} labels for a batch of {_batch(latent)} latents (hidden_states {tuple(latent.shape)}); "
+            "give one label per row"
+        )

@@ -26,6 +26,8 @@ Everything loads offline from ``ditopt/zoo/weights/*.safetensors`` + ``*.json`` 
 from __future__ import annotations
 
 import json
+import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -33,6 +35,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
+from ..errors import InputMismatchError, UnsupportedModelError
 from . import models as _m
 from .data import load_split as _load_split
 
@@ -54,8 +57,9 @@ _MODELS: dict[str, dict[str, Any]] = {
 }
 
 
-class UnknownModelError(ValueError):
-    """Raised by :func:`load` for a name that is not in the zoo; the message lists the names."""
+class UnknownModelError(UnsupportedModelError, ValueError):
+    """Raised by :func:`load` for a name that is not in the zoo; the message lists the names.
+    A ditopt error (the CLI exits 2 with the message), and a ValueError as before."""
 
 
 def available() -> list[str]:
@@ -78,12 +82,39 @@ def _sub(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tenso
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def _as_long_list(x: Sequence[int] | torch.Tensor | int, n: int | None = None) -> list[int]:
+def _is_whole(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _as_long_list(x: Sequence[int] | torch.Tensor | int, n: int | None = None, what: str = "values") -> list[int]:
+    """Whole numbers as a list (a single int repeated n times); InputMismatchError for anything
+    else (floats are not truncated, booleans and strings are not labels or seeds)."""
     if isinstance(x, torch.Tensor):
-        x = x.reshape(-1).tolist()
-    elif isinstance(x, int):
-        x = [x] * (n if n is not None else 1)
-    return [int(v) for v in x]
+        if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+            raise InputMismatchError(f"{what} is a {x.dtype} tensor; give whole numbers (e.g. torch.tensor([1, 2]) or [1, 2])")
+        return [int(v) for v in x.reshape(-1).tolist()]
+    if _is_whole(x):
+        return [int(x)] * (n if n is not None else 1)
+    if isinstance(x, (str, bytes)) or not isinstance(x, Sequence) and not hasattr(x, "__iter__"):
+        raise InputMismatchError(f"{what} = {x!r}: give a whole number or a list of them, e.g. [0, 1, 2]")
+    values = list(x)
+    wrong = [v for v in values if not _is_whole(v)]
+    if wrong:
+        raise InputMismatchError(f"{what} = {values!r}: {wrong[0]!r} is not a whole number; give whole numbers, e.g. [0, 1, 2]")
+    return [int(v) for v in values]
+
+
+def _whole_at_least(value: Any, name: str, low: int) -> int:
+    if not _is_whole(value) or value < low:
+        raise InputMismatchError(f"{name} = {value!r}: give a whole number >= {low}")
+    return int(value)
+
+
+def _finite(value: Any, name: str, low: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)) or (low is not None and value < low):
+        bound = f" >= {low}" if low is not None else ""
+        raise InputMismatchError(f"{name} = {value!r}: give a finite number{bound}")
+    return float(value)
 
 
 # Seeds the CLI and the demo calibrate and validate on (benchmarks draw theirs from other ranges).
@@ -202,6 +233,7 @@ class ZooBundle:
 
         ``timestep`` defaults to the middle step of the default schedule.
         """
+        batch_size = _whole_at_least(batch_size, "batch_size", 1)
         g = torch.Generator().manual_seed(seed)
         classes = [i % self.num_classes for i in range(batch_size)]
         latents = torch.randn((batch_size, 1, self.image_size, self.image_size), generator=g)
@@ -234,18 +266,27 @@ class ZooBundle:
             eta: DDIM eta (dit only; default ``default_eta``). With eta > 0 the step noise of each
                 sample is drawn from that sample's generator, so results stay batching-independent.
         """
-        seeds_l = _as_long_list(seeds)
-        classes_l = _as_long_list(classes, len(seeds_l))
+        seeds_l = _as_long_list(seeds, what="seeds")
+        classes_l = _as_long_list(classes, len(seeds_l), what="classes")
         if len(classes_l) != len(seeds_l):
-            raise ValueError(f"got {len(classes_l)} classes and {len(seeds_l)} seeds")
-        if any(c < 0 or c >= self.num_classes for c in classes_l):
-            raise ValueError(f"classes must be in 0..{self.num_classes - 1}")
-        steps = int(steps or self.default_steps)
-        gs = float(self.default_guidance_scale if guidance_scale is None else guidance_scale)
-        eta = float(self.default_eta if eta is None else eta)
+            raise InputMismatchError(f"got {len(classes_l)} classes and {len(seeds_l)} seeds: give one class per seed "
+                                     "(or a single int class for all of them)")
+        wrong = [c for c in classes_l if c < 0 or c >= self.num_classes]
+        if wrong:
+            raise InputMismatchError(
+                f"class {wrong[0]} is out of range for {self.name}: classes are 0..{self.num_classes - 1}"
+                + (f" ({self.num_classes} is the null class; sample() adds it itself for classifier-free guidance)"
+                   if wrong[0] == self.num_classes else "")
+            )
+        steps = self.default_steps if steps is None else _whole_at_least(steps, "steps", 1)
+        gs = _finite(self.default_guidance_scale if guidance_scale is None else guidance_scale, "guidance_scale")
+        eta = _finite(self.default_eta if eta is None else eta, "eta", 0.0)
         net = self.model if model is None else model
+        if not callable(net):
+            raise InputMismatchError(f"model= must be a module (or callable) taking the transformer's keyword inputs, "
+                                     f"not {type(net).__name__}")
         n = len(seeds_l)
-        bs = n if not batch_size else int(batch_size)
+        bs = n if batch_size is None else _whole_at_least(batch_size, "batch_size", 1)
         out = []
         with torch.inference_mode():
             for start in range(0, n, bs):
