@@ -206,14 +206,17 @@ def _verification_run(resolved: Any) -> Any:
 @bench_app.command("attention")
 def bench_attention_cmd(
     grid: tuple[int, int] = typer.Option((64, 64), "--grid", help="token grid H W"),
-    heads: int = typer.Option(4, "--heads"),
-    head_dim: int = typer.Option(64, "--head-dim"),
-    tile: int = typer.Option(8, "--tile"),
-    radius: int = typer.Option(1, "--radius", help="neighbourhood radius in tiles"),
+    heads: int = typer.Option(4, "--heads", min=1),
+    head_dim: int = typer.Option(64, "--head-dim", min=1),
+    tile: int = typer.Option(8, "--tile", min=1),
+    radius: int = typer.Option(1, "--radius", min=0, help="neighbourhood radius in tiles"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write the result here"),
 ) -> None:
     """Time the CPU neighbourhood attention against dense SDPA on the same inputs."""
     from ditopt.kernels.bench import bench_attention
+
+    if min(grid) < 1:
+        raise typer.BadParameter(f"the grid is H W tokens, both >= 1; got {grid[0]} {grid[1]}", param_hint="--grid")
 
     result = bench_attention(grid=tuple(grid), heads=heads, head_dim=head_dim, tile=tile, radius=radius)
     if json_path is not None:

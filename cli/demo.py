@@ -80,8 +80,8 @@ def demo(
     model: str = typer.Option("dit-digits", "--model", "-m", help="zoo model: dit-digits, flux-digits or dit-digits-p1"),
     profile: str = typer.Option("balanced", "--profile", "-p", help="preset name or TOML file"),
     out: Path = typer.Option(Path("out/demo"), "--out", help="folder for report.json and the image grid"),
-    repeats: int = typer.Option(3, "--repeats", help="timed generations per model (median)"),
-    threads: int = typer.Option(2, "--threads"),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="timed generations per model (median)"),
+    threads: int = typer.Option(2, "--threads", min=1),
 ) -> None:
     """Optimize a trained zoo model with a budget preset and show what it bought."""
     import ditopt
@@ -93,9 +93,10 @@ def demo(
     console = Console()
     try:
         bundle = zoo.load(model)
-    except ValueError as exc:
+        ditopt.load_profile(profile)  # a bad profile is reported before minutes of calibration, not after
+    except DitoptError as exc:
         console.print(f"[bold red]error:[/] {exc}")
-        raise typer.Exit(2)
+        raise typer.Exit(exc.exit_code)
     out.mkdir(parents=True, exist_ok=True)
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
