@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import platform
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from collections.abc import Mapping
 from typing import Any, Callable, Literal
 
@@ -15,12 +15,12 @@ from torch import nn
 
 from . import __version__
 from .capture import capture, normalize_call
-from .errors import (CalibrationError, DitoptError, InputMismatchError, QualityGateError, QualityGateWarning,
-                     UnsupportedModelError)
+from .errors import (CalibrationError, DitoptError, InputMismatchError, InvalidProfileError, NonFiniteError,
+                     QualityGateError, QualityGateWarning, UnsupportedModelError)
 from .graph import DiTGraph
-from .inputs import synthesize_inputs
+from .inputs import check_call_inputs, synthesize_inputs
 from .profiles import Profile, load_profile
-from .registry import PassContext, get_pass
+from .registry import PassContext, PassLevel, PassOutcome, SearchContext, get_pass
 from .runtime import OptimizedDiT
 from .verify import Verification, psnr, unverified_end_to_end, verify_end_to_end, verify_per_call
 
@@ -28,14 +28,20 @@ from .verify import Verification, psnr, unverified_end_to_end, verify_end_to_end
 @dataclass
 class PassRecord:
     name: str
-    config: dict[str, Any]
+    config: dict[str, Any]  # as the profile gave it
     modified: bool
     applied: bool  # False when rolled back
     report: dict[str, Any]
     verification: dict[str, Any] | None
+    outcome: PassOutcome | None = None
+    # What the pass settled on (a search's choice as a concrete pass and config): replaying
+    # this reproduces the optimized model without the search. None: the config as given.
+    resolved: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        data = dict(self.__dict__)
+        data["outcome"] = asdict(self.outcome) if self.outcome is not None else None
+        return data
 
 
 @dataclass
@@ -69,6 +75,25 @@ class OptimizationReport:
 
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), default=str, **kwargs)
+
+    def resolved_profile(self) -> Profile:
+        """The profile that replays what this run chose (`profile_from_report`)."""
+        return profile_from_report(self.to_dict())
+
+
+def profile_from_report(report: dict[str, Any]) -> Profile:
+    """A report (`OptimizationReport.to_dict()`, e.g. the CLI's --report JSON) as the Profile that
+    replays its choices: each applied pass with the configuration it resolved to (a budget
+    search's chosen schedule instead of the search), rolled-back passes left out, the same
+    budget and verify settings. Optimizing with it makes the same plan without searching."""
+    try:
+        data = dict(report["profile"])
+        passes = [p.get("resolved") or {"name": p["name"], **p["config"]} for p in report["passes"] if p.get("applied", True)]
+    except (KeyError, TypeError) as exc:
+        raise InvalidProfileError(f"not an optimization report (no {exc} in it): pass the JSON optimize --report writes") from None
+    data["passes"] = passes
+    data["name"] = f"{data.get('name', 'profile')}-resolved"
+    return load_profile(data)
 
 
 def describe_retry(attempt: dict[str, Any]) -> str:
@@ -106,8 +131,8 @@ def describe_gate_failure(report: dict[str, Any]) -> str | None:
                     f"{budget.get('confidence', 0.5):.0%} lower bound of the mean PSNR is {format_db(v.get('psnr_lower_db'))} "
                     f"(mean {format_db(v.get('psnr_db'))}), under the {budget.get('min_psnr_db')} dB budget, after "
                     f"{attempts} attempt{'s' if attempts > 1 else ''}.")
-            predicted = [p["report"]["predicted_psnr_db"] for p in report.get("passes", [])
-                         if p.get("applied") and isinstance(p.get("report", {}).get("predicted_psnr_db"), (int, float))]
+            predicted = [p["outcome"]["predicted_psnr_db"] for p in report.get("passes", [])
+                         if p.get("applied") and isinstance((p.get("outcome") or {}).get("predicted_psnr_db"), (int, float))]
             mean = v.get("psnr_db")
             if predicted and isinstance(mean, (int, float)) and max(predicted) > mean:
                 # The usual cause: the search judged plans on samples that flatter them.
@@ -158,7 +183,7 @@ def apply_passes(
             resolved[i] = result.replay
         verification: Verification | None = None
         applied = True
-        if verify_with is not None and result.modified and spec.level == "node" and profile.verify.enabled:
+        if verify_with is not None and result.modified and spec.level is PassLevel.NODE and profile.verify.enabled:
             model, kwargs = verify_with
             verification = verify_per_call(
                 model, result.graph, kwargs, max_rel_err=profile.budget.max_rel_err,
@@ -170,14 +195,17 @@ def apply_passes(
         else:
             rolled_back.add(i)
         if records is not None:
+            chosen_name, chosen = result.replay if result.replay is not None else (name, config)
             records.append(
                 PassRecord(
                     name=name,
-                    config=config.model_dump(mode="json"),
+                    config=entry.config.model_dump(mode="json"),
                     modified=result.modified,
                     applied=applied,
                     report=result.report,
                     verification=verification.to_dict() if verification else None,
+                    outcome=result.outcome,
+                    resolved={"name": chosen_name, **chosen.model_dump(mode="json")},
                 )
             )
     return graph, rolled_back
@@ -230,10 +258,19 @@ def optimize(
     for name, fn in (("calibration", calibration), ("validation", validation)):
         if fn is not None and not callable(fn):
             raise CalibrationError(f"{name}= must be a function fn(model) -> samples, not a {type(fn).__name__}")
-    _check_inference_mode(model)
+    if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1):
+        raise DitoptError(f"num_steps={num_steps!r}: give the sampler's number of steps, a whole number >= 1")
+    if stats is not None and not callable(getattr(stats, "check_graph", None)):
+        raise CalibrationError(f"stats= takes the CalibStats of an earlier calibration (CalibStats.load(path)), "
+                               f"not a {type(stats).__name__}")
     prof = load_profile(profile)
     kwargs = dict(example_inputs) if example_inputs is not None else synthesize_inputs(model)
     kwargs = normalize_call(model, (), kwargs)
+    check_call_inputs(model, kwargs)
+    for name, value in kwargs.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+            raise NonFiniteError(f"example_inputs[{name!r}] holds NaN or Inf; give finite inputs of the shapes the model is called with")
+    _check_inference_mode(model, kwargs)
     graph = capture(model, kwargs)
 
     needs = sorted({n for e in prof.passes for n in get_pass(e.name).needs})
@@ -257,11 +294,12 @@ def optimize(
         with torch.no_grad():
             reference = calibration(model)
 
-    plan_level = any(get_pass(e.name).level == "plan" for e in prof.passes)
+    plan_level = any(get_pass(e.name).level is PassLevel.PLAN for e in prof.passes)
     holdout = _plan_held_out(prof, plan_level, calibration, validation, reference, stats)
-    ctx = PassContext(model=model, stats=holdout.search_stats, budget=prof.budget, num_steps=num_steps)
+    search = SearchContext()
     if calibration is not None and isinstance(reference, torch.Tensor):
-        ctx.extras["evaluate"] = _evaluator(model, calibration, reference, num_steps, rows=holdout.search_rows)
+        search.evaluate = _evaluator(model, calibration, reference, num_steps, rows=holdout.search_rows)
+    ctx = PassContext(model=model, stats=holdout.search_stats, budget=prof.budget, num_steps=num_steps, search=search)
 
     check_end_to_end = holdout.sample_fn is not None
     validation_reference = None
@@ -305,9 +343,9 @@ def optimize(
         # retry cannot spend a held-out run on that plan again.
         shortfall = prof.budget.min_psnr_db - (end_to_end.psnr_lower_db or 0.0)
         headroom = _search_headroom(records)
-        tighten = ctx.extras.get("psnr_tighten_db", 0.0)
-        ctx.extras["psnr_tighten_db"] = max(tighten + shortfall + prof.budget.retry_margin_db, tighten + headroom + 1e-3)
-        attempts[-1]["details"].append({"next": "tighten", "headroom_db": headroom, "psnr_tighten_db": ctx.extras["psnr_tighten_db"]})
+        tighten = search.tighten_db
+        search.tighten_db = max(tighten + shortfall + prof.budget.retry_margin_db, tighten + headroom + 1e-3)
+        attempts[-1]["details"].append({"next": "tighten", "headroom_db": headroom, "psnr_tighten_db": search.tighten_db})
 
     report = OptimizationReport(
         profile=prof.dump(),
@@ -341,19 +379,16 @@ def optimize(
 
 def _search_headroom(records: list[PassRecord]) -> float:
     """How far above its PSNR target a budget search's chosen plan measured on the calibration
-    inputs (the largest over the applied passes that report both), 0 when none did."""
-    gaps = [r.report["predicted_psnr_db"] - r.report["target_psnr_db"] for r in records
-            if r.applied and isinstance(r.report.get("predicted_psnr_db"), (int, float))
-            and isinstance(r.report.get("target_psnr_db"), (int, float))]
-    return max([0.0, *gaps])
+    inputs (the largest over the applied passes' outcomes), 0 when none searched."""
+    return max([0.0, *(r.outcome.headroom_db for r in records if r.applied and r.outcome is not None)])
 
 
 def _relax_on_miss(prof: Profile, records: list[PassRecord]) -> tuple[Profile, dict[str, Any]] | None:
     """The profile with the first config change a pass proposed for a held-out miss
-    (`report["on_miss"]`, e.g. calibrated_schedule dropping conditional-only steps), or None.
+    (`PassOutcome.on_miss`, e.g. calibrated_schedule dropping conditional-only steps), or None.
     `records` parallels `prof.passes` (the main apply skips none)."""
     for i, (entry, record) in enumerate(zip(prof.passes, records)):
-        change = record.report.get("on_miss") if record.applied else None
+        change = record.outcome.on_miss if record.applied and record.outcome is not None else None
         if not change or all(getattr(entry.config, k, None) == v for k, v in change.items()):
             continue
         config = type(entry.config).model_validate({**entry.config.model_dump(), **change})
@@ -477,15 +512,33 @@ def _plan_held_out(prof: Profile, plan_level: bool, calibration: Callable | None
     return out
 
 
-def _check_inference_mode(model: nn.Module) -> None:
-    """A model in training mode with dropout or batch norm active gives other outputs every call:
-    no optimized graph could match it. Say so instead of reporting a per-call mismatch."""
-    active = [name or type(model).__name__ for name, m in model.named_modules()
-              if m.training and ((isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0)
-                                 or isinstance(m, nn.modules.batchnorm._BatchNorm))]
-    if active:
-        shown = ", ".join(active[:3]) + (f" and {len(active) - 3} more" if len(active) > 3 else "")
-        raise UnsupportedModelError(
-            f"the model is in training mode and {shown} behave randomly or per batch there, so its outputs cannot be "
-            "matched; call model.eval() before optimize (ditopt does not change the model for you)"
-        )
+def _check_inference_mode(model: nn.Module, kwargs: dict[str, Any]) -> None:
+    """A model in training mode may give other outputs every call (dropout, label dropout in
+    diffusers' LabelEmbedding, batch norm): no optimized graph could match it. Where its output
+    differs from its eval-mode output on the example call, say so instead of reporting a per-call
+    mismatch; where it does not, training mode is harmless and capture uses an eval-mode copy."""
+    if not any(m.training for m in model.modules()):
+        return
+    # Modules known to draw random numbers or use batch statistics in training mode.
+    suspects = [name or type(model).__name__ for name, m in model.named_modules()
+                if m.training and ((isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0)
+                                   or isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                   or (getattr(m, "dropout_prob", 0) or 0) > 0)]
+    diff = None
+    if not suspects:  # anything else that differs from eval mode on the example call
+        import copy
+
+        from .verify import relative_error, tensor_leaves
+
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # the user's random stream is left as it was
+            trained = model(**kwargs)
+            evaluated = copy.deepcopy(model).eval()(**kwargs)
+        diff = max((relative_error(a, b) for a, b in zip(tensor_leaves(trained), tensor_leaves(evaluated))), default=0.0)
+        if diff == 0.0:
+            return
+    shown = ", ".join(suspects[:3]) + (f" and {len(suspects) - 3} more" if len(suspects) > 3 else "")
+    raise UnsupportedModelError(
+        "the model is in training mode, where "
+        + (f"{shown} drop or normalise per call" if suspects else f"its output differs from eval mode by {diff:.3g} (relative L2)")
+        + ", so no optimized graph can match it; call model.eval() before optimize (ditopt does not change the model for you)"
+    )

@@ -47,6 +47,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from .capture import alias, call_key, carry_source, module_tensors, normalize_call, source_of
+from .inputs import check_call_inputs
 from .errors import DitoptError
 from .graph import DiTGraph
 from .plan import StepContext
@@ -571,6 +572,7 @@ class OptimizedDiT(nn.Module):
     # -- execution ------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         call = normalize_call(self._original, args, kwargs)
+        check_call_inputs(self._original, call)  # a label beyond the embedding table: a named error, not an IndexError
         graph = self.program_for(call)
         leaves, _ = pytree.tree_flatten(((), call))
         env = graph.bind(leaves)

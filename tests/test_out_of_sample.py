@@ -136,8 +136,34 @@ def test_a_model_in_training_mode_with_dropout_is_refused_not_mismatched():
     model = AffineDiT(depth=2).eval()
     model.drop = torch.nn.Dropout(0.5)
     model.drop.train()
+    original_forward = type(model).forward
+    model.forward = lambda **kw: model.drop(original_forward(model, **kw))
     with pytest.raises(UnsupportedModelError, match=r"model.eval\(\)"):
         ditopt.optimize(model, "identity", example_inputs=toy_inputs())
     assert model.drop.training  # the user's model is left as it was
     model.drop.p = 0.0  # a dropout that does nothing is harmless in training mode
     ditopt.optimize(model, "identity", example_inputs=toy_inputs())
+
+
+def test_a_diffusers_dit_in_training_mode_is_refused_for_its_label_dropout():
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
+                                  sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_num_groups=1).train()
+    with pytest.raises(UnsupportedModelError, match="training mode.*class_embedder"):
+        ditopt.optimize(model, "identity")
+    assert model.training
+
+
+def test_more_bad_arguments():
+    model = AffineDiT(depth=2).eval()
+    with pytest.raises(DitoptError, match="num_steps"):
+        ditopt.optimize(model, "identity", example_inputs=toy_inputs(), num_steps=0)
+    with pytest.raises(CalibrationError, match="stats="):
+        ditopt.optimize(model, "identity", example_inputs=toy_inputs(), stats="x")
+    bad = toy_inputs()
+    bad["x"] = bad["x"].clone()
+    bad["x"][0, 0, 0] = float("nan")
+    with pytest.raises(ditopt.errors.NonFiniteError, match="example_inputs"):
+        ditopt.optimize(model, "identity", example_inputs=bad)
