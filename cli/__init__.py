@@ -119,9 +119,13 @@ def optimize(
 def substituted_tile(report: dict[str, Any]) -> Optional[int]:
     """The tile an applied attention pass of this report chose (its 'auto' pick may differ from
     the default tile for the grid), or None."""
+    from ditopt.registry import available_passes
+
+    # The registry says which passes read the attention calibration; the CLI names none.
+    readers = {name for name, spec in available_passes().items() if "attention" in spec.needs}
     for entry in report.get("passes", []):
         tile = (entry.get("report") or {}).get("tile")
-        if entry.get("name") in ("neighborhood_attention", "block_sparse_attention") and entry.get("applied") and isinstance(tile, int):
+        if entry.get("name") in readers and entry.get("applied") and isinstance(tile, int):
             return tile
     return None
 

@@ -23,9 +23,9 @@ from .errors import (
     UnsupportedModelError,
 )
 from .graph import DiTGraph
-from .optimize import OptimizationReport, optimize
+from .optimize import OptimizationReport, optimize, profile_from_report
 from .profiles import Profile, load_profile
-from .registry import PassConfig, PassContext, PassResult, register_pass
+from .registry import PassConfig, PassContext, PassLevel, PassOutcome, PassResult, SearchContext, register_pass
 from .runtime import OptimizedDiT
 
 __all__ = [
@@ -42,15 +42,19 @@ __all__ = [
     "OptimizedDiT",
     "PassConfig",
     "PassContext",
+    "PassLevel",
+    "PassOutcome",
     "PassResult",
     "PipelineSampler",
     "Profile",
     "QualityGateError",
     "QualityGateWarning",
+    "SearchContext",
     "UnknownPassError",
     "UnsupportedModelError",
     "capture",
     "load_profile",
     "optimize",
+    "profile_from_report",
     "register_pass",
 ]

@@ -1,7 +1,8 @@
 """Pass registry. Pass families live outside the core and register themselves here.
 
 A pass is a pure function `apply(graph, config, ctx) -> PassResult` registered for a frozen
-pydantic config class. Plugins (the `ditopt.passes` and `ditopt.kernels` packages, or third
+pydantic config class, with a declared contract (`PassSpec`: what it needs, gives and conflicts
+with; passes/README.md says how to add a family). Plugins (the `ditopt.passes` and `ditopt.kernels` packages, or third
 parties) are found through the `ditopt.plugins` entry-point group, so the core never imports
 them by name.
 """
@@ -10,12 +11,13 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
+from enum import Enum
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, Callable
 
 from pydantic import BaseModel, ConfigDict
 
-from .errors import UnknownPassError
+from .errors import InvalidProfileError, UnknownPassError
 
 if TYPE_CHECKING:
     from .graph import DiTGraph
@@ -27,6 +29,38 @@ class PassConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class PassLevel(str, Enum):
+    """What a pass rewrites. A str enum, so profiles and reports read "node" / "plan"."""
+
+    NODE = "node"  # the segments' graphs (checked per call against the original)
+    PLAN = "plan"  # the step schedule (checked end to end on held-out samples)
+
+
+@dataclass
+class SearchContext:
+    """What the budget search offers a lossy pass; owned by `optimize`, read by passes.
+
+    evaluate(graph) -> PSNR (dB) of final samples with the candidate graph against the original
+    model's, on the samples the search may see (never the held-out ones); None where the user gave
+    no calibration function returning samples. `tighten_db`: how far above the budget the search
+    must aim after held-out misses (optimize raises it between attempts). `memo(name)`: a dict the
+    search keeps across attempts for one pass's sampled plans (sampling is deterministic), so a
+    retry does not sample the same plan twice."""
+
+    evaluate: Callable[["DiTGraph"], float] | None = None
+    tighten_db: float = 0.0
+    _memos: dict[str, dict] = field(default_factory=dict)
+
+    def memo(self, name: str) -> dict:
+        return self._memos.setdefault(name, {})
+
+    def target_psnr_db(self, budget: Any, margin_db: float = 0.0) -> float | None:
+        """The PSNR a search aims for: the budget, plus the pass's margin, plus the tightening
+        from held-out misses; None without a PSNR budget."""
+        floor = getattr(budget, "min_psnr_db", None)
+        return None if floor is None else floor + margin_db + self.tighten_db
+
+
 @dataclass
 class PassContext:
     """What a pass may read besides the graph. Passes never write to it."""
@@ -35,7 +69,28 @@ class PassContext:
     stats: Any = None  # CalibStats when the profile's passes need calibration
     budget: Any = None  # the profile's quality budget
     num_steps: int | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
+    search: SearchContext = field(default_factory=SearchContext)
+
+
+@dataclass
+class PassOutcome:
+    """What a searched (lossy) pass chose, in types `optimize` reads instead of report keys.
+
+    predicted_psnr_db / target_psnr_db: the chosen setting's PSNR on the search's samples (a
+    prediction, confirmed or refuted by the held-out check) and what it aimed for. saving: the
+    fraction of multiply-adds (or block evaluations) it removes, where it knows. on_miss: the
+    config change to try first when the held-out check misses (e.g. {"cfg_reuse": "off"})."""
+
+    predicted_psnr_db: float | None = None
+    target_psnr_db: float | None = None
+    saving: float | None = None
+    on_miss: dict[str, Any] | None = None
+
+    @property
+    def headroom_db(self) -> float:
+        if self.predicted_psnr_db is None or self.target_psnr_db is None:
+            return 0.0
+        return max(0.0, self.predicted_psnr_db - self.target_psnr_db)
 
 
 @dataclass
@@ -44,19 +99,38 @@ class PassResult:
     modified: bool
     report: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable: what changed, predicted saving
     # A pass that searched (e.g. over a budget) names the concrete pass and config it chose, so
-    # that replaying the profile on a new input shape repeats the choice instead of the search.
+    # that replaying the profile on a new input shape repeats the choice instead of the search,
+    # and the report records the resolved configuration.
     replay: tuple[str, PassConfig] | None = None
+    outcome: PassOutcome | None = None
 
 
 @dataclass(frozen=True)
 class PassSpec:
+    """A registered pass and its contract.
+
+    needs: calibration collectors it reads. after: passes that must come earlier in a profile
+    when both are present. requires: capabilities an earlier pass of the profile must ensure.
+    ensures: capabilities it gives the graph (e.g. "step_schedule": it owns the step schedule).
+    conflicts: capabilities that must not come from any other pass of the same profile (every
+    caching pass ensures and conflicts with "step_schedule": one caching pass per profile).
+    lossy: it trades quality for speed and is searched or gated against the budget."""
+
     name: str
     config: type[PassConfig]
     apply: Callable[["DiTGraph", PassConfig, PassContext], PassResult]
-    needs: tuple[str, ...] = ()  # calibration collectors this pass reads
-    after: tuple[str, ...] = ()  # passes that must come earlier in a profile when both are present
-    level: str = "node"  # "node" rewrites segment graphs; "plan" rewrites the step schedule
+    needs: tuple[str, ...] = ()
+    after: tuple[str, ...] = ()
+    level: PassLevel = PassLevel.NODE
     description: str = ""
+    requires: tuple[str, ...] = ()
+    ensures: tuple[str, ...] = ()
+    conflicts: tuple[str, ...] = ()
+    lossy: bool = False
+    family: str = ""  # the module that registered it (its folder under passes/)
+    # A config (as profile keys) that fires on a small diffusers DiT calibrated with `needs`,
+    # without a budget search: what the contract test (tests/test_pass_contract.py) runs.
+    example: dict[str, Any] = field(default_factory=dict)
 
 
 _PASSES: dict[str, PassSpec] = {}
@@ -69,18 +143,51 @@ def register_pass(
     *,
     needs: tuple[str, ...] = (),
     after: tuple[str, ...] = (),
-    level: str = "node",
+    level: PassLevel | str = PassLevel.NODE,
     description: str = "",
+    requires: tuple[str, ...] = (),
+    ensures: tuple[str, ...] = (),
+    conflicts: tuple[str, ...] = (),
+    lossy: bool = False,
+    example: dict[str, Any] | None = None,
 ) -> Callable:
     """Decorator: register `fn(graph, config, ctx) -> PassResult` as pass `name`."""
+    level = PassLevel(level)
 
     def decorator(fn: Callable) -> Callable:
         if name in _PASSES and _PASSES[name].apply is not fn:
             raise ValueError(f"pass {name!r} is already registered by {_PASSES[name].apply.__module__}")
-        _PASSES[name] = PassSpec(name, config, fn, tuple(needs), tuple(after), level, description or (fn.__doc__ or "").strip().split("\n")[0])
+        _PASSES[name] = PassSpec(
+            name, config, fn, tuple(needs), tuple(after), level,
+            description or (fn.__doc__ or "").strip().split("\n")[0],
+            tuple(requires), tuple(ensures), tuple(conflicts), lossy, fn.__module__, dict(example or {}),
+        )
         return fn
 
     return decorator
+
+
+def check_pass_contracts(names: list[str]) -> None:
+    """Raise InvalidProfileError when a profile's passes break a declared contract: a
+    capability one pass conflicts with is ensured by another, or a required capability is not
+    ensured by an earlier pass. `names` in profile order."""
+    specs = [get_pass(n) for n in names]
+    for i, spec in enumerate(specs):
+        for j, other in enumerate(specs):
+            clash = sorted(set(spec.conflicts) & set(other.ensures)) if i != j else []
+            if clash:
+                raise InvalidProfileError(
+                    f"passes {spec.name!r} and {other.name!r} both claim {', '.join(clash)} and cannot share a profile; "
+                    "keep one of them"
+                )
+        earlier = {c for other in specs[:i] for c in other.ensures}
+        missing = [c for c in spec.requires if c not in earlier]
+        if missing:
+            providers = sorted(n for n, s in available_passes().items() if set(missing) & set(s.ensures))
+            raise InvalidProfileError(
+                f"pass {spec.name!r} needs {', '.join(missing)} from an earlier pass of the profile; add one of "
+                f"{providers or '(none installed)'} before it"
+            )
 
 
 def load_plugins() -> None:

@@ -319,7 +319,7 @@ def memo_keys(graph: DiTGraph, config: ConditioningMemoConfig) -> set[str]:
     return keys
 
 
-@register_pass("conditioning_memo", ConditioningMemoConfig, level="node")
+@register_pass("conditioning_memo", ConditioningMemoConfig, level="node", example={})
 def conditioning_memo(graph: DiTGraph, config: ConditioningMemoConfig, ctx: PassContext) -> PassResult:
     """Compute each segment's conditioning-only ops once per distinct conditioning (exact)."""
     keys = memo_keys(graph, config)

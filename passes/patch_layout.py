@@ -64,7 +64,7 @@ def channels_last_patch_embedding(gm: fx.GraphModule) -> tuple[fx.GraphModule, i
     return new, changed
 
 
-@register_pass("patch_layout", PatchLayoutConfig, level="node")
+@register_pass("patch_layout", PatchLayoutConfig, level="node", example={})
 def patch_layout(graph: DiTGraph, config: PatchLayoutConfig, ctx: PassContext) -> PassResult:
     """Make the patch embedding write contiguous tokens (exact)."""
     prologue = graph.prologue

@@ -42,7 +42,7 @@ def test_cond_only_steps_rebuild_the_first_half_by_hand(order):
     assert isinstance(stage, CachedSpan) and stage.policy.cond_only == (False, False, True, True)
     assert stage.policy.cfg_delta_order == order
     assert opt.report.passes[0].report["cond_only_steps"] == [2, 3]
-    assert "on_miss" not in opt.report.passes[0].report  # given steps, not searched: nothing to drop
+    assert opt.report.passes[0].outcome.on_miss is None  # given steps, not searched: nothing to drop
     C = model.total_c()
     with torch.no_grad():
         for step, t in enumerate(TIMES):

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from ..errors import InvalidProfileError, ProfileWarning, UnknownPassError
-from ..registry import PassConfig, get_pass
+from ..registry import PassConfig, check_pass_contracts, get_pass
 from .fields import Bool, Float, Int
 
 PROFILE_VERSION = 1
@@ -106,14 +106,9 @@ class Profile(BaseModel):
             for j in range(i):
                 if self.passes[j] == entry:
                     raise ValueError(f"passes {j} and {i} are the same pass {entry.name!r} with the same settings; remove one")
-        exclusive: dict[str, str] = {}
-        for entry in self.passes:
-            group = getattr(type(entry.config), "profile_exclusive", None)
-            if group is None:
-                continue
-            if group in exclusive:
-                raise ValueError(f"passes {exclusive[group]!r} and {entry.name!r} are both a {group}; a profile takes one of them")
-            exclusive[group] = entry.name
+        # Declared contracts (PassSpec.requires / ensures / conflicts): e.g. every caching pass
+        # claims the step schedule, so a profile holds one of them.
+        check_pass_contracts(names)
         return self
 
     def dump(self) -> dict[str, Any]:

@@ -359,13 +359,15 @@ def _block_density(site: AttentionSite, block_size: int, rho: float) -> float:
     return (t * n + m * t + m * kept_keys) / float(n * n)
 
 
-@register_pass("neighborhood_attention", NeighborhoodAttentionConfig, needs=("attention",))
+@register_pass("neighborhood_attention", NeighborhoodAttentionConfig, needs=("attention",), lossy=True,
+               example={"tile": 2, "min_mass": 0.0, "max_cost": None, "radius": 1})
 def neighborhood_attention(graph: DiTGraph, config: NeighborhoodAttentionConfig, ctx: PassContext) -> PassResult:
     """Replace self/joint attention by tiled 2-D neighbourhood attention where calibration shows it is local."""
     return _substitute(graph, config, ctx, "neighborhood")
 
 
-@register_pass("block_sparse_attention", BlockSparseAttentionConfig, needs=("attention",))
+@register_pass("block_sparse_attention", BlockSparseAttentionConfig, needs=("attention",), lossy=True,
+               example={"tile": 2, "min_mass": 0.0, "max_cost": None, "rho": 0.5})
 def block_sparse_attention(graph: DiTGraph, config: BlockSparseAttentionConfig, ctx: PassContext) -> PassResult:
     """Replace self/joint attention by PISA top-rho block-sparse attention where calibration shows it is block-sparse."""
     return _substitute(graph, config, ctx, "block_sparse")

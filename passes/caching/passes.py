@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Callable, ClassVar, Literal, Union
+from typing import Annotated, Any, Callable, Literal, Union
 
 from pydantic import Field, model_validator
 
@@ -11,7 +11,11 @@ from ditopt.errors import CalibrationError, InvalidProfileError
 from ditopt.profiles.fields import Bool, Float, Int, Step, check_steps, check_unique
 from ditopt.graph import DiTGraph
 from ditopt.plan import RunSegments, Stage
-from ditopt.registry import PassConfig, PassContext, PassResult, register_pass
+from ditopt.registry import PassConfig, PassContext, PassLevel, PassOutcome, PassResult, register_pass
+
+# Every caching pass owns the step schedule of the whole block stack: one per profile.
+STEP_SCHEDULE = ("step_schedule",)
+from ditopt.search import BudgetSearch, smallest_passing
 
 from .schedule import (
     cond_only_placement,
@@ -19,7 +23,6 @@ from .schedule import (
     forecast_errors,
     periodic_schedule,
     quantile_schedule,
-    smallest_passing,
     span_residual_sketch,
     step_changes,
     sketch_channels,
@@ -32,10 +35,8 @@ Auto = Literal["auto"]
 
 
 class CachingConfig(PassConfig):
-    """Base of the caching passes' configs: each rewrites the whole block stack's step schedule,
-    so a profile holds at most one of them (the profile loader reads `profile_exclusive`)."""
-
-    profile_exclusive: ClassVar[str] = "caching pass (it rewrites the step schedule of every block)"
+    """Base of the caching passes' configs. Each pass rewrites the whole block stack's step
+    schedule, so each declares that it ensures and conflicts with STEP_SCHEDULE (one per profile)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,7 +124,7 @@ class ResidualCacheConfig(CachingConfig):
         return self
 
 
-@register_pass("residual_cache", ResidualCacheConfig, level="plan")
+@register_pass("residual_cache", ResidualCacheConfig, level=PassLevel.PLAN, lossy=True, ensures=STEP_SCHEDULE, conflicts=STEP_SCHEDULE, example={})
 def residual_cache(graph: DiTGraph, config: ResidualCacheConfig, ctx: PassContext) -> PassResult:
     """FORA / Δ-Cache: reuse a block span's residual on a periodic schedule."""
     _require_plain(graph, "residual_cache")
@@ -150,7 +151,7 @@ class DeltaCacheConfig(CachingConfig):
     boundary: Int | None = Field(None, ge=1, description="first step of the late phase (default: from stats)")
 
 
-@register_pass("delta_cache", DeltaCacheConfig, needs=("trajectory",), level="plan")
+@register_pass("delta_cache", DeltaCacheConfig, needs=("trajectory",), level=PassLevel.PLAN, lossy=True, ensures=STEP_SCHEDULE, conflicts=STEP_SCHEDULE, example={})
 def delta_cache(graph: DiTGraph, config: DeltaCacheConfig, ctx: PassContext) -> PassResult:
     """Δ-DiT: rear span cached in the early phase, front span in the late phase."""
     _require_plain(graph, "delta_cache")
@@ -197,7 +198,8 @@ class TaylorForecastConfig(CachingConfig):
     target: Literal["features", "residual"] = "features"
 
 
-@register_pass("taylor_forecast", TaylorForecastConfig, level="plan")
+@register_pass("taylor_forecast", TaylorForecastConfig, level=PassLevel.PLAN, lossy=True, ensures=STEP_SCHEDULE, conflicts=STEP_SCHEDULE,
+               example={"interval": 2, "warmup": 1})
 def taylor_forecast(graph: DiTGraph, config: TaylorForecastConfig, ctx: PassContext) -> PassResult:
     """TaylorSeer: forecast all blocks' residual by Taylor expansion between full steps."""
     _require_plain(graph, "taylor_forecast")
@@ -297,7 +299,8 @@ def forecast_plan(graph: DiTGraph, policy: StaticSchedule, order: int, target: s
     return replace_blocks(graph, [stage]), stage
 
 
-@register_pass("calibrated_schedule", CalibratedScheduleConfig, needs=("trajectory",), level="plan")
+@register_pass("calibrated_schedule", CalibratedScheduleConfig, needs=("trajectory",), level=PassLevel.PLAN, lossy=True, ensures=STEP_SCHEDULE, conflicts=STEP_SCHEDULE,
+               example={"computed_steps": 3})
 def calibrated_schedule(graph: DiTGraph, config: CalibratedScheduleConfig, ctx: PassContext) -> PassResult:
     """Calibrated static schedule with Taylor forecasting, searched against the PSNR budget."""
     _require_plain(graph, "calibrated_schedule")
@@ -348,6 +351,7 @@ def calibrated_schedule(graph: DiTGraph, config: CalibratedScheduleConfig, ctx: 
         report["forecast"] = forecast
         report.update(extra)
         cond_steps = tuple(i for i, h in enumerate(cond or ()) if h)
+        on_miss = None
         if cond_steps:
             report["cond_only_steps"] = list(cond_steps)
             if config.cfg_reuse == "auto" and not config.cond_only_steps:  # searched, not given
@@ -355,10 +359,11 @@ def calibrated_schedule(graph: DiTGraph, config: CalibratedScheduleConfig, ctx: 
                 # (dit-digits balanced, both chosen at a 31 dB calibration target: 29.3 dB
                 # held-out mean with them, 31.2 without): a held-out miss retries without them
                 # before it raises the target (benchmarks/exploration/retry_probe.py).
-                report["on_miss"] = {"cfg_reuse": "off"}
+                on_miss = {"cfg_reuse": "off"}
         replay = config.model_copy(update={"forecast": forecast, "order": order, "compute_steps": tuple(i for i, c in enumerate(mask) if c),
                                            "cond_only_steps": cond_steps})
-        return PassResult(new, True, report, replay=("calibrated_schedule", replay))
+        outcome = PassOutcome(report.get("predicted_psnr_db"), report.get("target_psnr_db"), report["predicted_block_saving"], on_miss)
+        return PassResult(new, True, report, replay=("calibrated_schedule", replay), outcome=outcome)
 
     if config.span_compute_steps is not None:
         return _span_plan(graph, config, stats, candidates, t_axis, channels, num_channels)
@@ -381,34 +386,22 @@ def calibrated_schedule(graph: DiTGraph, config: CalibratedScheduleConfig, ctx: 
             cond = [i in set(config.cond_only_steps) for i in range(steps)]
         return finish(forecast, order, mask, {}, cond)
 
-    evaluate = ctx.extras.get("evaluate")
-    budget = getattr(ctx.budget, "min_psnr_db", None)
-    if evaluate is None or budget is None:
-        raise CalibrationError(
-            "calibrated_schedule without computed_steps searches against the profile's PSNR budget: "
-            "it needs budget.min_psnr_db and a calibration function that returns the final samples"
-        )
-    target = budget + config.margin_db + ctx.extras.get("psnr_tighten_db", 0.0)
+    search = BudgetSearch.start(ctx, "calibrated_schedule", config.margin_db, what="without computed_steps")
+    target = search.target_psnr_db
     # Placement variants: where the computed steps go matters as much as how many there are
     # (on flux-digits, 7 computed steps ranged 24.6-34.4 dB over these nine placements).
     alphas = [0.0, 0.5, 1.0] if config.alpha == "auto" else [float(config.alpha)]
     warmups = [2, 1, 3] if config.warmup == "auto" else [int(config.warmup)]
     variants = [(f, o, w, a) for f, o in candidates for w in warmups for a in alphas]
-    # PSNR per evaluated plan, kept across optimize's retries (sampling is deterministic).
-    memo: dict[tuple, float] = ctx.extras.setdefault("schedule_psnr_memo", {})
-    trials: list[dict[str, Any]] = []
+    trials = search.trials
 
     def psnr_for(variant: tuple[str, int, int, float], k: int, cond_only: int = 0) -> float:
         forecast, order, warmup, alpha = variant
         mask = quantile_schedule(changes, k, warmup, alpha)
         cond = cond_only_placement(mask, warmup, cond_only) if cond_only else None
         key = (forecast, order, config.history, config.per_channel, config.target, tuple(mask)) + ((tuple(cond),) if cond else ())
-        seen = key in memo
-        if not seen:
-            memo[key] = evaluate(make(forecast, order, mask, cond))
-        trials.append({"forecast": forecast, "order": order, "warmup": warmup, "alpha": alpha, "computed_steps": k,
-                       "cond_only": cond_only, "psnr_db": memo[key], "sampled": not seen})
-        return memo[key]
+        return search.measure(key, lambda: make(forecast, order, mask, cond), forecast=forecast, order=order, warmup=warmup,
+                              alpha=alpha, computed_steps=k, cond_only=cond_only)
 
     best_k: int | None = None
     winner: tuple[str, int, int, float] | None = None  # the variant that set best_k
@@ -417,7 +410,7 @@ def calibrated_schedule(graph: DiTGraph, config: CalibratedScheduleConfig, ctx: 
         hi = steps if best_k is None else best_k - 1
         if hi < variant[2] + 1:
             continue
-        k = smallest_passing(variant[2] + 1, hi, lambda k, v=variant: psnr_for(v, k) >= target)
+        k = smallest_passing(variant[2] + 1, hi, lambda k, v=variant: search.meets(psnr_for(v, k)))
         if k is not None:
             best_k, winner = k, variant
     if best_k is None or winner is None:
@@ -531,30 +524,19 @@ def _gated(graph: DiTGraph, probe_blocks: int, policy: Any, order: int, key: str
     return replace_blocks(graph, [stage]), stage
 
 
-def _threshold_search(make_graph, ctx: PassContext, margin_db: float, name: str) -> tuple[float, dict[str, Any]]:
+def _threshold_search(make_graph, ctx: PassContext, margin_db: float, name: str) -> tuple[float, dict[str, Any], PassOutcome]:
     """Largest threshold (on a log grid) whose sampled PSNR on the calibration inputs meets the budget."""
-    evaluate = ctx.extras.get("evaluate")
-    budget = getattr(ctx.budget, "min_psnr_db", None)
-    if evaluate is None or budget is None:
-        raise CalibrationError(f"{name} with threshold='auto' needs budget.min_psnr_db and a calibration function that returns samples")
-    target = budget + margin_db + ctx.extras.get("psnr_tighten_db", 0.0)
+    search = BudgetSearch.start(ctx, name, margin_db, what="with threshold='auto'")
     grid = [0.005 * (2 ** (i / 2)) for i in range(13)]  # 0.005 .. 0.32
-    trials = []
-    memo: dict[int, float] = {}
-
-    def ok(i: int) -> bool:
-        if i not in memo:
-            memo[i] = evaluate(make_graph(grid[i]))
-            trials.append({"threshold": grid[i], "psnr_db": memo[i]})
-        return memo[i] >= target
-
-    # Largest passing index = smallest passing index of the reversed grid.
-    j = smallest_passing(0, len(grid) - 1, lambda j: ok(len(grid) - 1 - j))
-    chosen = grid[0] if j is None else grid[len(grid) - 1 - j]
-    return chosen, {"target_psnr_db": target, "trials": trials, "threshold_met_budget": j is not None}
+    # Cheapest first: the largest threshold skips the most.
+    found = search.cheapest(grid[::-1], key=lambda t: t, build=make_graph, describe=lambda t: {"threshold": t})
+    chosen = grid[0] if found is None else found
+    predicted = search.memo.get(chosen)
+    report = {"target_psnr_db": search.target_psnr_db, "trials": search.trials, "threshold_met_budget": found is not None}
+    return chosen, report, PassOutcome(predicted, search.target_psnr_db)
 
 
-@register_pass("probe_cache", ProbeCacheConfig, needs=(), level="plan")
+@register_pass("probe_cache", ProbeCacheConfig, level=PassLevel.PLAN, lossy=True, ensures=STEP_SCHEDULE, conflicts=STEP_SCHEDULE, example={"threshold": 0.1})
 def probe_cache(graph: DiTGraph, config: ProbeCacheConfig, ctx: PassContext) -> PassResult:
     """FirstBlockCache / DBCache: probe-gated reuse of the blocks after the probe."""
     _require_plain(graph, "probe_cache")
@@ -565,15 +547,17 @@ def probe_cache(graph: DiTGraph, config: ProbeCacheConfig, ctx: PassContext) -> 
         return _gated(graph, config.probe_blocks, ProbeGate(threshold, config.warmup, config.max_cached), config.order, "probe")[0]
 
     extra: dict[str, Any] = {}
+    outcome = None
     threshold = config.threshold
     if threshold == "auto":
-        threshold, extra = _threshold_search(make, ctx, config.margin_db, "probe_cache")
+        threshold, extra, outcome = _threshold_search(make, ctx, config.margin_db, "probe_cache")
     new, stage = _gated(graph, config.probe_blocks, ProbeGate(float(threshold), config.warmup, config.max_cached), config.order, "probe")
     replay = config.model_copy(update={"threshold": float(threshold)})
-    return PassResult(new, True, {"stages": [stage.describe()], **extra}, replay=("probe_cache", replay))
+    return PassResult(new, True, {"stages": [stage.describe()], **extra}, replay=("probe_cache", replay), outcome=outcome)
 
 
-@register_pass("confidence_forecast", ConfidenceForecastConfig, needs=(), level="plan")
+@register_pass("confidence_forecast", ConfidenceForecastConfig, level=PassLevel.PLAN, lossy=True, ensures=STEP_SCHEDULE, conflicts=STEP_SCHEDULE,
+               example={"threshold": 0.1})
 def confidence_forecast(graph: DiTGraph, config: ConfidenceForecastConfig, ctx: PassContext) -> PassResult:
     """CG-Taylor / FoCa: forecast the rest only while block 0 agrees with its own forecast."""
     _require_plain(graph, "confidence_forecast")
@@ -584,9 +568,10 @@ def confidence_forecast(graph: DiTGraph, config: ConfidenceForecastConfig, ctx: 
         return _gated(graph, 1, ConfidenceGate(threshold, config.warmup, config.max_cached), config.order, "confidence")[0]
 
     extra: dict[str, Any] = {}
+    outcome = None
     threshold = config.threshold
     if threshold == "auto":
-        threshold, extra = _threshold_search(make, ctx, config.margin_db, "confidence_forecast")
+        threshold, extra, outcome = _threshold_search(make, ctx, config.margin_db, "confidence_forecast")
     new, stage = _gated(graph, 1, ConfidenceGate(float(threshold), config.warmup, config.max_cached), config.order, "confidence")
     replay = config.model_copy(update={"threshold": float(threshold)})
-    return PassResult(new, True, {"stages": [stage.describe()], **extra}, replay=("confidence_forecast", replay))
+    return PassResult(new, True, {"stages": [stage.describe()], **extra}, replay=("confidence_forecast", replay), outcome=outcome)

@@ -14,7 +14,6 @@ measured PSNR with Taylor order 1-2 came out far below evenly spaced schedules.
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 
@@ -179,19 +178,6 @@ def periodic_schedule(steps: int, interval: int, warmup: int, phase: tuple[int, 
         else:
             mask.append((s - warmup + 1) % interval == 0)
     return mask
-
-
-def smallest_passing(lo: int, hi: int, passes: Callable[[int], bool]) -> int | None:
-    """Smallest n in [lo, hi] with passes(n), assuming monotone; None if even hi fails."""
-    if not passes(hi):
-        return None
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if passes(mid):
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
 
 
 def cond_only_placement(mask: list[bool], warmup: int, count: int) -> list[bool]:
