@@ -65,3 +65,19 @@ class ProfileWarning(DitoptWarning):
 
 class QualityGateWarning(DitoptWarning):
     """`optimize(..., on_gate_miss="warn")` returned a model that misses its quality budget."""
+
+
+class MissingExtraError(DitoptError):
+    """An optional feature needs a package the default install leaves out (pictures, the zoo's
+    digit data, peer baselines): the message names the pip extra that brings it."""
+
+
+def require_extra(module: str, extra: str, what: str):
+    """Import `module`, or raise MissingExtraError saying `pip install "ditopt[extra]"`."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingExtraError(f"{what} needs {module.split('.')[0]}, which the default install leaves out; "
+                                f"pip install \"ditopt[{extra}]\"") from None

@@ -44,3 +44,25 @@ def test_top_level_import_from_checkout_root_is_an_alias_not_a_second_registrati
     assert (ROOT / "kernels" / "__init__.py").exists()
     proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_optimizing_and_exporting_import_no_extra():
+    """matplotlib and scikit-learn are extras (plots, zoo; tqdm comes with diffusers): the core, the passes and export
+    must not import them, so `pip install ditopt` optimizes and exports without them."""
+    script = (
+        "import sys, ditopt, ditopt.passes, ditopt.export, ditopt.kernels\n"
+        "from ditopt.registry import available_passes; available_passes()\n"
+        "bad = sorted(m for m in ('matplotlib', 'sklearn') if m in sys.modules)\n"
+        "assert not bad, bad\nprint('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT / "tests")
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_a_missing_extra_names_the_pip_extra():
+    import pytest
+
+    from ditopt.errors import MissingExtraError, require_extra
+
+    with pytest.raises(MissingExtraError, match=r'pip install "ditopt\[plots\]"'):
+        require_extra("no_such_module_for_ditopt", "plots", "a picture")

@@ -94,8 +94,9 @@ def markdown_report(result: dict[str, Any]) -> str:
 
 
 def pareto_plot(result: dict[str, Any], path: str | Path) -> Path:
-    import matplotlib
+    from ditopt.errors import require_extra
 
+    matplotlib = require_extra("matplotlib", "plots", "the benchmark's Pareto plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -30,6 +30,9 @@ def load_split(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
 
     The split is deterministic (stratified, seed 0, 20% held out): 1,437 train / 360 held-out.
     """
+    from ditopt.errors import require_extra
+
+    require_extra("sklearn", "zoo", "the zoo's digit data (training, the classifier and Frechet metrics)")
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 

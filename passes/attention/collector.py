@@ -181,8 +181,9 @@ def attention_heatmap(stats: Any, path: str, tile: int | None = None) -> str:
     """PNG: per radius (and per rho), a layer x head map of the calibrated attention mass kept,
     at `tile` (default: the tile `tile='auto'` starts from for this grid). The tile is also in
     the PNG's Title text."""
-    import matplotlib
+    from ditopt.errors import require_extra
 
+    matplotlib = require_extra("matplotlib", "plots", "the attention heatmap")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
