@@ -10,6 +10,8 @@ them by name.
 from __future__ import annotations
 
 import importlib
+import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 from importlib.metadata import entry_points
@@ -40,25 +42,61 @@ class PassLevel(str, Enum):
 class SearchContext:
     """What the budget search offers a lossy pass; owned by `optimize`, read by passes.
 
-    evaluate(graph) -> PSNR (dB) of final samples with the candidate graph against the original
+    evaluate(candidate) -> PSNR (dB) of final samples with the candidate against the original
     model's, on the samples the search may see (never the held-out ones); None where the user gave
-    no calibration function returning samples. `tighten_db`: how far above the budget the search
-    must aim after held-out misses (optimize raises it between attempts). `memo(name)`: a dict the
-    search keeps across attempts for one pass's sampled plans (sampling is deterministic), so a
-    retry does not sample the same plan twice."""
+    no calibration function returning samples. A candidate is a DiTGraph (its plan runs on a
+    capture at the sampling shape: enough for plan-level passes) or a rewrite
+    `fn(graph) -> DiTGraph` (node-level passes: the evaluator applies it to a capture at the
+    sampling shape after the profile's earlier passes, since the sampling batch differs from the
+    example inputs the pass saw). `tighten_db`: how far above the budget the search must aim after
+    held-out misses (optimize raises it between attempts). `memo(name)`: a dict the search keeps
+    across attempts for one pass's sampled plans (sampling is deterministic), so a retry does not
+    sample the same plan twice; it is keyed by what the earlier passes resolved to as well.
 
-    evaluate: Callable[["DiTGraph"], float] | None = None
+    Several lossy passes in one profile share one error budget: `optimize` gives the k-th of n
+    lossy passes (profile order) a cumulative share k/n of the allowed squared error, i.e. it aims
+    `share_db = 10*log10(n/k)` above the budget, and the last one the budget itself; each
+    evaluator measures the composition with the earlier passes, so what an earlier pass left
+    unspent goes to the later ones. `earlier` / `position` are set per pass by `apply_passes`."""
+
+    evaluate: Callable[[Any], float] | None = None
     tighten_db: float = 0.0
-    _memos: dict[str, dict] = field(default_factory=dict)
+    share_db: float = 0.0
+    earlier: Callable[["DiTGraph"], "DiTGraph"] | None = None
+    position: tuple = ()
+    _memos: dict[Any, dict] = field(default_factory=dict)
 
     def memo(self, name: str) -> dict:
-        return self._memos.setdefault(name, {})
+        return self._memos.setdefault((name, self.position), {})
 
     def target_psnr_db(self, budget: Any, margin_db: float = 0.0) -> float | None:
-        """The PSNR a search aims for: the budget, plus the pass's margin, plus the tightening
-        from held-out misses; None without a PSNR budget."""
+        """The PSNR a search aims for: the budget, plus this pass's share of the error budget,
+        plus the pass's margin, plus the tightening from held-out misses; None without a PSNR
+        budget."""
         floor = getattr(budget, "min_psnr_db", None)
-        return None if floor is None else floor + margin_db + self.tighten_db
+        return None if floor is None else floor + self.share_db + margin_db + self.tighten_db
+
+    @contextmanager
+    def at_pass(self, *, share_db: float, earlier: Callable[["DiTGraph"], "DiTGraph"] | None, position: tuple):
+        """Within: the search state of one pass position of the profile (restored after)."""
+        saved = (self.share_db, self.earlier, self.position)
+        self.share_db, self.earlier, self.position = share_db, earlier, position
+        try:
+            yield self
+        finally:
+            self.share_db, self.earlier, self.position = saved
+
+
+def budget_shares(lossy: list[bool]) -> list[float]:
+    """Per pass (profile order): how far above the PSNR budget its search aims so that n lossy
+    passes share the squared-error budget in equal cumulative parts (0 for exact passes and for
+    the last lossy one)."""
+    n = sum(lossy)
+    shares, k = [], 0
+    for is_lossy in lossy:
+        k += int(is_lossy)
+        shares.append(10.0 * math.log10(n / k) if is_lossy else 0.0)
+    return shares
 
 
 @dataclass
