@@ -20,10 +20,7 @@ from rich.table import Table
 
 from ditopt.errors import DitoptError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Capture, optimize, verify and export Diffusion Transformers.")
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (speed and quality, side by side).")
-app.add_typer(bench_app, name="bench")
-console = Console(stderr=True)
+from .app import app, bench_app, console  # noqa: E402  (the Typer apps the command modules register on)
 EXIT_OK, EXIT_QUALITY, EXIT_BAD_INPUT = 0, 1, 2
 
 
@@ -58,7 +55,7 @@ def inspect(
 ) -> None:
     """Show the recovered block structure of MODEL."""
     from ditopt import capture
-    from ditopt.builtins import resolve_model
+    from ditopt.cli.models import resolve_model
 
     try:
         resolved = resolve_model(model)
@@ -74,7 +71,7 @@ def inspect(
 
 def _optimize(model: str, profile: str, calibrate: bool) -> tuple[Any, Any]:
     import ditopt
-    from ditopt.builtins import resolve_model
+    from ditopt.cli.models import resolve_model
 
     resolved = resolve_model(model)
     calibration = validation = None

@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import typer
 
-from . import bench_app, console
+from .app import bench_app, console
 
 
 @bench_app.command("models")

@@ -4,7 +4,7 @@
     pipe.transformer = ditopt.optimize(pipe.transformer, "identity")
 """
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 from .calibration.pipeline import PipelineSampler
 from .capture import capture

@@ -3,7 +3,7 @@
 * :func:`psnr`, :func:`ssim` compare an optimized model's images to the reference model's images
   for the same (class, seed) pairs (fidelity of an optimization).
 * :func:`class_accuracy`, :func:`frechet_distance`, :func:`feature_frechet_distance` measure
-  sample quality against the data, with the zoo's digit classifier (:func:`ditopt.zoo.load_classifier`).
+  sample quality against the data, with a classifier the caller passes (the zoo's digit classifier: :func:`ditopt.zoo.load_classifier`).
 
 All image inputs are ``[N, C, H, W]`` float tensors; ``data_range`` is the span of valid values
 (1.0 for images in [0, 1]).
@@ -86,10 +86,12 @@ def ssim(x: torch.Tensor, ref: torch.Tensor, data_range: float = 1.0, win_size: 
 
 
 def _classifier(classifier):
+    # The metrics take the classifier as an argument: the core never reaches into the zoo.
     if classifier is None:
-        from .zoo import load_classifier
+        from .errors import DitoptError
 
-        classifier = load_classifier()
+        raise DitoptError("the classifier metrics need the classifier: pass classifier=ditopt.zoo.load_classifier() "
+                          "(the zoo's digit classifier) or one of your own with .features() and a forward")
     return classifier
 
 

@@ -13,7 +13,7 @@ from typing import Any, Callable, Literal
 import torch
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .capture import capture, normalize_call
 from .errors import (CalibrationError, DitoptError, InputMismatchError, InvalidProfileError, NonFiniteError,
                      QualityGateError, QualityGateWarning, UnsupportedModelError)

@@ -22,8 +22,7 @@ from typing import Any, Iterable
 
 from ditopt.errors import ArtifactError
 
-from .manifest import MANIFEST_NAME
-from .schema import SEAL_KEY
+from .layout import MANIFEST_NAME, SEAL_KEY
 
 
 class ArtifactWarning(UserWarning):

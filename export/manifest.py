@@ -22,15 +22,7 @@ import torch.utils._pytree as pytree
 
 from ditopt.errors import ArtifactError
 
-FORMAT = "ditopt-artifact"
-# 2: every file listed with its sha256 and size ("files"), the manifest sealed by its own
-# digest ("manifest_sha256"), half-batch segments' external data listed under their own dir.
-FORMAT_VERSION = 2
-MANIFEST_NAME = "manifest.json"
-# Tensors of the plan stages' specs (fitted forecast weights, timesteps), safetensors.
-PLAN_TENSORS = "plan.safetensors"
-SEGMENTS_DIR = "segments"
-ENGINES_DIR = "engines"
+from .layout import ENGINES_DIR, FORMAT, FORMAT_VERSION, MANIFEST_NAME, PLAN_TENSORS, SEGMENTS_DIR  # noqa: F401  (re-exported)
 
 _JSON_SCALARS = (bool, int, float, str, type(None))
 

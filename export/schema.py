@@ -19,9 +19,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from ditopt.errors import ArtifactError
 
-from .manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME
-
-SEAL_KEY = "manifest_sha256"
+from .layout import FORMAT, FORMAT_VERSION, MANIFEST_NAME, SEAL_KEY  # noqa: F401  (SEAL_KEY re-exported)
 
 
 def _relative_path(value: str) -> str:

@@ -252,7 +252,7 @@ not_callable = 3
     ("nosuchpkg.mod:make", "No module named 'nosuchpkg'"),
 ])
 def test_bad_model_specs_are_unsupported_model_errors(spec, match):
-    from ditopt.builtins import resolve_model
+    from ditopt.cli.models import resolve_model
 
     with pytest.raises(UnsupportedModelError, match=match):
         resolve_model(spec)

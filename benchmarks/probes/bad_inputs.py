@@ -417,7 +417,7 @@ not_callable = 3
 
 
 def _resolve(spec: str):
-    from ditopt.builtins import resolve_model
+    from ditopt.cli.models import resolve_model
 
     return resolve_model(spec)
 

@@ -177,6 +177,12 @@ def attention_collector(graph: DiTGraph) -> AttentionCollector:
     return AttentionCollector(graph)
 
 
+def auto_tile(grid: tuple[int, int]) -> int:
+    """The largest of 8, 4, 2 that leaves at least 4 tiles per axis (so that a radius-1 window
+    skips something); 8 is the kernels' fast size (64-token blocks)."""
+    return next((t for t in (8, 4) if min(grid) >= 4 * t), 2)
+
+
 def attention_heatmap(stats: Any, path: str, tile: int | None = None) -> str:
     """PNG: per radius (and per rho), a layer x head map of the calibrated attention mass kept,
     at `tile` (default: the tile `tile='auto'` starts from for this grid). The tile is also in
@@ -188,8 +194,6 @@ def attention_heatmap(stats: Any, path: str, tile: int | None = None) -> str:
     import matplotlib.pyplot as plt
 
     meta = stats.meta["attention"]
-    from .passes import auto_tile
-
     tile = tile or (auto_tile(meta["grid"]) if auto_tile(meta["grid"]) in meta["tiles"] else meta["tiles"][0])
     window = stats.tensors[f"attention.window_mass.tile{tile}"]
     block = stats.tensors[f"attention.block_mass.tile{tile}"]

@@ -18,7 +18,7 @@ from ditopt.plan import EarlySteps
 from ditopt.profiles.fields import Bool, Float, Int, check_in, check_unique
 from ditopt.registry import PassConfig, PassContext, PassResult, register_pass
 
-from .collector import RADII, RHOS, TILES, measurable_sites
+from .collector import RADII, RHOS, TILES, auto_tile, measurable_sites
 from .rewrite import replace_attention, restore_dense, substitutable, substituted
 from .token_order import reorder_tokens_once
 
@@ -270,12 +270,6 @@ def _substitute(graph: DiTGraph, config: Any, ctx: PassContext, pattern: str) ->
         "predicted_attention_flop_saving": 0.0 if total_flops == 0 else 1.0 - kept_flops / total_flops,
     }
     return PassResult(graph, graph is not original, report)
-
-
-def auto_tile(grid: tuple[int, int]) -> int:
-    """The largest of 8, 4, 2 that leaves at least 4 tiles per axis (so that a radius-1 window
-    skips something); 8 is the kernels' fast size (64-token blocks)."""
-    return next((t for t in (8, 4) if min(grid) >= 4 * t), 2)
 
 
 def _choose(graph: DiTGraph, site: AttentionSite, block: int, config: Any, ctx: PassContext, pattern: str, tile: int):

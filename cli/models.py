@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .errors import UnsupportedModelError
+from ditopt.errors import UnsupportedModelError
 
 
 def _tiny_dit() -> nn.Module:
@@ -93,7 +93,7 @@ def resolve_model(spec: str) -> ResolvedModel:
         torch.manual_seed(0)
         return ResolvedModel(spec, TINY[spec]().eval())
     if spec in ZOO:
-        from . import zoo
+        from ditopt import zoo
 
         bundle = zoo.load(spec)
         return ResolvedModel(spec, bundle.model, bundle.make_inputs(2), bundle)
