@@ -279,11 +279,6 @@ class ArtifactRunner:
         return env
 
     # -- execution ----------------------------------------------------------------------------------
-    def run_segment(self, name: str, env: dict[str, Any]) -> None:
-        """Run one segment on values from `env` (torch tensors or numpy arrays) and add its
-        outputs to it as torch tensors."""
-        self._graph.segment(name).run(env)
-
     def run_session(self, session: str, outputs: tuple[str, ...], env: dict[str, Any]) -> None:
         feeds = {k: _as_numpy(env[k]) for k in self._feeds[session]}
         env.update(zip(outputs, (torch.from_numpy(r) for r in self.sessions[session].run(list(outputs), feeds))))

@@ -250,7 +250,7 @@ def test_broad_attention_stays_dense():
 def test_a_substitute_costing_more_than_dense_attention_is_refused():
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ditopt.passes.attention.passes import substitute_cost
+    from ditopt.passes.attention.substitution import substitute_cost
 
     model, kwargs = tiny_dit()
     graph = capture(model, kwargs)

@@ -190,7 +190,7 @@ def test_budget_search_compares_placements_at_the_fewest_steps():
 def test_schedule_warmup_must_leave_step_zero_computed():
     from pydantic import ValidationError
 
-    from ditopt.passes.caching.passes import CalibratedScheduleConfig
+    from ditopt.passes.caching.calibrated_schedule import CalibratedScheduleConfig
 
     assert CalibratedScheduleConfig().warmup == "auto" and CalibratedScheduleConfig(warmup=1).warmup == 1
     with pytest.raises(ValidationError, match="greater than or equal to 1"):
@@ -552,3 +552,25 @@ def test_span_schedules_each_span_its_own_steps():
                        ({"span_compute_steps": same, "computed_steps": 3}, "replaces compute_steps")):
         with pytest.raises(InvalidProfileError, match=match):
             ditopt.optimize(model, _profile(**{**spans, **bad}), example_inputs=toy_inputs(batch=2), stats=stats)
+
+
+def test_span_policies_share_one_protocol_and_round_trip_through_artifact_specs():
+    """CachedSpan asks its policy (decide / forecast / cond_only_now / to_spec) instead of testing
+    its type: every registered policy type implements the protocol and survives its spec."""
+    from ditopt.passes.caching.stage import POLICY_TYPES, ConfidenceGate, ProbeGate, StaticSchedule, policy_from_spec, policy_spec
+
+    policies = [
+        StaticSchedule((True, True, False, True), (1.0, 0.75, 0.5, 0.25), "error", ((), (), ((0.5, 1.5), (0.25, -0.25)), ()),
+                       (False, False, False, True), 0),
+        ProbeGate(0.05, 2, 3),
+        ConfidenceGate(0.125, 3, 6),
+    ]
+    assert {type(p).type for p in policies} == set(POLICY_TYPES)
+    for policy in policies:
+        spec, tensors = policy_spec(policy, "k.")
+        assert spec["type"] == policy.type
+        assert policy_from_spec(spec, tensors) == policy
+    assert policies[0].computed_steps() == 3 and policies[0].uses_second_half()
+    assert policies[1].computed_steps() is None and policies[1].needs_probe and not policies[0].needs_probe
+    with pytest.raises(ValueError, match="unknown cache policy type 'oracle'"):
+        policy_from_spec({"type": "oracle"}, {})

@@ -17,7 +17,7 @@ import ditopt
 from ditopt.plan import RunSegments
 from ditopt.registry import PassConfig, PassResult, register_pass
 from ditopt.passes.caching.features import FORECAST_SUFFIX, forecast_variant, record_variant
-from ditopt.passes.caching.passes import _block_names, replace_blocks
+from ditopt.passes.caching.common import block_names as _block_names, replace_blocks
 from ditopt.passes.caching.schedule import fit_forecast_weights, quantile_schedule, sketch_channels, span_residual_sketch
 from ditopt.passes.caching.stage import CachedSpan, StaticSchedule, TaylorCache
 from explore_setup import calibrated, macs_of, print_row, setup

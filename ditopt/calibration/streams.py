@@ -4,7 +4,6 @@ input (the token streams a block updates: the image stream, and the text stream 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -84,7 +83,3 @@ def span_io(graph: DiTGraph, names: tuple[str, ...]) -> SpanIO:
     # forecast as a value, and there is no primary input.
     primary = max(pairs, key=lambda p: numel(p[1])) if pairs else ("", unpaired[0])
     return SpanIO(tuple(inputs), tuple(outputs), tuple(pairs), tuple(unpaired), primary[0], primary[1])
-
-
-def env_values(env: dict[str, Any], names: tuple[str, ...]) -> list[Any]:
-    return [env[n] for n in names]

@@ -2,7 +2,7 @@
 attention. Importing registers the "attention" calibration collector and the passes
 `neighborhood_attention` and `block_sparse_attention`."""
 
-from . import collector, passes  # noqa: F401  (registers)
+from . import block_sparse_attention, collector, neighborhood_attention  # noqa: F401  (registers)
 from .collector import AttentionCollector, attention_heatmap
 from .masses import attention_masses
 

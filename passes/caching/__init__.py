@@ -1,7 +1,15 @@
 """Feature caching across denoising steps (FORA, Δ-DiT, FirstBlockCache/DBCache, TaylorSeer,
-CG-Taylor/FoCa, calibrated static schedules). Importing registers the passes."""
+CG-Taylor/FoCa, calibrated static schedules), one pass per module; all of them hand `CachedSpan`
+a span policy (stage.SpanPolicy). Importing registers the passes."""
 
-from . import passes  # noqa: F401  (registers the passes)
-from .stage import CachedSpan, ConfidenceGate, ProbeGate, StaticSchedule, TaylorCache
+from . import (  # noqa: F401  (each module registers its pass)
+    calibrated_schedule,
+    confidence_forecast,
+    delta_cache,
+    probe_cache,
+    residual_cache,
+    taylor_forecast,
+)
+from .stage import CachedSpan, ConfidenceGate, ProbeGate, SpanPolicy, StaticSchedule, TaylorCache
 
-__all__ = ["CachedSpan", "ConfidenceGate", "ProbeGate", "StaticSchedule", "TaylorCache"]
+__all__ = ["CachedSpan", "ConfidenceGate", "ProbeGate", "SpanPolicy", "StaticSchedule", "TaylorCache"]

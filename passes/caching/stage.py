@@ -44,7 +44,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, ClassVar, Protocol
 
 import torch
 
@@ -203,10 +203,54 @@ def _channel_weights(weights: tuple[float, ...], dtype: torch.dtype, device: tor
 
 
 # --------------------------------------------------------------------------------------------
-# Decisions
+# Decisions: the span policies
 # --------------------------------------------------------------------------------------------
+class SpanPolicy(Protocol):
+    """When a cached span computes, and how a skipped step is forecast. The caching passes
+    (FORA, Δ-DiT, TaylorSeer, FirstBlockCache/DBCache, FoCa, CFG reuse) differ only in the policy
+    they hand `CachedSpan`; the stage asks the policy instead of testing its type.
+
+    `type` names it in artifacts (`to_spec` / `POLICY_TYPES[type].from_spec`). `decide` is called
+    once per step: `probe()` gives what the probe blocks added (gated policies only), `first`
+    whether nothing is cached yet. `computed_steps()` is the number of computed steps per
+    generation where it is fixed (None for gates: it depends on the run)."""
+
+    type: ClassVar[str]
+    needs_probe: ClassVar[bool]
+
+    def describe(self) -> dict[str, Any]: ...
+    def decide(self, probe: Callable[[], torch.Tensor], ctx: StepContext, state: dict, t: float, first: bool, order: int) -> bool: ...
+    def new_cache(self, order: int) -> "TaylorCache | ForecastHistory": ...
+    def forecast(self, cache: Any, ctx: StepContext, t: float, inputs: list[torch.Tensor], order: int) -> tuple[list[torch.Tensor], bool]: ...
+    def cond_only_now(self, ctx: StepContext) -> bool: ...
+    def uses_second_half(self) -> bool: ...
+    def computed_steps(self) -> int | None: ...
+    def to_spec(self, prefix: str) -> StageSpec: ...
+
+
+class _TaylorForecasting:
+    """Forecast a skipped step by Taylor expansion of the stage's order (every policy but a
+    fitted static schedule); no conditional-only steps."""
+
+    def new_cache(self, order: int) -> "TaylorCache | ForecastHistory":
+        return TaylorCache(order)
+
+    def forecast(self, cache: Any, ctx: StepContext, t: float, inputs: list[torch.Tensor], order: int) -> tuple[list[torch.Tensor], bool]:
+        """(forecast values, whether the paired inputs are already added to them)."""
+        return cache.predict(t), False
+
+    def cond_only_now(self, ctx: StepContext) -> bool:
+        return False
+
+    def uses_second_half(self) -> bool:
+        return False
+
+    def computed_steps(self) -> int | None:
+        return None
+
+
 @dataclass(frozen=True)
-class StaticSchedule:
+class StaticSchedule(_TaylorForecasting):
     compute: tuple[bool, ...]  # per calibrated step: True computes the span
     timesteps: tuple[float, ...] = ()  # calibrated timesteps (empty: match by step index only)
     on_mismatch: str = "rederive"  # or "error"
@@ -220,6 +264,9 @@ class StaticSchedule:
     # How a conditional-only step rebuilds the other half's difference: 0 keeps the last full
     # step's, 1 extrapolates linearly from the last two full steps.
     cfg_delta_order: int = 1
+
+    type: ClassVar[str] = "static"
+    needs_probe: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if self.cond_only and (len(self.cond_only) != len(self.compute) or any(h and not c for h, c in zip(self.cond_only, self.compute))):
@@ -245,25 +292,124 @@ class StaticSchedule:
             or math.isclose(self.timesteps[ctx.step], ctx.timestep, rel_tol=1e-5, abs_tol=1e-6)
         )
 
+    def decide(self, probe: Callable[[], torch.Tensor], ctx: StepContext, state: dict, t: float, first: bool, order: int) -> bool:
+        return True if first else static_decision(self, ctx, state)
+
+    def new_cache(self, order: int) -> "TaylorCache | ForecastHistory":
+        return ForecastHistory(max(len(w) for w in self.weights)) if self.weights else TaylorCache(order)
+
+    def forecast(self, cache: Any, ctx: StepContext, t: float, inputs: list[torch.Tensor], order: int) -> tuple[list[torch.Tensor], bool]:
+        if not isinstance(cache, ForecastHistory):
+            return cache.predict(t), False
+        weights = self.weights[ctx.step] if self.matches(ctx) else ()
+        if weights and len(weights) <= len(cache.values):
+            return cache.predict(weights, base=inputs), True
+        # Another step count than calibrated: the weights belong to other steps; use Taylor.
+        return cache.taylor(t, min(order, len(cache.values) - 1)), False
+
+    def cond_only_now(self, ctx: StepContext) -> bool:
+        return bool(self.cond_only) and self.matches(ctx) and self.cond_only[ctx.step]
+
+    def uses_second_half(self) -> bool:
+        return any(self.cond_only)
+
+    def computed_steps(self) -> int | None:
+        return sum(self.compute)
+
+    def to_spec(self, prefix: str) -> StageSpec:
+        """JSON plus tensors named `prefix`...: timesteps and fitted weights go in float64
+        tensors (exact, and NaN-safe where JSON is not)."""
+        tensors = {f"{prefix}timesteps": torch.tensor(self.timesteps, dtype=torch.float64)}
+        weights: list[dict[str, Any] | None] = []
+        for step, per_history in enumerate(self.weights):
+            if not per_history:
+                weights.append(None)
+                continue
+            name = f"{prefix}weights.{step}"
+            tensors[name] = torch.tensor([w for ws in per_history for w in ws], dtype=torch.float64)
+            weights.append({"tensor": name, "lengths": [len(ws) for ws in per_history]})
+        return {"type": self.type, "compute": list(self.compute), "timesteps": f"{prefix}timesteps", "on_mismatch": self.on_mismatch,
+                "weights": weights, "cond_only": list(self.cond_only), "cfg_delta_order": self.cfg_delta_order}, tensors
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "StaticSchedule":
+        weights = []
+        for entry in spec["weights"]:
+            if entry is None:
+                weights.append(())
+                continue
+            flat, out, at = tensors[entry["tensor"]].tolist(), [], 0
+            for n in entry["lengths"]:
+                out.append(tuple(flat[at : at + n]))
+                at += n
+            weights.append(tuple(out))
+        return cls(tuple(bool(c) for c in spec["compute"]), tuple(tensors[spec["timesteps"]].tolist()), spec["on_mismatch"],
+                   tuple(weights), tuple(bool(c) for c in spec["cond_only"]), int(spec["cfg_delta_order"]))
+
 
 @dataclass(frozen=True)
-class ProbeGate:
+class _ProbeGated(_TaylorForecasting):
+    """Gates that run the probe blocks every step and skip the span while a measure of the
+    probe's output stays under `threshold` (after `warmup` steps, at most `max_cached` in a row)."""
+
     threshold: float
     warmup: int = 2
     max_cached: int = 4  # consecutive skipped steps before a forced full step
 
+    needs_probe: ClassVar[bool] = True
+
     def describe(self) -> dict[str, Any]:
-        return {"policy": "probe", "threshold": self.threshold, "warmup": self.warmup, "max_cached": self.max_cached}
+        return {"policy": self.type, "threshold": self.threshold, "warmup": self.warmup, "max_cached": self.max_cached}
+
+    def decide(self, probe: Callable[[], torch.Tensor], ctx: StepContext, state: dict, t: float, first: bool, order: int) -> bool:
+        residual = probe()
+        compute = first or ctx.step < self.warmup or state["cached_run"] >= self.max_cached
+        if not compute:
+            compute = self._drifted(residual, ctx, state, t)
+        if compute:
+            state["probe_ref"] = residual
+            state.setdefault("probe_taylor", TaylorCache(max(order, 1))).update([residual], t)
+        return compute
+
+    def _drifted(self, residual: torch.Tensor, ctx: StepContext, state: dict, t: float) -> bool:
+        raise NotImplementedError
+
+    def to_spec(self, prefix: str) -> StageSpec:
+        return {"type": self.type, "threshold": self.threshold, "warmup": self.warmup, "max_cached": self.max_cached}, {}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "_ProbeGated":
+        return cls(float(spec["threshold"]), int(spec["warmup"]), int(spec["max_cached"]))
 
 
 @dataclass(frozen=True)
-class ConfidenceGate:
-    threshold: float
-    warmup: int = 2
-    max_cached: int = 4
+class ProbeGate(_ProbeGated):
+    """FirstBlockCache / DBCache: compute when the probe residual's relative L1 change since the
+    last full step reaches the threshold."""
 
-    def describe(self) -> dict[str, Any]:
-        return {"policy": "confidence", "threshold": self.threshold, "warmup": self.warmup, "max_cached": self.max_cached}
+    type: ClassVar[str] = "probe"
+
+    def _drifted(self, residual: torch.Tensor, ctx: StepContext, state: dict, t: float) -> bool:
+        ref = state["probe_ref"]
+        change = float((residual - ref).abs().mean() / ref.abs().mean().clamp_min(1e-12))
+        ctx.record["probe_change"] = change
+        return change >= self.threshold
+
+
+@dataclass(frozen=True)
+class ConfidenceGate(_ProbeGated):
+    """CG-Taylor / FoCa: compute when the probe's output strays from its own Taylor forecast."""
+
+    type: ClassVar[str] = "confidence"
+
+    def _drifted(self, residual: torch.Tensor, ctx: StepContext, state: dict, t: float) -> bool:
+        forecast = state["probe_taylor"].predict(t)[0]
+        err = float((residual - forecast).norm() / residual.norm().clamp_min(1e-12))
+        ctx.record["probe_error"] = err
+        return err >= self.threshold
+
+
+POLICY_TYPES: dict[str, type] = {cls.type: cls for cls in (StaticSchedule, ProbeGate, ConfidenceGate)}
 
 
 def rederived_compute(schedule: StaticSchedule, step: int, t: float | None, history: list[float]) -> bool:
@@ -366,7 +512,7 @@ class CachedSpan(Stage):
     """Compute or predict a contiguous run of blocks (see module docstring)."""
 
     blocks: tuple[str, ...]  # the span's block segments, in order
-    policy: Any  # StaticSchedule | ProbeGate | ConfidenceGate
+    policy: SpanPolicy
     order: int = 0
     probe: tuple[str, ...] = ()  # blocks before the span that always run and feed the gate
     key: str = "cache"
@@ -383,7 +529,7 @@ class CachedSpan(Stage):
         return cached_span_io(graph, self.blocks)
 
     def uses_second_half(self) -> bool:
-        return isinstance(self.policy, StaticSchedule) and any(self.policy.cond_only)
+        return self.policy.uses_second_half()
 
     def spec(self) -> StageSpec:
         policy, tensors = policy_spec(self.policy, f"{self.key}.")
@@ -392,16 +538,16 @@ class CachedSpan(Stage):
 
     # -- one call ------------------------------------------------------------------------------
     def run(self, graph: DiTGraph, env: dict[str, Any], ctx: StepContext) -> None:
-        fitted = isinstance(self.policy, StaticSchedule) and bool(self.policy.weights)
-        cache = ForecastHistory(max(len(w) for w in self.policy.weights)) if fitted else TaylorCache(self.order)
-        state = ctx.state.setdefault(self.key, {"taylor": cache, "cached_run": 0, "history": []})
+        if self.key not in ctx.state:
+            ctx.state[self.key] = {"taylor": self.policy.new_cache(self.order), "cached_run": 0, "history": []}
+        state = ctx.state[self.key]
         t = ctx.timestep if ctx.timestep is not None else float(ctx.step)
         io = self.io(graph)
         if self.probe:
             RunSegments(self.probe).run(graph, env, ctx)
         compute = self._decide(graph, env, ctx, state, t, io)
         if compute:
-            values = self._cond_only(graph, env, ctx, state, io, t) if self._wants_cond_only(ctx) else None
+            values = self._cond_only(graph, env, ctx, state, io, t) if self.policy.cond_only_now(ctx) else None
             if values is None:
                 before = [env[i] for i, _ in io.pairs]
                 RunSegments(self.blocks).run(graph, env, ctx)
@@ -418,7 +564,7 @@ class CachedSpan(Stage):
             state["history"].append(t)
         else:
             inputs = [env[i] for i, _ in io.pairs]
-            predicted, added = self._forecast(state["taylor"], ctx, t, inputs)
+            predicted, added = self.policy.forecast(state["taylor"], ctx, t, inputs, self.order)
             for k, (i, o) in enumerate(io.pairs):
                 env[o] = predicted[k] if added else torch.add(inputs[k], predicted[k], out=laid_out_like(predicted[k], inputs[k]))
             for k, o in enumerate(io.unpaired):
@@ -426,10 +572,6 @@ class CachedSpan(Stage):
                 env[o] = predicted[len(io.pairs) + k].clone()
             state["cached_run"] += 1
             ctx.record.setdefault("cached", []).extend(self.blocks)
-
-    def _wants_cond_only(self, ctx: StepContext) -> bool:
-        policy = self.policy
-        return isinstance(policy, StaticSchedule) and bool(policy.cond_only) and policy.matches(ctx) and policy.cond_only[ctx.step]
 
     def _cond_only(self, graph: DiTGraph, env: dict[str, Any], ctx: StepContext, state: dict, io: SpanIO, t: float) -> list[torch.Tensor] | None:
         """Compute the span on the second half of the rows and rebuild the first half from the
@@ -464,40 +606,8 @@ class CachedSpan(Stage):
         ctx.record.setdefault("cond_only", []).extend(self.blocks)
         return values
 
-    def _forecast(self, cache: Any, ctx: StepContext, t: float, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], bool]:
-        """(forecast values, whether the paired inputs are already added to them)."""
-        if not isinstance(cache, ForecastHistory):
-            return cache.predict(t), False
-        weights = self.policy.weights[ctx.step] if self.policy.matches(ctx) else ()
-        if weights and len(weights) <= len(cache.values):
-            return cache.predict(weights, base=inputs), True
-        # Another step count than calibrated: the weights belong to other steps; use Taylor.
-        return cache.taylor(t, min(self.order, len(cache.values) - 1)), False
-
     def _decide(self, graph: DiTGraph, env: dict[str, Any], ctx: StepContext, state: dict, t: float, io: SpanIO) -> bool:
-        policy = self.policy
-        first = state["taylor"].t is None
-        if isinstance(policy, StaticSchedule):
-            return True if first else static_decision(policy, ctx, state)
-
-        probe = self._probe_residual(graph, env, io)
-        compute = first or ctx.step < policy.warmup or state["cached_run"] >= policy.max_cached
-        if not compute and isinstance(policy, ProbeGate):
-            ref = state["probe_ref"]
-            change = float((probe - ref).abs().mean() / ref.abs().mean().clamp_min(1e-12))
-            ctx.record["probe_change"] = change
-            compute = change >= policy.threshold
-        elif not compute and isinstance(policy, ConfidenceGate):
-            forecast = state["probe_taylor"].predict(t)[0]
-            err = float((probe - forecast).norm() / probe.norm().clamp_min(1e-12))
-            ctx.record["probe_error"] = err
-            compute = err >= policy.threshold
-        elif not isinstance(policy, (ProbeGate, ConfidenceGate)):
-            raise TypeError(f"unknown cache policy {policy!r}")
-        if compute:
-            state["probe_ref"] = probe
-            state.setdefault("probe_taylor", TaylorCache(max(self.order, 1))).update([probe], t)
-        return compute
+        return self.policy.decide(lambda: self._probe_residual(graph, env, io), ctx, state, t, state["taylor"].t is None, self.order)
 
     def _probe_residual(self, graph: DiTGraph, env: dict[str, Any], io: SpanIO) -> torch.Tensor:
         """What the probe blocks added to the image stream on this step."""
@@ -509,46 +619,16 @@ class CachedSpan(Stage):
 # --------------------------------------------------------------------------------------------
 # Stages as data (export artifacts)
 # --------------------------------------------------------------------------------------------
-def policy_spec(policy: Any, prefix: str) -> StageSpec:
-    """A cache policy as JSON plus tensors named `prefix`...: timesteps and fitted weights go in
-    float64 tensors (exact, and NaN-safe where JSON is not)."""
-    if isinstance(policy, (ProbeGate, ConfidenceGate)):
-        kind = "probe" if isinstance(policy, ProbeGate) else "confidence"
-        return {"type": kind, "threshold": policy.threshold, "warmup": policy.warmup, "max_cached": policy.max_cached}, {}
-    if not isinstance(policy, StaticSchedule):
-        raise TypeError(f"unknown cache policy {policy!r}")
-    tensors = {f"{prefix}timesteps": torch.tensor(policy.timesteps, dtype=torch.float64)}
-    weights: list[dict[str, Any] | None] = []
-    for step, per_history in enumerate(policy.weights):
-        if not per_history:
-            weights.append(None)
-            continue
-        name = f"{prefix}weights.{step}"
-        tensors[name] = torch.tensor([w for ws in per_history for w in ws], dtype=torch.float64)
-        weights.append({"tensor": name, "lengths": [len(ws) for ws in per_history]})
-    return {"type": "static", "compute": list(policy.compute), "timesteps": f"{prefix}timesteps", "on_mismatch": policy.on_mismatch,
-            "weights": weights, "cond_only": list(policy.cond_only), "cfg_delta_order": policy.cfg_delta_order}, tensors
+def policy_spec(policy: SpanPolicy, prefix: str) -> StageSpec:
+    """A span policy as JSON plus tensors named `prefix`... (see each policy's `to_spec`)."""
+    return policy.to_spec(prefix)
 
 
-def policy_from_spec(spec: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Any:
+def policy_from_spec(spec: dict[str, Any], tensors: dict[str, torch.Tensor]) -> SpanPolicy:
     kind = spec.get("type")
-    if kind in ("probe", "confidence"):
-        cls = ProbeGate if kind == "probe" else ConfidenceGate
-        return cls(float(spec["threshold"]), int(spec["warmup"]), int(spec["max_cached"]))
-    if kind != "static":
-        raise ValueError(f"unknown cache policy type {kind!r}")
-    weights = []
-    for entry in spec["weights"]:
-        if entry is None:
-            weights.append(())
-            continue
-        flat, out, at = tensors[entry["tensor"]].tolist(), [], 0
-        for n in entry["lengths"]:
-            out.append(tuple(flat[at : at + n]))
-            at += n
-        weights.append(tuple(out))
-    return StaticSchedule(tuple(bool(c) for c in spec["compute"]), tuple(tensors[spec["timesteps"]].tolist()), spec["on_mismatch"],
-                          tuple(weights), tuple(bool(c) for c in spec["cond_only"]), int(spec["cfg_delta_order"]))
+    if kind not in POLICY_TYPES:
+        raise ValueError(f"unknown cache policy type {kind!r} (known: {sorted(POLICY_TYPES)})")
+    return POLICY_TYPES[kind].from_spec(spec, tensors)
 
 
 register_stage_loader(CachedSpan.kind, lambda spec, tensors: CachedSpan(

@@ -1,4 +1,5 @@
-"""The caching passes: each rewrites the plan, replacing block stages with CachedSpan stages."""
+"""The calibrated static schedule: the fewest computed steps (and their placement, forecast and
+conditional-only steps) whose sampled PSNR meets the budget, searched with the one budget search."""
 
 from __future__ import annotations
 
@@ -10,206 +11,13 @@ from pydantic import Field, model_validator
 from ditopt.errors import CalibrationError, InvalidProfileError
 from ditopt.profiles.fields import Bool, Float, Int, Step, check_steps, check_unique
 from ditopt.graph import DiTGraph
-from ditopt.plan import RunSegments, Stage
-from ditopt.registry import PassConfig, PassContext, PassLevel, PassOutcome, PassResult, register_pass
-
-# Every caching pass owns the step schedule of the whole block stack: one per profile.
-STEP_SCHEDULE = ("step_schedule",)
+from ditopt.registry import PassContext, PassLevel, PassOutcome, PassResult, register_pass
 from ditopt.search import BudgetSearch, smallest_passing
 
-from .schedule import (
-    cond_only_placement,
-    fit_forecast_weights,
-    forecast_errors,
-    periodic_schedule,
-    quantile_schedule,
-    span_residual_sketch,
-    step_changes,
-    sketch_channels,
-    weighted_forecast_errors,
-)
-from .features import FeatureForecast, NoFeaturesError, add_feature_variants
-from .stage import CachedSpan, ConfidenceGate, ProbeGate, StaticSchedule
-
-Auto = Literal["auto"]
-
-
-class CachingConfig(PassConfig):
-    """Base of the caching passes' configs. Each pass rewrites the whole block stack's step
-    schedule, so each declares that it ensures and conflicts with STEP_SCHEDULE (one per profile)."""
-
-
-# --------------------------------------------------------------------------------------------
-# Plan surgery shared by the passes
-# --------------------------------------------------------------------------------------------
-def _block_names(graph: DiTGraph) -> list[str]:
-    return [s.name for s in graph.block_segments]
-
-
-def _plan_blocks_are_plain(graph: DiTGraph) -> bool:
-    names = set(_block_names(graph))
-    for stage in graph.plan:
-        if names & set(stage.segment_names()) and not isinstance(stage, RunSegments):
-            return False
-    return True
-
-
-def replace_blocks(graph: DiTGraph, stages: list[Stage]) -> DiTGraph:
-    """New plan: prologue stages, `stages` in place of all block stages, epilogue stages."""
-    names = set(_block_names(graph))
-    before, after, seen_block = [], [], False
-    for stage in graph.plan:
-        if names & set(stage.segment_names()):
-            seen_block = True
-            continue
-        (after if seen_block else before).append(stage)
-    return graph.evolve(plan=tuple(before) + tuple(stages) + tuple(after))
-
-
-def _require_plain(graph: DiTGraph, name: str) -> None:
-    if not _plan_blocks_are_plain(graph):
-        raise InvalidProfileError(f"pass {name!r}: the blocks are already cached by an earlier pass; use one caching pass per profile")
-
-
-def _steps_and_times(ctx: PassContext, name: str) -> tuple[int, tuple[float, ...]]:
-    stats = ctx.stats
-    if stats is not None:
-        return stats.num_steps, tuple(stats.timesteps)
-    if ctx.num_steps is None:
-        raise CalibrationError(f"pass {name!r} needs the number of sampling steps: pass num_steps=... or calibrate")
-    return ctx.num_steps, ()
-
-
-def _span(graph: DiTGraph, start: int, end: int | None) -> tuple[str, ...]:
-    names = _block_names(graph)
-    end = len(names) if end is None else end
-    if not (0 <= start < end <= len(names)):
-        raise InvalidProfileError(f"block span [{start}, {end}) is outside the model's {len(names)} blocks")
-    return tuple(names[start:end])
-
-
-def _report(stages: list[CachedSpan], graph: DiTGraph, steps: int) -> dict[str, Any]:
-    """Predicted saving: block evaluations per generation, with and without caching."""
-    total = len(_block_names(graph)) * steps
-    computed = total
-    for st in stages:
-        if isinstance(st.policy, StaticSchedule):
-            computed -= len(st.blocks) * (steps - sum(st.policy.compute))
-    return {
-        "stages": [st.describe() for st in stages],
-        "block_evaluations": computed,
-        "block_evaluations_uncached": total,
-        "predicted_block_saving": round(1 - computed / total, 4) if total else 0.0,
-    }
-
-
-# --------------------------------------------------------------------------------------------
-# Residual cache (FORA) and Δ-DiT
-# --------------------------------------------------------------------------------------------
-class ResidualCacheConfig(CachingConfig):
-    """Reuse (order 0) or forecast the residual of blocks [start, end) on a periodic schedule."""
-
-    start: Int = Field(0, ge=0)
-    end: Int | None = Field(None, ge=1)
-    interval: Int = Field(2, ge=1, description="compute every N-th step after warm-up")
-    warmup: Int = Field(2, ge=1)
-    order: Int = Field(0, ge=0, le=2)
-    phase: Literal["all", "early", "late"] = "all"
-    phase_boundary: Float = Field(0.5, gt=0, lt=1, description="fraction of steps where 'early' ends")
-
-    @model_validator(mode="after")
-    def _span_is_not_empty(self) -> "ResidualCacheConfig":
-        if self.end is not None and self.end <= self.start:
-            raise ValueError(f"the block span [start, end) = [{self.start}, {self.end}) is empty: end must be greater than start")
-        return self
-
-
-@register_pass("residual_cache", ResidualCacheConfig, level=PassLevel.PLAN, lossy=True, ensures=STEP_SCHEDULE, conflicts=STEP_SCHEDULE, example={})
-def residual_cache(graph: DiTGraph, config: ResidualCacheConfig, ctx: PassContext) -> PassResult:
-    """FORA / Δ-Cache: reuse a block span's residual on a periodic schedule."""
-    _require_plain(graph, "residual_cache")
-    steps, times = _steps_and_times(ctx, "residual_cache")
-    boundary = int(round(config.phase_boundary * steps))
-    phase = {"all": None, "early": (0, boundary), "late": (boundary, steps)}[config.phase]
-    mask = periodic_schedule(steps, config.interval, config.warmup, phase)
-    span = _span(graph, config.start, config.end)
-    names = _block_names(graph)
-    stage = CachedSpan(span, StaticSchedule(tuple(mask), times), config.order, key="residual_cache")
-    stages: list[Stage] = [RunSegments((n,)) for n in names if names.index(n) < names.index(span[0])]
-    stages += [stage] + [RunSegments((n,)) for n in names if names.index(n) > names.index(span[-1])]
-    return PassResult(replace_blocks(graph, stages), True, _report([stage], graph, steps))
-
-
-class DeltaCacheConfig(CachingConfig):
-    """Δ-DiT: cache rear blocks early in sampling and front blocks late; split and phase
-    boundary chosen from calibration unless given."""
-
-    interval: Int = Field(2, ge=1)
-    warmup: Int = Field(2, ge=1)
-    order: Int = Field(0, ge=0, le=2)
-    split: Int | None = Field(None, ge=1, description="first block of the rear span (default: middle)")
-    boundary: Int | None = Field(None, ge=1, description="first step of the late phase (default: from stats)")
-
-
-@register_pass("delta_cache", DeltaCacheConfig, needs=("trajectory",), level=PassLevel.PLAN, lossy=True, ensures=STEP_SCHEDULE, conflicts=STEP_SCHEDULE, example={})
-def delta_cache(graph: DiTGraph, config: DeltaCacheConfig, ctx: PassContext) -> PassResult:
-    """Δ-DiT: rear span cached in the early phase, front span in the late phase."""
-    _require_plain(graph, "delta_cache")
-    if ctx.stats is None:
-        raise CalibrationError("delta_cache needs calibration statistics (calibration=fn)")
-    names = _block_names(graph)
-    if len(names) < 2:
-        return PassResult(graph, False, {"skipped": "a single block cannot be split into front and rear spans"})
-    split = config.split or len(names) // 2
-    steps, times = ctx.stats.num_steps, list(ctx.stats.timesteps)
-    boundary = config.boundary
-    if boundary is None:
-        # Where the front span's residual starts to change less than the rear span's: from
-        # there on the front (outline) is settled and can be cached instead of the rear.
-        front = _relative_changes(span_residual_sketch(ctx.stats, 0, split - 1))
-        rear = _relative_changes(span_residual_sketch(ctx.stats, split, len(names) - 1))
-        boundary = next((s for s in range(config.warmup, steps) if front[s] < rear[s]), steps // 2)
-    boundary = max(config.warmup, min(boundary, steps - 1))
-    rear_mask = periodic_schedule(steps, config.interval, config.warmup, (0, boundary))
-    front_mask = periodic_schedule(steps, config.interval, config.warmup, (boundary, steps))
-    front_stage = CachedSpan(tuple(names[:split]), StaticSchedule(tuple(front_mask), tuple(times)), config.order, key="delta_front")
-    rear_stage = CachedSpan(tuple(names[split:]), StaticSchedule(tuple(rear_mask), tuple(times)), config.order, key="delta_rear")
-    report = _report([front_stage, rear_stage], graph, steps)
-    report.update({"split": split, "boundary": boundary})
-    return PassResult(replace_blocks(graph, [front_stage, rear_stage]), True, report)
-
-
-def _relative_changes(residual) -> list[float]:
-    diffs = (residual[:, 1:] - residual[:, :-1]).norm(dim=-1) / residual[:, 1:].norm(dim=-1).clamp_min(1e-12)
-    return [math.inf] + diffs.mean(0).tolist()
-
-
-# --------------------------------------------------------------------------------------------
-# TaylorSeer (periodic forecasting) and the calibrated static schedule
-# --------------------------------------------------------------------------------------------
-class TaylorForecastConfig(CachingConfig):
-    """TaylorSeer: full compute on warm-up steps and every N-th step, Taylor forecast between;
-    `target="features"` forecasts each block's pre-gate attention/FFN outputs and recomputes the
-    adaLN gate (as the paper), `"residual"` forecasts what the whole block stack adds."""
-
-    order: Int = Field(2, ge=0, le=2)
-    interval: Int = Field(4, ge=1)
-    warmup: Int = Field(3, ge=1)
-    target: Literal["features", "residual"] = "features"
-
-
-@register_pass("taylor_forecast", TaylorForecastConfig, level=PassLevel.PLAN, lossy=True, ensures=STEP_SCHEDULE, conflicts=STEP_SCHEDULE,
-               example={"interval": 2, "warmup": 1})
-def taylor_forecast(graph: DiTGraph, config: TaylorForecastConfig, ctx: PassContext) -> PassResult:
-    """TaylorSeer: forecast all blocks' residual by Taylor expansion between full steps."""
-    _require_plain(graph, "taylor_forecast")
-    steps, times = _steps_and_times(ctx, "taylor_forecast")
-    mask = periodic_schedule(steps, config.interval, config.warmup)
-    try:
-        new, stage = forecast_plan(graph, StaticSchedule(tuple(mask), times), config.order, config.target)
-    except NoFeaturesError as exc:
-        return PassResult(graph, False, {"skipped": str(exc)})
-    return PassResult(new, True, _report([stage], graph, steps))
+from .common import (STEP_SCHEDULE, Auto, CachingConfig, block_names, caching_report, forecast_plan, replace_blocks, require_plain)
+from .schedule import (cond_only_placement, fit_forecast_weights, forecast_errors, quantile_schedule,
+                       span_residual_sketch, step_changes, sketch_channels, weighted_forecast_errors)
+from .stage import CachedSpan, StaticSchedule
 
 
 class CalibratedScheduleConfig(CachingConfig):
@@ -287,28 +95,16 @@ class CalibratedScheduleConfig(CachingConfig):
         return self
 
 
-def forecast_plan(graph: DiTGraph, policy: StaticSchedule, order: int, target: str) -> tuple[DiTGraph, Stage]:
-    """All blocks under one static schedule, forecasting either the stack's residual or each
-    block's pre-gate features."""
-    blocks = tuple(_block_names(graph))
-    if target == "features":
-        with_variants, features, additive = add_feature_variants(graph, blocks)
-        stage: Stage = FeatureForecast(blocks, {k: tuple(v) for k, v in features.items()}, policy, order, additive=additive)
-        return replace_blocks(with_variants, [stage]), stage
-    stage = CachedSpan(blocks, policy, order, key="schedule")
-    return replace_blocks(graph, [stage]), stage
-
-
 @register_pass("calibrated_schedule", CalibratedScheduleConfig, needs=("trajectory",), level=PassLevel.PLAN, lossy=True, ensures=STEP_SCHEDULE, conflicts=STEP_SCHEDULE,
                example={"computed_steps": 3})
 def calibrated_schedule(graph: DiTGraph, config: CalibratedScheduleConfig, ctx: PassContext) -> PassResult:
     """Calibrated static schedule with Taylor forecasting, searched against the PSNR budget."""
-    _require_plain(graph, "calibrated_schedule")
+    require_plain(graph, "calibrated_schedule")
     stats = ctx.stats
     if stats is None:
         raise CalibrationError("calibrated_schedule needs calibration statistics (calibration=fn)")
     steps, times = stats.num_steps, tuple(stats.timesteps)
-    residual = span_residual_sketch(stats, 0, len(_block_names(graph)) - 1)
+    residual = span_residual_sketch(stats, 0, len(block_names(graph)) - 1)
     t_axis = [t if not math.isnan(t) else float(i) for i, t in enumerate(times)]
 
     if config.forecast == "fitted" and config.target != "residual":
@@ -342,7 +138,7 @@ def calibrated_schedule(graph: DiTGraph, config: CalibratedScheduleConfig, ctx: 
 
     def finish(forecast: str, order: int, mask: list[bool], extra: dict[str, Any], cond: list[bool] | None = None) -> PassResult:
         new, stage = forecast_plan(graph, policy(forecast, mask, cond), order, config.target)
-        report = _report([stage], graph, steps)
+        report = caching_report([stage], graph, steps)
         if forecast == "fitted":
             errors = weighted_forecast_errors(residual, stage.policy.weights, channels)
         else:
@@ -434,7 +230,7 @@ def calibrated_schedule(graph: DiTGraph, config: CalibratedScheduleConfig, ctx: 
 
 def _span_bounds(graph: DiTGraph, starts: tuple[int, ...] | None) -> list[tuple[int, int]]:
     """[(first, last)] block indices of each span, inclusive."""
-    n = len(_block_names(graph))
+    n = len(block_names(graph))
     cuts = [0, *(starts or ()), n]
     if any(a >= b for a, b in zip(cuts, cuts[1:])):
         raise InvalidProfileError(f"calibrated_schedule: span_starts {list(starts or ())} must rise strictly within 1..{n - 1}")
@@ -450,7 +246,7 @@ def _span_plan(graph: DiTGraph, config: CalibratedScheduleConfig, stats: Any, ca
     if config.target != "residual" or config.order == "auto" or config.forecast == "auto":
         raise InvalidProfileError("calibrated_schedule: span_compute_steps needs target='residual' and a concrete order and forecast")
     forecast, order = candidates[0] if config.forecast != "taylor" else candidates[-1]
-    names, steps, times = _block_names(graph), stats.num_steps, tuple(stats.timesteps)
+    names, steps, times = block_names(graph), stats.num_steps, tuple(stats.timesteps)
     stages = []
     for i, ((first, last), chosen) in enumerate(zip(spans, config.span_compute_steps or ())):
         computed = set(chosen)
@@ -460,7 +256,7 @@ def _span_plan(graph: DiTGraph, config: CalibratedScheduleConfig, stats: Any, ca
             weights = fit_forecast_weights(span_residual_sketch(stats, first, last), mask, t_axis, config.history, channels, num_channels)
         policy = StaticSchedule(tuple(mask), times, config.on_mismatch, weights)
         stages.append(CachedSpan(tuple(names[first : last + 1]), policy, order, key=f"schedule_span{i}"))
-    report = _report(stages, graph, steps)
+    report = caching_report(stages, graph, steps)
     report["forecast"] = forecast
     return PassResult(replace_blocks(graph, stages), True, report, replay=("calibrated_schedule", config))
 
@@ -489,89 +285,3 @@ def _search_cond_only(psnr: Callable[[int, int], float], target: float, warmup: 
         if price < best[0]:
             best = (price, k, c, psnr(k, c))
     return best[1], best[2], best[3]
-
-
-# --------------------------------------------------------------------------------------------
-# Probe-gated cache (FirstBlockCache / DBCache) and confidence-gated forecasting
-# --------------------------------------------------------------------------------------------
-class ProbeCacheConfig(CachingConfig):
-    """Compute the first `probe_blocks` blocks every step; skip the rest while the probe's
-    relative L1 change since the last full step stays under `threshold` ('auto': calibrated
-    against the budget)."""
-
-    probe_blocks: Int = Field(1, ge=1)
-    threshold: Union[Annotated[Float, Field(ge=0)], Auto] = Field("auto", description="relative L1 change >= 0, or 'auto'")
-    warmup: Int = Field(2, ge=1)
-    max_cached: Int = Field(4, ge=1)
-    order: Int = Field(0, ge=0, le=2)
-    margin_db: Float = Field(1.0, ge=0)
-
-
-class ConfidenceForecastConfig(CachingConfig):
-    """Compute block 0 every step and compare it with its own Taylor forecast; forecast the rest
-    while the relative error stays under `threshold` ('auto': calibrated against the budget)."""
-
-    threshold: Union[Annotated[Float, Field(ge=0)], Auto] = Field("auto", description="relative error >= 0, or 'auto'")
-    order: Int = Field(2, ge=1, le=2)
-    warmup: Int = Field(3, ge=1)
-    max_cached: Int = Field(6, ge=1)
-    margin_db: Float = Field(1.0, ge=0)
-
-
-def _gated(graph: DiTGraph, probe_blocks: int, policy: Any, order: int, key: str) -> tuple[DiTGraph, CachedSpan]:
-    names = _block_names(graph)
-    stage = CachedSpan(tuple(names[probe_blocks:]), policy, order, probe=tuple(names[:probe_blocks]), key=key)
-    return replace_blocks(graph, [stage]), stage
-
-
-def _threshold_search(make_graph, ctx: PassContext, margin_db: float, name: str) -> tuple[float, dict[str, Any], PassOutcome]:
-    """Largest threshold (on a log grid) whose sampled PSNR on the calibration inputs meets the budget."""
-    search = BudgetSearch.start(ctx, name, margin_db, what="with threshold='auto'")
-    grid = [0.005 * (2 ** (i / 2)) for i in range(13)]  # 0.005 .. 0.32
-    # Cheapest first: the largest threshold skips the most.
-    found = search.cheapest(grid[::-1], key=lambda t: t, build=make_graph, describe=lambda t: {"threshold": t})
-    chosen = grid[0] if found is None else found
-    predicted = search.memo.get(chosen)
-    report = {"target_psnr_db": search.target_psnr_db, "trials": search.trials, "threshold_met_budget": found is not None}
-    return chosen, report, PassOutcome(predicted, search.target_psnr_db)
-
-
-@register_pass("probe_cache", ProbeCacheConfig, level=PassLevel.PLAN, lossy=True, ensures=STEP_SCHEDULE, conflicts=STEP_SCHEDULE, example={"threshold": 0.1})
-def probe_cache(graph: DiTGraph, config: ProbeCacheConfig, ctx: PassContext) -> PassResult:
-    """FirstBlockCache / DBCache: probe-gated reuse of the blocks after the probe."""
-    _require_plain(graph, "probe_cache")
-    if config.probe_blocks >= len(graph.block_segments):
-        return PassResult(graph, False, {"skipped": "the probe would cover every block"})
-
-    def make(threshold: float) -> DiTGraph:
-        return _gated(graph, config.probe_blocks, ProbeGate(threshold, config.warmup, config.max_cached), config.order, "probe")[0]
-
-    extra: dict[str, Any] = {}
-    outcome = None
-    threshold = config.threshold
-    if threshold == "auto":
-        threshold, extra, outcome = _threshold_search(make, ctx, config.margin_db, "probe_cache")
-    new, stage = _gated(graph, config.probe_blocks, ProbeGate(float(threshold), config.warmup, config.max_cached), config.order, "probe")
-    replay = config.model_copy(update={"threshold": float(threshold)})
-    return PassResult(new, True, {"stages": [stage.describe()], **extra}, replay=("probe_cache", replay), outcome=outcome)
-
-
-@register_pass("confidence_forecast", ConfidenceForecastConfig, level=PassLevel.PLAN, lossy=True, ensures=STEP_SCHEDULE, conflicts=STEP_SCHEDULE,
-               example={"threshold": 0.1})
-def confidence_forecast(graph: DiTGraph, config: ConfidenceForecastConfig, ctx: PassContext) -> PassResult:
-    """CG-Taylor / FoCa: forecast the rest only while block 0 agrees with its own forecast."""
-    _require_plain(graph, "confidence_forecast")
-    if len(graph.block_segments) < 2:
-        return PassResult(graph, False, {"skipped": "needs at least two blocks"})
-
-    def make(threshold: float) -> DiTGraph:
-        return _gated(graph, 1, ConfidenceGate(threshold, config.warmup, config.max_cached), config.order, "confidence")[0]
-
-    extra: dict[str, Any] = {}
-    outcome = None
-    threshold = config.threshold
-    if threshold == "auto":
-        threshold, extra, outcome = _threshold_search(make, ctx, config.margin_db, "confidence_forecast")
-    new, stage = _gated(graph, 1, ConfidenceGate(float(threshold), config.warmup, config.max_cached), config.order, "confidence")
-    replay = config.model_copy(update={"threshold": float(threshold)})
-    return PassResult(new, True, {"stages": [stage.describe()], **extra}, replay=("confidence_forecast", replay), outcome=outcome)

@@ -1,5 +1,6 @@
-"""Attention substitution passes: 2-D neighbourhood attention and PISA block-sparse attention,
-chosen per layer from the "attention" calibration (the mass each pattern keeps)."""
+"""What the attention substitution passes share: the config base and the per-layer choice from the
+"attention" calibration (the mass each pattern keeps, what the substitute costs), and the rewrite
+of the chosen layers. Each pass (neighborhood_attention, block_sparse_attention) is its own module."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from ditopt.kernels.layout import tile_grid
 from ditopt.kernels.neighborhood import neighborhood_density
 from ditopt.kernels.ops import block_sparse_attention_macs, neighborhood_attention_macs
 from ditopt.plan import EarlySteps
-from ditopt.profiles.fields import Bool, Float, Int, check_in, check_unique
-from ditopt.registry import PassConfig, PassContext, PassResult, register_pass
+from ditopt.profiles.fields import Float, Int, check_in, check_unique
+from ditopt.registry import PassConfig, PassContext, PassResult
 
 from .collector import RADII, RHOS, TILES, auto_tile, measurable_sites
 from .rewrite import replace_attention, restore_dense, substitutable, substituted
@@ -42,7 +43,7 @@ DENSE_STEPS_HELP = (
 AutoOr = Literal["auto"]
 
 
-class _AttentionConfig(PassConfig):
+class AttentionConfig(PassConfig):
     reorder: Literal["once", "per_layer"] = Field("once", description="tile-major token order: once after the prologue (falls back to per layer when unsupported), or permute q/k/v inside each substituted attention")
     tile: Union[Annotated[Int, Field(ge=1)], AutoOr] = Field("auto", description="tile edge in tokens (the kernels' tile-major layout), one of the calibrated tiles 2, 4, 8; auto: 8 or 4 (at least 4 tiles per axis), whichever keeps fewer multiply-adds per the calibration (see _pick_tile)")
     min_mass: Float = Field(0.95, ge=0.0, le=1.0, description="a layer stays dense when its calibrated attention mass is below this")
@@ -51,28 +52,9 @@ class _AttentionConfig(PassConfig):
     max_cost: Annotated[Float, Field(gt=0.0)] | None = Field(0.9, description=MAX_COST_HELP)
 
     @model_validator(mode="after")
-    def _calibrated_values(self) -> "_AttentionConfig":
+    def _calibrated_values(self) -> "AttentionConfig":
         check_in("tile", self.tile, TILES, "the tiles calibration measures")
         check_unique("blocks", self.blocks, allow_empty=False)
-        return self
-
-
-class NeighborhoodAttentionConfig(_AttentionConfig):
-    radius: Union[Annotated[Int, Field(ge=0)], AutoOr] = Field("auto", description="window radius in tiles, one of the calibrated radii 1, 2, 3; auto: smallest calibrated radius keeping min_mass")
-
-    @model_validator(mode="after")
-    def _calibrated_radius(self) -> "NeighborhoodAttentionConfig":
-        check_in("radius", self.radius, RADII, "the radii calibration measures")
-        return self
-
-
-class BlockSparseAttentionConfig(_AttentionConfig):
-    rho: Union[Annotated[Float, Field(gt=0.0, le=1.0)], AutoOr] = Field("auto", description="fraction of key blocks kept, one of the calibrated 0.125, 0.25, 0.5; auto: smallest calibrated rho keeping min_mass")
-    compensate: Bool = Field(True, description="first-order compensation for the skipped blocks (PISA)")
-
-    @model_validator(mode="after")
-    def _calibrated_rho(self) -> "BlockSparseAttentionConfig":
-        check_in("rho", self.rho, RHOS, "the fractions calibration measures")
         return self
 
 
@@ -200,7 +182,7 @@ def _pick_tile(graph: DiTGraph, config: Any, ctx: PassContext, pattern: str, sit
     return min(tiles, key=lambda t: (costs[t], -t))
 
 
-def _substitute(graph: DiTGraph, config: Any, ctx: PassContext, pattern: str) -> PassResult:
+def substitute(graph: DiTGraph, config: Any, ctx: PassContext, pattern: str) -> PassResult:
     """Shared driver: per site, decide from calibration; reorder tokens once when asked;
     rewrite; report."""
     original = graph
@@ -351,17 +333,3 @@ def _block_density(site: AttentionSite, block_size: int, rho: float) -> float:
     n = m + t
     kept_keys = min(m, num_selected(math.ceil(m / block_size), rho) * block_size)
     return (t * n + m * t + m * kept_keys) / float(n * n)
-
-
-@register_pass("neighborhood_attention", NeighborhoodAttentionConfig, needs=("attention",), lossy=True,
-               example={"tile": 2, "min_mass": 0.0, "max_cost": None, "radius": 1})
-def neighborhood_attention(graph: DiTGraph, config: NeighborhoodAttentionConfig, ctx: PassContext) -> PassResult:
-    """Replace self/joint attention by tiled 2-D neighbourhood attention where calibration shows it is local."""
-    return _substitute(graph, config, ctx, "neighborhood")
-
-
-@register_pass("block_sparse_attention", BlockSparseAttentionConfig, needs=("attention",), lossy=True,
-               example={"tile": 2, "min_mass": 0.0, "max_cost": None, "rho": 0.5})
-def block_sparse_attention(graph: DiTGraph, config: BlockSparseAttentionConfig, ctx: PassContext) -> PassResult:
-    """Replace self/joint attention by PISA top-rho block-sparse attention where calibration shows it is block-sparse."""
-    return _substitute(graph, config, ctx, "block_sparse")
