@@ -20,7 +20,7 @@ from rich.table import Table
 
 from ditopt.errors import DitoptError
 
-from .app import app, bench_app, console  # noqa: E402  (the Typer apps the command modules register on)
+from ditopt.cli.app import app, bench_app, console  # absolute: see kernels/__init__.py (a top-level `cli` import stays an alias)
 EXIT_OK, EXIT_QUALITY, EXIT_BAD_INPUT = 0, 1, 2
 
 

@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import typer
 
-from .app import bench_app, console
+from ditopt.cli.app import bench_app, console
 
 
 @bench_app.command("models")
