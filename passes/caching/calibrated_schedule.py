@@ -14,7 +14,7 @@ from ditopt.graph import DiTGraph
 from ditopt.registry import PassContext, PassLevel, PassOutcome, PassResult, register_pass
 from ditopt.search import BudgetSearch, smallest_passing
 
-from .common import (STEP_SCHEDULE, Auto, CachingConfig, block_names, caching_report, forecast_plan, replace_blocks, require_plain)
+from .common import STEP_SCHEDULE, Auto, CachingConfig, block_names, caching_report, forecast_plan, replace_blocks, require_plain
 from .schedule import (cond_only_placement, fit_forecast_weights, forecast_errors, quantile_schedule,
                        span_residual_sketch, step_changes, sketch_channels, weighted_forecast_errors)
 from .stage import CachedSpan, StaticSchedule

@@ -9,11 +9,11 @@ from typing import Any, Literal
 from ditopt.errors import CalibrationError, InvalidProfileError
 from ditopt.graph import DiTGraph
 from ditopt.plan import RunSegments, Stage
-from ditopt.registry import PassConfig, PassContext, PassOutcome
+from ditopt.registry import PassConfig, PassContext, PassOutcome, PassResult
 from ditopt.search import BudgetSearch
 
 from .features import FeatureForecast, add_feature_variants
-from .stage import CachedSpan, SpanPolicy
+from .stage import CachedSpan, GatedPolicy, SpanPolicy
 
 # Every caching pass owns the step schedule of the whole block stack: one per profile.
 STEP_SCHEDULE = ("step_schedule",)
@@ -116,3 +116,21 @@ def threshold_search(make_graph, ctx: PassContext, margin_db: float, name: str) 
     predicted = search.memo.get(chosen)
     report = {"target_psnr_db": search.target_psnr_db, "trials": search.trials, "threshold_met_budget": found is not None}
     return chosen, report, PassOutcome(predicted, search.target_psnr_db)
+
+
+def gated_cache(graph: DiTGraph, config: Any, ctx: PassContext, name: str, gate: type[GatedPolicy], probe_blocks: int,
+                key: str) -> PassResult:
+    """The probe-gated passes (probe_cache, confidence_forecast): blocks after the first
+    `probe_blocks` under `gate`, its threshold given or ('auto') searched against the budget."""
+
+    def make(threshold: float) -> DiTGraph:
+        return gated_plan(graph, probe_blocks, gate(threshold, config.warmup, config.max_cached), config.order, key)[0]
+
+    extra: dict[str, Any] = {}
+    outcome = None
+    threshold = config.threshold
+    if threshold == "auto":
+        threshold, extra, outcome = threshold_search(make, ctx, config.margin_db, name)
+    new, stage = gated_plan(graph, probe_blocks, gate(float(threshold), config.warmup, config.max_cached), config.order, key)
+    replay = config.model_copy(update={"threshold": float(threshold)})
+    return PassResult(new, True, {"stages": [stage.describe()], **extra}, replay=(name, replay), outcome=outcome)

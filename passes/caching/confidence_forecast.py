@@ -3,7 +3,7 @@ is forecast while they agree."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Union
+from typing import Annotated, Union
 
 from pydantic import Field
 
@@ -11,8 +11,7 @@ from ditopt.profiles.fields import Float, Int
 from ditopt.graph import DiTGraph
 from ditopt.registry import PassContext, PassLevel, PassResult, register_pass
 
-from .common import (STEP_SCHEDULE, Auto, CachingConfig, gated_plan,
-                     require_plain, threshold_search)
+from .common import STEP_SCHEDULE, Auto, CachingConfig, gated_cache, require_plain
 from .stage import ConfidenceGate
 
 
@@ -34,15 +33,4 @@ def confidence_forecast(graph: DiTGraph, config: ConfidenceForecastConfig, ctx: 
     require_plain(graph, "confidence_forecast")
     if len(graph.block_segments) < 2:
         return PassResult(graph, False, {"skipped": "needs at least two blocks"})
-
-    def make(threshold: float) -> DiTGraph:
-        return gated_plan(graph, 1, ConfidenceGate(threshold, config.warmup, config.max_cached), config.order, "confidence")[0]
-
-    extra: dict[str, Any] = {}
-    outcome = None
-    threshold = config.threshold
-    if threshold == "auto":
-        threshold, extra, outcome = threshold_search(make, ctx, config.margin_db, "confidence_forecast")
-    new, stage = gated_plan(graph, 1, ConfidenceGate(float(threshold), config.warmup, config.max_cached), config.order, "confidence")
-    replay = config.model_copy(update={"threshold": float(threshold)})
-    return PassResult(new, True, {"stages": [stage.describe()], **extra}, replay=("confidence_forecast", replay), outcome=outcome)
+    return gated_cache(graph, config, ctx, "confidence_forecast", ConfidenceGate, 1, "confidence")

@@ -11,8 +11,8 @@ from ditopt.profiles.fields import Int
 from ditopt.graph import DiTGraph
 from ditopt.registry import PassContext, PassLevel, PassResult, register_pass
 
-from .common import (STEP_SCHEDULE, CachingConfig, block_names, caching_report, replace_blocks, require_plain)
-from .schedule import (periodic_schedule, span_residual_sketch)
+from .common import STEP_SCHEDULE, CachingConfig, block_names, caching_report, replace_blocks, require_plain
+from .schedule import periodic_schedule, span_residual_sketch
 from .stage import CachedSpan, StaticSchedule
 
 

@@ -3,7 +3,7 @@ probe's output changes little."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Union
+from typing import Annotated, Union
 
 from pydantic import Field
 
@@ -11,8 +11,7 @@ from ditopt.profiles.fields import Float, Int
 from ditopt.graph import DiTGraph
 from ditopt.registry import PassContext, PassLevel, PassResult, register_pass
 
-from .common import (STEP_SCHEDULE, Auto, CachingConfig, gated_plan,
-                     require_plain, threshold_search)
+from .common import STEP_SCHEDULE, Auto, CachingConfig, gated_cache, require_plain
 from .stage import ProbeGate
 
 
@@ -35,15 +34,4 @@ def probe_cache(graph: DiTGraph, config: ProbeCacheConfig, ctx: PassContext) -> 
     require_plain(graph, "probe_cache")
     if config.probe_blocks >= len(graph.block_segments):
         return PassResult(graph, False, {"skipped": "the probe would cover every block"})
-
-    def make(threshold: float) -> DiTGraph:
-        return gated_plan(graph, config.probe_blocks, ProbeGate(threshold, config.warmup, config.max_cached), config.order, "probe")[0]
-
-    extra: dict[str, Any] = {}
-    outcome = None
-    threshold = config.threshold
-    if threshold == "auto":
-        threshold, extra, outcome = threshold_search(make, ctx, config.margin_db, "probe_cache")
-    new, stage = gated_plan(graph, config.probe_blocks, ProbeGate(float(threshold), config.warmup, config.max_cached), config.order, "probe")
-    replay = config.model_copy(update={"threshold": float(threshold)})
-    return PassResult(new, True, {"stages": [stage.describe()], **extra}, replay=("probe_cache", replay), outcome=outcome)
+    return gated_cache(graph, config, ctx, "probe_cache", ProbeGate, config.probe_blocks, "probe")

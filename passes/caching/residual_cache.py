@@ -11,8 +11,8 @@ from ditopt.graph import DiTGraph
 from ditopt.plan import RunSegments, Stage
 from ditopt.registry import PassContext, PassLevel, PassResult, register_pass
 
-from .common import (STEP_SCHEDULE, CachingConfig, block_names, block_span, caching_report, replace_blocks, require_plain, steps_and_times)
-from .schedule import (periodic_schedule)
+from .common import STEP_SCHEDULE, CachingConfig, block_names, block_span, caching_report, replace_blocks, require_plain, steps_and_times
+from .schedule import periodic_schedule
 from .stage import CachedSpan, StaticSchedule
 
 

@@ -299,7 +299,7 @@ class StaticSchedule(_TaylorForecasting):
         return ForecastHistory(max(len(w) for w in self.weights)) if self.weights else TaylorCache(order)
 
     def forecast(self, cache: Any, ctx: StepContext, t: float, inputs: list[torch.Tensor], order: int) -> tuple[list[torch.Tensor], bool]:
-        if not isinstance(cache, ForecastHistory):
+        if not self.weights:  # new_cache gave a TaylorCache
             return cache.predict(t), False
         weights = self.weights[ctx.step] if self.matches(ctx) else ()
         if weights and len(weights) <= len(cache.values):
@@ -348,7 +348,7 @@ class StaticSchedule(_TaylorForecasting):
 
 
 @dataclass(frozen=True)
-class _ProbeGated(_TaylorForecasting):
+class GatedPolicy(_TaylorForecasting):
     """Gates that run the probe blocks every step and skip the span while a measure of the
     probe's output stays under `threshold` (after `warmup` steps, at most `max_cached` in a row)."""
 
@@ -378,12 +378,12 @@ class _ProbeGated(_TaylorForecasting):
         return {"type": self.type, "threshold": self.threshold, "warmup": self.warmup, "max_cached": self.max_cached}, {}
 
     @classmethod
-    def from_spec(cls, spec: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "_ProbeGated":
+    def from_spec(cls, spec: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "GatedPolicy":
         return cls(float(spec["threshold"]), int(spec["warmup"]), int(spec["max_cached"]))
 
 
 @dataclass(frozen=True)
-class ProbeGate(_ProbeGated):
+class ProbeGate(GatedPolicy):
     """FirstBlockCache / DBCache: compute when the probe residual's relative L1 change since the
     last full step reaches the threshold."""
 
@@ -397,7 +397,7 @@ class ProbeGate(_ProbeGated):
 
 
 @dataclass(frozen=True)
-class ConfidenceGate(_ProbeGated):
+class ConfidenceGate(GatedPolicy):
     """CG-Taylor / FoCa: compute when the probe's output strays from its own Taylor forecast."""
 
     type: ClassVar[str] = "confidence"
@@ -519,6 +519,10 @@ class CachedSpan(Stage):
     kind = "cached-span"
     exportable = True
 
+    def __post_init__(self) -> None:
+        if self.policy.needs_probe and not self.probe:
+            raise ValueError(f"{type(self.policy).__name__} needs probe blocks")
+
     def segment_names(self) -> tuple[str, ...]:
         return self.probe + self.blocks
 
@@ -611,8 +615,6 @@ class CachedSpan(Stage):
 
     def _probe_residual(self, graph: DiTGraph, env: dict[str, Any], io: SpanIO) -> torch.Tensor:
         """What the probe blocks added to the image stream on this step."""
-        if not self.probe:
-            raise ValueError(f"{type(self.policy).__name__} needs probe blocks")
         return env[io.primary_input] - env[cached_span_io(graph, self.probe).primary_input]
 
 

@@ -10,9 +10,9 @@ from ditopt.profiles.fields import Int
 from ditopt.graph import DiTGraph
 from ditopt.registry import PassContext, PassLevel, PassResult, register_pass
 
-from .common import (STEP_SCHEDULE, CachingConfig, caching_report, forecast_plan, require_plain, steps_and_times)
+from .common import STEP_SCHEDULE, CachingConfig, caching_report, forecast_plan, require_plain, steps_and_times
 from .features import NoFeaturesError
-from .schedule import (periodic_schedule)
+from .schedule import periodic_schedule
 from .stage import StaticSchedule
 
 
