@@ -5,3 +5,4 @@ from ditopt.passes import caching  # noqa: F401
 from ditopt.passes import attention  # noqa: F401
 from ditopt.passes import conditioning_memo  # noqa: F401
 from ditopt.passes import patch_layout  # noqa: F401
+from ditopt.passes import pruning  # noqa: F401

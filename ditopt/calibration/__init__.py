@@ -90,16 +90,22 @@ class CalibStats:
         if owners is None:
             return None
         keep_set = set(keep)
+        per_trajectory = set(PER_TRAJECTORY) | self.collector_per_trajectory()
         rows = torch.tensor([i for i, owner in enumerate(owners) if owner in keep_set], dtype=torch.long)
         count = len(owners)
         tensors = {
-            name: (t.index_select(0, rows) if name in PER_TRAJECTORY and t.dim() and t.shape[0] == count else t)
+            name: (t.index_select(0, rows) if name in per_trajectory and t.dim() and t.shape[0] == count else t)
             for name, t in self.tensors.items()
         }
         meta = {**self.meta, "trajectories": int(rows.numel()),
                 "trajectory_layout": None, "restricted_to_samples": sorted(keep_set)}
         reference = self.reference_samples[sorted(keep_set)] if self.reference_samples is not None else None
         return CalibStats(self.graph_hash, self.model_class, self.num_steps, list(self.timesteps), tensors, meta, reference)
+
+    def collector_per_trajectory(self) -> set[str]:
+        """Tensors a plugin collector declared as indexed [trajectory, ...] in the core's
+        trajectory order (its meta's `per_trajectory`), so a restriction subsets them too."""
+        return {n for m in self.meta.values() if isinstance(m, dict) for n in m.get("per_trajectory", ())}
 
     def check_graph(self, graph: DiTGraph) -> None:
         if graph.meta.get("capture_hash", graph.structure_hash()) != self.graph_hash:

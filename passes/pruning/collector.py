@@ -1,0 +1,92 @@
+"""Calibration collector "block_inputs": what the blocks read from before them (the prologue's
+outputs and the call inputs the blocks and the epilogue take), recorded on a subset of steps of
+every calibration trajectory, so that a pruning pass can replay the stack on real activations:
+measure the final-output error of a candidate removal per step, and fit a bridge on the
+original model's streams.
+
+Values with a batch dimension are stored per trajectory, in the core's trajectory order
+(generation, CFG branch, row), so that `CalibStats.restricted_to_samples` keeps only the
+search's samples; values shared by every row (rotary tables) are stored once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ditopt.calibration.streams import span_io
+from ditopt.graph import DiTGraph
+from ditopt.plan import Stage, StepContext
+from ditopt.registry import register_collector
+
+STEP_STRIDE = 4  # record steps 0, 4, 8, ...: enough steps per noise level to rank blocks on
+PREFIX = "block_inputs."
+
+
+def recorded_names(graph: DiTGraph) -> tuple[str, ...]:
+    """The values the blocks and the epilogue read from the prologue or the call."""
+    names = tuple(s.name for s in graph.block_segments) + (graph.epilogue.name,)
+    return span_io(graph, names).inputs
+
+
+class _Recorder(Stage):
+    kind = "calibration-block-inputs"
+
+    def __init__(self, sink: "BlockInputsCollector") -> None:
+        self.sink = sink
+
+    def segment_names(self) -> tuple[str, ...]:
+        return ()
+
+    def run(self, graph: DiTGraph, env: dict[str, Any], ctx: StepContext) -> None:
+        if ctx.step % STEP_STRIDE == 0:
+            self.sink.add(ctx, {n: env[n] for n in self.sink.names})
+
+
+@register_collector("block_inputs")
+class BlockInputsCollector:
+    name = "block_inputs"
+
+    def __init__(self, graph: DiTGraph) -> None:
+        self.names = recorded_names(graph)
+        self.calls: list[tuple[int, int, int, dict[str, Any]]] = []
+
+    def instrument(self, g: DiTGraph) -> DiTGraph:
+        # Recorded after the prologue ran: the first stage of the plan is the prologue's.
+        plan = tuple(g.plan)
+        return g.evolve(plan=plan[:1] + (_Recorder(self),) + plan[1:])
+
+    def add(self, ctx: StepContext, values: dict[str, Any]) -> None:
+        kept = {n: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v for n, v in values.items()}
+        self.calls.append((ctx.generation, ctx.branch, ctx.step, kept))
+
+    def summarise(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        if not self.calls:
+            return {}, {"names": [], "steps": []}
+        steps = sorted({c[2] for c in self.calls})
+        rows = {n: v.shape[0] for n, v in self.calls[0][3].items() if isinstance(v, torch.Tensor) and v.dim()}
+        # Batched values: dim 0 is the call's batch (the latent's rows); the rest are shared.
+        batch = max(rows.values()) if rows else 0
+        batched = [n for n, r in rows.items() if r == batch]
+        groups: dict[tuple[int, int], dict[int, dict[str, Any]]] = {}
+        for generation, branch, step, values in self.calls:
+            groups.setdefault((generation, branch), {})[step] = values
+        complete = [g for g in groups.values() if sorted(g) == steps]
+        tensors: dict[str, torch.Tensor] = {}
+        for n in batched:
+            # [trajectories, recorded steps, *row]
+            tensors[PREFIX + n] = torch.cat([torch.stack([g[s][n] for s in steps], 1) for g in complete], 0)
+        shared = [n for n, v in self.calls[0][3].items() if n not in batched and isinstance(v, torch.Tensor)]
+        for n in shared:
+            tensors[PREFIX + n] = self.calls[0][3][n]
+        meta = {
+            "names": list(self.names),
+            "batched": batched,
+            "shared": shared,
+            "steps": steps,
+            "complete": len(complete) == len(groups),
+            # restricted_to_samples subsets these along dim 0 with the trajectory sketches.
+            "per_trajectory": [PREFIX + n for n in batched] if len(complete) == len(groups) else [],
+        }
+        return tensors, meta

@@ -1,0 +1,236 @@
+"""Depth pruning: remove whole blocks, chosen from their measured effect on the final output.
+
+Importance is measured, not assumed: on calibration activations (collector "block_inputs") the
+pass removes candidate blocks and measures the denoiser output's relative squared error against
+the original's, overall and per third of the trajectory. The removal order is greedy on that
+measurement (each round removes the block whose removal, on top of the ones already removed,
+costs least), with cos(block input, block output) reported only as the cheap prior a naive rule
+would use. With `bridge = "linear"` every maximal interval of removed blocks is replaced by the
+least-squares affine map from its input to its output (bridge.py), and the greedy measurement
+includes the bridges.
+
+How many to remove: `blocks = [...]` and `ratio` apply as written; with neither, the one budget
+search (ditopt.search) takes the longest prefix of the greedy order whose sampled PSNR meets the
+budget, judged end to end like every lossy pass. Blocks keep their segments (a removed block
+passes its streams through), so a caching pass after this one sees the same block indices and
+its schedule is searched on the pruned model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from ditopt.calibration.streams import span_io
+from ditopt.errors import CalibrationError, InvalidProfileError
+from ditopt.graph import DiTGraph
+from ditopt.profiles.fields import Float, Int, check_unique
+from ditopt.registry import PassConfig, PassContext, PassLevel, PassOutcome, PassResult, register_pass
+from ditopt.search import BudgetSearch
+
+from .bridge import fit_stream_bridge
+from .replay import CalibrationReplay
+from .rewrite import (StreamBridge, block_pairs, bridge_segment, conditioning_module, pass_through_segment,
+                      removable, segment_macs, segment_parameters)
+
+
+class LayerPruneConfig(PassConfig):
+    """Remove blocks: the ones listed, a ratio of them in measured order, or (neither given) as
+    many as the profile's PSNR budget allows."""
+
+    blocks: tuple[Int, ...] | None = Field(None, description="explicit block indices to remove (applied as written)")
+    ratio: Float | None = Field(None, gt=0, lt=1, description="fraction of the blocks to remove, in measured order")
+    bridge: Literal["none", "linear"] = Field("linear", description="'linear': replace each removed interval by the "
+                                              "least-squares affine map from its input to its output on calibration "
+                                              "activations (with the adaLN modulation); 'none': pass the streams through")
+    max_ratio: Float = Field(0.75, gt=0, lt=1, description="the search never removes more than this fraction of the blocks")
+    margin_db: Float = Field(0.5, ge=0, description="PSNR margin over the pass's share of the budget on the search's samples")
+    rows: Int = Field(128, ge=2, le=4096, description="calibration (trajectory, step) rows the importance is measured on")
+    ridge: Float = Field(1e-3, ge=0, le=1, description="bridge ridge damping, relative to the mean diagonal of the normal matrix")
+
+    @model_validator(mode="after")
+    def _one_way(self) -> "LayerPruneConfig":
+        if self.blocks is not None and self.ratio is not None:
+            raise ValueError("give blocks or ratio, not both (blocks is the explicit list; ratio picks that many in measured order)")
+        check_unique("blocks", self.blocks, allow_empty=False)
+        if self.blocks is not None and any(b < 0 for b in self.blocks):
+            raise ValueError(f"blocks = {list(self.blocks)}: block indices are 0 or more")
+        return self
+
+
+def intervals(removed: set[int]) -> list[tuple[int, ...]]:
+    runs: list[list[int]] = []
+    for b in sorted(removed):
+        if runs and runs[-1][-1] == b - 1:
+            runs[-1].append(b)
+        else:
+            runs.append([b])
+    return [tuple(r) for r in runs]
+
+
+class Pruner:
+    """Builds pruned graphs for removal sets, with the bridges fitted once per interval."""
+
+    def __init__(self, graph: DiTGraph, config: LayerPruneConfig, replay: CalibrationReplay | None) -> None:
+        self.graph, self.config, self.replay = graph, config, replay
+        self._bridges: dict[tuple[int, ...], dict[str, StreamBridge | None]] = {}
+
+    def bridges(self, interval: tuple[int, ...]) -> dict[str, StreamBridge | None]:
+        if interval not in self._bridges:
+            self._bridges[interval] = self._fit(interval)
+        return self._bridges[interval]
+
+    def _fit(self, interval: tuple[int, ...]) -> dict[str, StreamBridge | None]:
+        g, replay = self.graph, self.replay
+        replay.reference()
+        names = tuple(g.segment_for_block(b).name for b in interval)
+        first = g.segment(names[0])
+        ends = dict(span_io(g, names).pairs)  # interval input stream -> its value after the interval
+        info = next(b for b in g.blocks if b.index == interval[0])
+        streams = {i for i, _ in block_pairs(g, first)}
+        cond = conditioning_module(first, info.modulation, streams)
+        m_rows = replay.conditioning(cond[0], tuple(first.inputs[i] for i in cond[1])) if cond else None
+        out: dict[str, StreamBridge | None] = {}
+        for stream, _ in block_pairs(g, first):
+            end = ends.get(stream)
+            x, y = replay.teacher.get(stream), replay.teacher.get(end) if end else None
+            if x is None or y is None or x.shape != y.shape:
+                out[stream] = None
+                continue
+            per_row = x.shape[0] // replay.rows  # kept tokens per replayed row
+            m = m_rows[torch.arange(replay.rows).repeat_interleave(per_row)] if m_rows is not None else None
+            out[stream] = fit_stream_bridge(x, y, m, self.config.ridge)
+        return out
+
+    def build(self, removed: set[int], graph: DiTGraph | None = None) -> DiTGraph:
+        """`graph` (default: the pass's) with `removed` pruned; the same rewrite at any shape."""
+        g = graph if graph is not None else self.graph
+        for run in intervals(removed):
+            for pos, b in enumerate(run):
+                seg = g.segment_for_block(b)
+                if pos == 0 and self.config.bridge == "linear":
+                    new = bridge_segment(g, seg, self.bridges(run))
+                else:
+                    new = pass_through_segment(g, seg)
+                g = g.with_segment(new)
+        return g
+
+
+def greedy_order(pruner: Pruner, candidates: list[int], limit: int) -> list[dict[str, Any]]:
+    """Remove `limit` blocks one at a time, each round the one whose removal (on top of the
+    earlier ones) gives the smallest replayed output error; one entry per round."""
+    removed: set[int] = set()
+    rounds = []
+    for _ in range(limit):
+        scored = []
+        for b in candidates:
+            if b in removed:
+                continue
+            err = pruner.replay.error(pruner.build(removed | {b}))
+            scored.append((err.total, b, err))
+        if not scored:
+            break
+        total, b, err = min(scored, key=lambda s: (s[0], s[1]))
+        removed.add(b)
+        rounds.append({"block": b, "removed": sorted(removed), **err.to_dict(),
+                       "alone": {str(c): e.total for _, c, e in scored} if len(removed) == 1 else None})
+    return rounds
+
+
+def cosine_prior(replay: CalibrationReplay, graph: DiTGraph) -> dict[int, float]:
+    """cos(block input, block output) of the image stream, mean over replayed tokens: the
+    naive rule's ranking (high: the block changes little)."""
+    replay.reference()
+    out = {}
+    for seg in graph.block_segments:
+        io = span_io(graph, (seg.name,))
+        x, y = replay.teacher.get(io.primary_input), replay.teacher.get(io.primary_output)
+        if x is not None and y is not None and x.shape == y.shape:
+            out[seg.block] = float(torch.nn.functional.cosine_similarity(x, y, dim=-1).mean())
+    return out
+
+
+def _costs(graph: DiTGraph) -> tuple[int, int]:
+    macs = sum(segment_macs(s) for s in graph.main_segments)
+    params = sum(segment_parameters(s) for s in graph.main_segments)
+    return macs, params
+
+
+@register_pass("layer_prune", LayerPruneConfig, needs=("block_inputs",), level=PassLevel.NODE, lossy=True,
+               example={"blocks": [1]})
+def layer_prune(graph: DiTGraph, config: LayerPruneConfig, ctx: PassContext) -> PassResult:
+    """Depth pruning: remove the blocks whose measured removal costs least, as many as the budget allows."""
+    blocks = [b.index for b in graph.blocks]
+    if len(blocks) < 2:
+        return PassResult(graph, False, {"skipped": f"the model has {len(blocks)} block; pruning needs two or more"})
+    fixed = {b: why for b in blocks if (why := removable(graph, graph.segment_for_block(b)))}
+    candidates = [b for b in blocks if b not in fixed]
+    if config.blocks is not None:
+        unknown = sorted(set(config.blocks) - set(blocks))
+        if unknown:
+            raise InvalidProfileError(f"layer_prune blocks = {list(config.blocks)}: the model has blocks 0..{len(blocks) - 1}, "
+                                      f"no {', '.join(map(str, unknown))}")
+        if len(config.blocks) >= len(blocks):
+            raise InvalidProfileError(f"layer_prune blocks = {list(config.blocks)} removes every block; keep at least one")
+        stuck = sorted(set(config.blocks) & set(fixed))
+        if stuck:
+            raise InvalidProfileError(f"layer_prune cannot remove block {stuck[0]}: {fixed[stuck[0]]}")
+    needs_replay = config.blocks is None or config.bridge == "linear"
+    if needs_replay and ctx.stats is None:
+        raise CalibrationError("layer_prune needs calibration statistics (calibration=fn) to measure block importance "
+                               "and fit bridges; or give blocks = [...] with bridge = 'none'")
+    replay = CalibrationReplay(graph, ctx.stats, config.rows) if needs_replay else None
+    pruner = Pruner(graph, config, replay)
+    report: dict[str, Any] = {"bridge": config.bridge}
+    if fixed:
+        report["not_removable"] = {str(b): why for b, why in fixed.items()}
+    searched = False
+    search = None
+    if config.blocks is not None:
+        removed = set(config.blocks)
+    else:
+        limit = len(candidates) if config.ratio is not None else max(1, int(config.max_ratio * len(blocks)))
+        limit = min(limit, len(blocks) - 1, len(candidates))
+        if config.ratio is not None:
+            limit = min(limit, max(1, round(config.ratio * len(blocks))))
+        rounds = greedy_order(pruner, candidates, limit)
+        report["order"] = rounds
+        report["cosine_prior"] = {str(k): v for k, v in cosine_prior(replay, graph).items()}
+        order = [r["block"] for r in rounds]
+        if config.ratio is not None:
+            removed = set(order)
+        else:
+            search = BudgetSearch.start(ctx, "layer_prune", config.margin_db, what="without blocks or ratio")
+            settings = list(range(len(order), 0, -1))  # most blocks removed (cheapest) first
+            k = search.cheapest(settings, key=lambda k: (tuple(sorted(order[:k])), config.bridge),
+                                build=lambda k: (lambda g: pruner.build(set(order[:k]), g)),
+                                describe=lambda k: {"removed": sorted(order[:k])})
+            report["trials"] = search.trials
+            report["target_psnr_db"] = search.target_psnr_db
+            searched = True
+            if k is None:
+                report["skipped"] = (f"removing even one block ({order[0]}) misses the target of "
+                                     f"{search.target_psnr_db:.2f} dB on the search's samples; nothing removed")
+                return PassResult(graph, False, report)
+            removed = set(order[:k])
+    pruned = pruner.build(removed)
+    macs0, params0 = _costs(graph)
+    macs1, params1 = _costs(pruned)
+    report.update({
+        "removed": sorted(removed), "intervals": [list(r) for r in intervals(removed)],
+        "blocks_before": len(blocks), "blocks_after": len(blocks) - len(removed),
+        "macs_before": macs0, "macs_after": macs1, "parameters_before": params0, "parameters_after": params1,
+    })
+    if replay is not None:
+        report["replayed_error"] = replay.error(pruned).to_dict()
+        report["replayed_rows"] = replay.rows
+    resolved = config.model_copy(update={"blocks": tuple(sorted(removed)), "ratio": None})
+    outcome = None
+    if searched:
+        predicted = next(t["psnr_db"] for t in reversed(search.trials) if t["removed"] == sorted(removed))
+        report["predicted_psnr_db"] = predicted
+        outcome = PassOutcome(predicted_psnr_db=predicted, target_psnr_db=search.target_psnr_db,
+                              saving=1.0 - macs1 / macs0 if macs0 else None)
+    return PassResult(pruned, True, report, replay=("layer_prune", resolved), outcome=outcome)

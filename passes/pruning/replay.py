@@ -1,0 +1,141 @@
+"""The block stack replayed on recorded calibration activations (collector "block_inputs").
+
+`CalibrationReplay` rebuilds, from the statistics, the values the blocks read on a sample of
+(trajectory, step) rows, runs a candidate graph's blocks and epilogue on them in batches of the
+graph's own batch size, and measures the final output's squared error against the original's,
+overall and per step bucket. The original run also keeps, per stream value at every block
+boundary, a fixed subset of its tokens: the teacher activations a bridge is fitted on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+from ditopt.errors import CalibrationError
+from ditopt.graph import DiTGraph
+
+from .collector import PREFIX
+
+BUCKETS = ("early", "middle", "late")
+FIT_TOKENS = 32  # tokens per row kept for fitting bridges
+
+
+@dataclass
+class ReplayError:
+    total: float  # sum of squared error / sum of squared original output, over all rows
+    buckets: dict[str, float]  # the same per third of the recorded steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rel_sq_err": self.total, "by_step": self.buckets}
+
+
+class CalibrationReplay:
+    def __init__(self, graph: DiTGraph, stats: Any, max_rows: int = 128, seed: int = 0) -> None:
+        meta = stats.meta.get("block_inputs") if stats is not None else None
+        if not meta or not meta.get("names"):
+            raise CalibrationError("layer pruning replays the blocks on calibration activations: calibrate with the "
+                                   "'block_inputs' collector (the pass's needs), with a calibration function that samples")
+        self.graph = graph
+        self.batch = self._batch(graph)
+        batched = {n: stats.tensors[PREFIX + n] for n in meta["batched"]}
+        self.shared = {n: stats.tensors[PREFIX + n] for n in meta["shared"]}
+        steps = list(meta["steps"])
+        first = next(iter(batched.values()))
+        traj, nsteps = first.shape[0], first.shape[1]
+        flat = {n: t.reshape(traj * nsteps, *t.shape[2:]) for n, t in batched.items()}
+        total = traj * nsteps
+        usable = (min(max_rows, total) // self.batch) * self.batch
+        if usable == 0:
+            raise CalibrationError(f"calibration recorded {total} rows, fewer than the graph's batch of {self.batch}")
+        gen = torch.Generator().manual_seed(seed)
+        rows = torch.randperm(total, generator=gen)[:usable].sort().values
+        self.values = {n: t.index_select(0, rows) for n, t in flat.items()}
+        step_of_row = torch.tensor(steps).repeat(traj).index_select(0, rows)
+        last = max(steps) if steps else 0
+        self.bucket = torch.clamp((step_of_row.float() * len(BUCKETS) / (last + 1)).long(), max=len(BUCKETS) - 1)
+        self.rows = usable
+        self.seed = seed
+        self._reference: list[list[torch.Tensor]] | None = None
+        self.teacher: dict[str, torch.Tensor] = {}  # stream value name -> [rows * k, d] kept tokens
+        self._token_index: dict[int, torch.Tensor] = {}
+
+    @staticmethod
+    def _batch(graph: DiTGraph) -> int:
+        seg = graph.block_segments[0]
+        vals = [n.meta.get("val") for n in seg.module.graph.nodes if n.op == "placeholder"]
+        return max(int(v.shape[0]) for v in vals if isinstance(v, torch.Tensor) and v.dim())
+
+    def envs(self) -> Iterator[tuple[slice, dict[str, Any]]]:
+        for start in range(0, self.rows, self.batch):
+            sl = slice(start, start + self.batch)
+            env = {n: v[sl] for n, v in self.values.items()}
+            env.update(self.shared)
+            yield sl, env
+
+    def run(self, graph: DiTGraph, keep: set[str] = frozenset()) -> tuple[list[list[torch.Tensor]], dict[str, list[torch.Tensor]]]:
+        """Epilogue outputs per batch, and the values named in `keep` per batch."""
+        outs, kept = [], {n: [] for n in keep}
+        blocks = [s for s in graph.main_segments if s.kind != "prologue"]
+        with torch.no_grad():
+            for _, env in self.envs():
+                for seg in blocks:
+                    seg.run(env)
+                    for n in keep & set(seg.outputs):
+                        kept[n].append(env[n])
+                outs.append([env[o] for o in graph.epilogue.outputs])
+        return outs, kept
+
+    def reference(self) -> list[list[torch.Tensor]]:
+        if self._reference is None:
+            streams = {o for s in self.graph.block_segments for o in s.outputs} | set(self.graph.block_segments[0].inputs)
+            outs, kept = self.run(self.graph, keep=streams)
+            self._reference = outs
+            for name in self.graph.block_segments[0].inputs:
+                if name in self.values:
+                    kept[name] = [self.values[name]]
+            for name, parts in kept.items():
+                if parts and parts[0].dim() == 3:
+                    self.teacher[name] = self._subsample(torch.cat(parts, 0))
+        return self._reference
+
+    def _subsample(self, value: torch.Tensor) -> torch.Tensor:
+        """[rows, tokens, d] -> [rows * k, d]: the same k token positions for every value with
+        this many tokens, so inputs and outputs of an interval line up."""
+        tokens = value.shape[1]
+        if tokens not in self._token_index:
+            gen = torch.Generator().manual_seed(self.seed + tokens)
+            k = min(FIT_TOKENS, tokens)
+            self._token_index[tokens] = torch.randperm(tokens, generator=gen)[:k].sort().values
+        return value[:, self._token_index[tokens]].reshape(-1, value.shape[-1]).float()
+
+    def error(self, graph: DiTGraph) -> ReplayError:
+        ref = self.reference()
+        outs, _ = self.run(graph)
+        num = torch.zeros(self.rows)
+        den = torch.zeros(self.rows)
+        for b, (got, want) in enumerate(zip(outs, ref)):
+            sl = slice(b * self.batch, (b + 1) * self.batch)
+            for g, w in zip(got, want):
+                if isinstance(w, torch.Tensor) and w.is_floating_point():
+                    num[sl] += (g.float() - w.float()).pow(2).reshape(self.batch, -1).sum(1)
+                    den[sl] += w.float().pow(2).reshape(self.batch, -1).sum(1)
+        if not torch.isfinite(num).all():
+            return ReplayError(float("inf"), {k: float("inf") for k in BUCKETS})
+        buckets = {}
+        for i, name in enumerate(BUCKETS):
+            mask = self.bucket == i
+            if mask.any():
+                buckets[name] = float(num[mask].sum() / den[mask].sum().clamp_min(1e-30))
+        return ReplayError(float(num.sum() / den.sum().clamp_min(1e-30)), buckets)
+
+    def conditioning(self, module: torch.nn.Module, inputs: tuple[str, ...]) -> torch.Tensor:
+        """A block's modulation vectors [rows, dm] on the replayed rows."""
+        parts = []
+        with torch.no_grad():
+            for _, env in self.envs():
+                out = module(*[env[n] for n in inputs])
+                parts.append(torch.cat(list(out), -1).float())
+        return torch.cat(parts, 0)
