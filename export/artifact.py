@@ -180,7 +180,7 @@ def _check_exportable(graph: DiTGraph) -> None:
         raise ArtifactError(
             f"the graph runs other segment versions on the first steps of every generation ({rules}); "
             "artifacts have no step state, so the export would silently run the later steps' version on every step. "
-            "Optimize with dense_steps=0 in the attention passes to export this model"
+            "Optimize with dense_steps=0 in the attention passes (full_steps=0 in layer_prune) to export this model"
         )
     for stage in graph.plan:
         if not getattr(type(stage), "exportable", True):

@@ -10,8 +10,11 @@ least-squares affine map from its input to its output (bridge.py), and the greed
 includes the bridges.
 
 How many to remove: `blocks = [...]` and `ratio` apply as written; with neither, the one budget
-search (ditopt.search) takes the longest prefix of the greedy order whose sampled PSNR meets the
-budget, judged end to end like every lossy pass. Blocks keep their segments (a removed block
+search (ditopt.search) looks for the cheapest (prefix of the greedy order, full_steps) pair whose
+sampled PSNR meets the budget, judged end to end like every lossy pass. `full_steps` is
+step-ranged removal: the removed blocks still run on the first steps of each generation, as an
+EarlySteps rule (ditopt.plan) holding the original segments, so it composes with a cache
+schedule the way attention's dense_steps does. Blocks keep their segments (a removed block
 passes its streams through), so a caching pass after this one sees the same block indices and
 its schedule is searched on the pruned model.
 """
@@ -26,6 +29,7 @@ from pydantic import Field, model_validator
 from ditopt.calibration.streams import span_io
 from ditopt.errors import CalibrationError, InvalidProfileError
 from ditopt.graph import DiTGraph
+from ditopt.plan import EarlySteps
 from ditopt.profiles.fields import Float, Int, check_unique
 from ditopt.registry import PassConfig, PassContext, PassLevel, PassOutcome, PassResult, register_pass
 from ditopt.search import BudgetSearch
@@ -49,6 +53,9 @@ class LayerPruneConfig(PassConfig):
     margin_db: Float = Field(0.5, ge=0, description="PSNR margin over the pass's share of the budget on the search's samples")
     rows: Int = Field(128, ge=2, le=4096, description="calibration (trajectory, step) rows the importance is measured on")
     ridge: Float = Field(1e-3, ge=0, le=1, description="bridge ridge damping, relative to the mean diagonal of the normal matrix")
+    full_steps: Int | None = Field(None, ge=0, le=10_000, description="the removed blocks still run on the first this-many "
+                                   "steps of every generation (step-ranged removal; early steps lay out the image and "
+                                   "suffer most); searched with the blocks when neither blocks nor ratio is given, else 0")
 
     @model_validator(mode="after")
     def _one_way(self) -> "LayerPruneConfig":
@@ -104,9 +111,11 @@ class Pruner:
             out[stream] = fit_stream_bridge(x, y, m, self.config.ridge)
         return out
 
-    def build(self, removed: set[int], graph: DiTGraph | None = None) -> DiTGraph:
-        """`graph` (default: the pass's) with `removed` pruned; the same rewrite at any shape."""
+    def build(self, removed: set[int], graph: DiTGraph | None = None, full_steps: int = 0) -> DiTGraph:
+        """`graph` (default: the pass's) with `removed` pruned, from step `full_steps` of each
+        generation on; the same rewrite at any shape."""
         g = graph if graph is not None else self.graph
+        originals = {s.name: s.module for s in g.segments if s.block in removed}
         for run in intervals(removed):
             for pos, b in enumerate(run):
                 seg = g.segment_for_block(b)
@@ -115,6 +124,12 @@ class Pruner:
                 else:
                     new = pass_through_segment(g, seg)
                 g = g.with_segment(new)
+        if full_steps:
+            # Segments a later pass adds to a removed block (caching's `:record`) have no
+            # original: they run pruned on the early steps too (derive gives None).
+            for b in sorted(removed):
+                g = g.with_early_steps(EarlySteps(b, full_steps, lambda seg: originals.get(seg.name), "full",
+                                                  f"layer_prune full_steps={full_steps}"))
         return g
 
 
@@ -150,6 +165,37 @@ def cosine_prior(replay: CalibrationReplay, graph: DiTGraph) -> dict[int, float]
         if x is not None and y is not None and x.shape == y.shape:
             out[seg.block] = float(torch.nn.functional.cosine_similarity(x, y, dim=-1).mean())
     return out
+
+
+def full_steps_grid(steps: int | None) -> list[int]:
+    """Step-ranged removal's candidates: the removed blocks run on none, or the first tenth,
+    two tenths, ... up to six tenths of the steps (cheapest first)."""
+    if not steps:
+        return [0]
+    return sorted({min(steps - 1, round(steps * tenth / 10)) for tenth in range(7)})
+
+
+def search_removal(search: BudgetSearch, pruner: Pruner, order: list[int], grid: list[int], steps: int | None,
+                   bridge: str) -> tuple[int, int] | None:
+    """The (k, full_steps) that saves the most multiply-adds per generation while meeting the
+    budget: for each prefix length k of the greedy order (longest first), the fewest full
+    steps that meet it (bisection: quality rises with full steps), skipping any k or full-steps
+    value that could not beat the best pair found so far."""
+    base = sum(segment_macs(s) for s in pruner.graph.main_segments)
+    best: tuple[int, int] | None = None
+    best_saving = 0.0
+    for k in range(len(order), 0, -1):
+        removed = set(order[:k])
+        saved = base - sum(segment_macs(s) for s in pruner.build(removed).main_segments)
+        useful = [f for f in grid if saved * (1 - f / steps if steps else 1) > best_saving]
+        if not useful:
+            continue  # a shorter prefix saves less, but bridges make it not strictly so
+        f = search.cheapest(useful, key=lambda f: (tuple(sorted(removed)), bridge, f),
+                            build=lambda f: (lambda g: pruner.build(removed, g, f)),
+                            describe=lambda f: {"removed": sorted(removed), "full_steps": f})
+        if f is not None:
+            best, best_saving = (k, f), saved * (1 - f / steps if steps else 1)
+    return best
 
 
 def _costs(graph: DiTGraph) -> tuple[int, int]:
@@ -188,6 +234,11 @@ def layer_prune(graph: DiTGraph, config: LayerPruneConfig, ctx: PassContext) -> 
         report["not_removable"] = {str(b): why for b, why in fixed.items()}
     searched = False
     search = None
+    steps = ctx.num_steps or (ctx.stats.num_steps if ctx.stats is not None else None)
+    full_steps = config.full_steps or 0
+    if steps is not None and full_steps >= steps:
+        raise InvalidProfileError(f"layer_prune full_steps = {full_steps}: the sampler runs {steps} steps, so the blocks "
+                                  f"would never be removed; give fewer than {steps}")
     if config.blocks is not None:
         removed = set(config.blocks)
     else:
@@ -203,34 +254,42 @@ def layer_prune(graph: DiTGraph, config: LayerPruneConfig, ctx: PassContext) -> 
             removed = set(order)
         else:
             search = BudgetSearch.start(ctx, "layer_prune", config.margin_db, what="without blocks or ratio")
-            settings = list(range(len(order), 0, -1))  # most blocks removed (cheapest) first
-            k = search.cheapest(settings, key=lambda k: (tuple(sorted(order[:k])), config.bridge),
-                                build=lambda k: (lambda g: pruner.build(set(order[:k]), g)),
-                                describe=lambda k: {"removed": sorted(order[:k])})
+            grid = [config.full_steps] if config.full_steps is not None else full_steps_grid(steps)
+            chosen = search_removal(search, pruner, order, grid, steps, config.bridge)
             report["trials"] = search.trials
             report["target_psnr_db"] = search.target_psnr_db
+            report["full_steps_searched"] = grid
             searched = True
-            if k is None:
-                report["skipped"] = (f"removing even one block ({order[0]}) misses the target of "
+            if chosen is None:
+                report["skipped"] = (f"removing even one block ({order[0]}), with its original running on the first "
+                                     f"{max(grid)} of {steps or '?'} steps, misses the target of "
                                      f"{search.target_psnr_db:.2f} dB on the search's samples; nothing removed")
                 return PassResult(graph, False, report)
+            k, full_steps = chosen
             removed = set(order[:k])
-    pruned = pruner.build(removed)
+    pruned = pruner.build(removed, full_steps=full_steps)
     macs0, params0 = _costs(graph)
     macs1, params1 = _costs(pruned)
+    # Multiply-adds per step averaged over the generation: the first full_steps run the original.
+    mean = macs1 + (macs0 - macs1) * full_steps / steps if steps else macs1
     report.update({
-        "removed": sorted(removed), "intervals": [list(r) for r in intervals(removed)],
+        "removed": sorted(removed), "intervals": [list(r) for r in intervals(removed)], "full_steps": full_steps,
         "blocks_before": len(blocks), "blocks_after": len(blocks) - len(removed),
-        "macs_before": macs0, "macs_after": macs1, "parameters_before": params0, "parameters_after": params1,
+        "macs_before": macs0, "macs_after": macs1, "macs_per_step_mean": mean,
+        "parameters_before": params0, "parameters_after": params1,
     })
+    if full_steps:
+        report["parameters_note"] = ("the removed blocks' weights stay loaded for the first full_steps; "
+                                     "parameters_after counts the pruned version")
     if replay is not None:
         report["replayed_error"] = replay.error(pruned).to_dict()
         report["replayed_rows"] = replay.rows
-    resolved = config.model_copy(update={"blocks": tuple(sorted(removed)), "ratio": None})
+    resolved = config.model_copy(update={"blocks": tuple(sorted(removed)), "ratio": None, "full_steps": full_steps})
     outcome = None
     if searched:
-        predicted = next(t["psnr_db"] for t in reversed(search.trials) if t["removed"] == sorted(removed))
+        predicted = next(t["psnr_db"] for t in reversed(search.trials)
+                         if t["removed"] == sorted(removed) and t["full_steps"] == full_steps)
         report["predicted_psnr_db"] = predicted
         outcome = PassOutcome(predicted_psnr_db=predicted, target_psnr_db=search.target_psnr_db,
-                              saving=1.0 - macs1 / macs0 if macs0 else None)
+                              saving=1.0 - mean / macs0 if macs0 else None)
     return PassResult(pruned, True, report, replay=("layer_prune", resolved), outcome=outcome)
