@@ -434,6 +434,11 @@ def _segment_io(seg: Segment) -> tuple[list[dict[str, Any]], list[dict[str, Any]
 
 def _export_segment(seg: Segment, root: Path, opset: int | None, subdir: str = "") -> dict[str, Any]:
     inputs, outputs = _segment_io(seg)
+    if not seg.inputs and not seg.outputs:
+        # Nothing to compute (a model that returns its last block's stream has an empty
+        # epilogue): no file, and the runner's segment does nothing.
+        return {"name": seg.name, "kind": seg.kind, "block": seg.block, "file": None, "empty": True,
+                "inputs": inputs, "outputs": outputs}
     # The graph is static, so values do not matter to the trace: zeros of the recorded shapes.
     args = tuple(
         torch.zeros(v.shape, dtype=v.dtype, device=v.device) for v in _placeholder_values(seg)

@@ -47,8 +47,11 @@ class _ArtifactSegment:
         self.outputs = tuple(o["name"] for o in entry["outputs"])
         self.module = self  # stages memoise on id(segment.module)
         self._runner, self._session = runner, session
+        self._empty = bool(entry.get("empty")) and not self.inputs and not self.outputs
 
     def run(self, env: dict[str, Any]) -> None:
+        if self._session is None and self._empty:
+            return
         if self._session is None:
             raise ArtifactError(f"segment {self.name} of this program was not exported (no ONNX file)")
         self._runner.run_session(self._session, self.outputs, env)
@@ -81,7 +84,7 @@ HALF_PREFIX = "half/"  # session names of the half-batch program's segments
 
 def _session_files(manifest: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """(session name, segment entry) of every ONNX file in the artifact."""
-    files = [(e["name"], e) for e in manifest["segments"]]
+    files = [(e["name"], e) for e in manifest["segments"] if e.get("file")]
     half = manifest.get("half_program") or {}
     return files + [(HALF_PREFIX + e["name"], e) for e in half.get("segments", []) if e.get("file")]
 

@@ -123,15 +123,28 @@ class Signature(_Model):
 
 
 class SegmentEntry(_Model):
+    """An exported segment (file, digest, values), or an empty one (`empty`: it reads and writes
+    nothing, as the epilogue of a model that returns its last block's stream; no file)."""
+
     name: Name
     kind: Literal["prologue", "block", "epilogue", "variant"]
     block: Dim | None
-    file: RelPath
-    external_data: list[RelPath]
-    sha256: Hex64
-    opset: int | None
+    file: RelPath | None
+    external_data: list[RelPath] = []
+    sha256: Hex64 | None = None
+    opset: int | None = None
+    empty: bool = False
     inputs: list[TensorEntry]
-    outputs: list[TensorEntry] = Field(min_length=1)
+    outputs: list[TensorEntry]
+
+    @model_validator(mode="after")
+    def _exported_or_empty(self) -> "SegmentEntry":
+        if self.empty:
+            if self.file is not None or self.external_data or self.inputs or self.outputs:
+                raise ValueError(f"segment {self.name} is marked empty but lists a file or values")
+        elif self.file is None or self.sha256 is None or not self.outputs:
+            raise ValueError(f"segment {self.name} needs a file, its sha256 and at least one output")
+        return self
 
 
 class HalfSegmentEntry(_Model):
@@ -245,7 +258,7 @@ class Manifest(_Model):
             unknown = [n for n in entry.segments if n not in names]
             if unknown:
                 raise ValueError(f"plan stage {i} ({entry.kind}) names segments the artifact does not have: {unknown}")
-        exported = list(self.segments)
+        exported = [s for s in self.segments if not s.empty]
         if self.half_program is not None:
             half = [s.name for s in self.half_program.segments]
             if len(set(half)) != len(half):
