@@ -1,11 +1,7 @@
 """Measurements: multiply-accumulates, peak allocator memory, machine description.
 
-* MACs: ``torch.utils.flop_counter.FlopCounterMode`` over whole sampling runs, MACs = FLOPs / 2.
-  PyTorch's counter has no formula for the CPU flash-attention kernel
-  (``aten._scaled_dot_product_flash_attention_for_cpu``), so one is added here (the same formula
-  as for the CUDA SDPA kernels); without it attention would count as free. The ``ditopt::``
-  attention custom ops register their own formulas (``ditopt.kernels.ops``). Elementwise ops,
-  norms and softmax are not counted (matmuls, convolutions and attention only).
+* MACs: :func:`ditopt.costs.mac_counter` over whole sampling runs (FlopCounterMode with the CPU
+  flash-attention formula PyTorch lacks; matmuls, convolutions and attention only).
 * Peak memory: the CPU allocator's live bytes during one generation, from PyTorch's profiler with
   ``profile_memory=True`` (every allocation/free the CPU allocator sees, "Total Allocated" in the
   trace), reported as the peak above the level at the start of the generation. It covers
@@ -21,32 +17,13 @@ import os
 import platform
 import resource
 import tempfile
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
+from ditopt.costs import mac_counter
+
 __all__ = ["mac_counter", "peak_allocated_bytes", "machine_info", "max_rss_mib"]
-
-
-def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    from torch.utils.flop_counter import sdpa_flop_count
-
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-@contextmanager
-def mac_counter() -> Iterator[Callable[[], int]]:
-    """``with mac_counter() as macs: ...; macs()`` -> multiply-accumulates counted inside."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    aten = torch.ops.aten
-    mapping = {}
-    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
-        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_sdpa_flops
-    counter = FlopCounterMode(display=False, custom_mapping=mapping)
-    with counter:
-        yield lambda: counter.get_total_flops() // 2
 
 
 def peak_allocated_bytes(fn: Callable[[], Any]) -> tuple[Any, int | None]:
