@@ -316,9 +316,13 @@ def optimize(
     graph = capture(model, kwargs)
 
     needs = sorted({n for e in prof.passes for n in get_pass(e.name).needs})
+    # A pass whose config can do without statistics (`needs_calibration()` False: layer_prune with
+    # explicit blocks and no bridge) reads them when they are given, and runs without otherwise.
+    required = [e.name for e in prof.passes if get_pass(e.name).needs
+                and getattr(e.config, "needs_calibration", lambda: True)()]
     if stats is not None:
         stats.check_graph(graph)
-    elif needs:
+    elif needs and (required or calibration is not None):
         if calibration is None:
             raise CalibrationError(
                 f"profile {prof.name!r} has passes that need calibration statistics ({', '.join(needs)}); "

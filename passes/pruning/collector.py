@@ -41,7 +41,9 @@ class _Recorder(Stage):
 
     def run(self, graph: DiTGraph, env: dict[str, Any], ctx: StepContext) -> None:
         if ctx.step % STEP_STRIDE == 0:
-            self.sink.add(ctx, {n: env[n] for n in self.sink.names})
+            latent = env.get(graph.latent_input) if graph.latent_input else None
+            batch = int(latent.shape[0]) if isinstance(latent, torch.Tensor) and latent.dim() else None
+            self.sink.add(ctx, {n: env[n] for n in self.sink.names}, batch)
 
 
 @register_collector("block_inputs")
@@ -51,13 +53,15 @@ class BlockInputsCollector:
     def __init__(self, graph: DiTGraph) -> None:
         self.names = recorded_names(graph)
         self.calls: list[tuple[int, int, int, dict[str, Any]]] = []
+        self.batches: set[int | None] = set()
 
     def instrument(self, g: DiTGraph) -> DiTGraph:
         # Recorded after the prologue ran: the first stage of the plan is the prologue's.
         plan = tuple(g.plan)
         return g.evolve(plan=plan[:1] + (_Recorder(self),) + plan[1:])
 
-    def add(self, ctx: StepContext, values: dict[str, Any]) -> None:
+    def add(self, ctx: StepContext, values: dict[str, Any], batch: int | None = None) -> None:
+        self.batches.add(batch)
         kept = {n: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v for n, v in values.items()}
         self.calls.append((ctx.generation, ctx.branch, ctx.step, kept))
 
@@ -65,10 +69,18 @@ class BlockInputsCollector:
         if not self.calls:
             return {}, {"names": [], "steps": []}
         steps = sorted({c[2] for c in self.calls})
-        rows = {n: v.shape[0] for n, v in self.calls[0][3].items() if isinstance(v, torch.Tensor) and v.dim()}
-        # Batched values: dim 0 is the call's batch (the latent's rows); the rest are shared.
-        batch = max(rows.values()) if rows else 0
-        batched = [n for n, r in rows.items() if r == batch]
+        first = self.calls[0][3]
+        tensors_of = {n: v for n, v in first.items() if isinstance(v, torch.Tensor)}
+        # A value is shared when every call saw the same one (rotary tables, a fixed text
+        # embedding): stored once, whatever its leading size. The others must be per sample,
+        # dim 0 the call's batch (the latent's rows: FLUX's rotary table has the token count there).
+        varying = [n for n, v in tensors_of.items()
+                   if any(not torch.equal(c[3][n], v) for c in self.calls[1:] if isinstance(c[3].get(n), torch.Tensor))]
+        batch = next(iter(self.batches)) if len(self.batches) == 1 else None
+        if batch is None:  # no latent input named, or calls of different batch sizes
+            batch = max((v.shape[0] for n, v in tensors_of.items() if n in varying and v.dim()), default=0)
+        batched = [n for n in varying if tensors_of[n].dim() and tensors_of[n].shape[0] == batch]
+        unreplayable = [n for n in varying if n not in batched]
         groups: dict[tuple[int, int], dict[int, dict[str, Any]]] = {}
         for generation, branch, step, values in self.calls:
             groups.setdefault((generation, branch), {})[step] = values
@@ -77,13 +89,14 @@ class BlockInputsCollector:
         for n in batched:
             # [trajectories, recorded steps, *row]
             tensors[PREFIX + n] = torch.cat([torch.stack([g[s][n] for s in steps], 1) for g in complete], 0)
-        shared = [n for n, v in self.calls[0][3].items() if n not in batched and isinstance(v, torch.Tensor)]
+        shared = [n for n in tensors_of if n not in varying]
         for n in shared:
             tensors[PREFIX + n] = self.calls[0][3][n]
         meta = {
             "names": list(self.names),
             "batched": batched,
             "shared": shared,
+            "unreplayable": unreplayable,  # change between calls without a batch dimension
             "steps": steps,
             "complete": len(complete) == len(groups),
             # restricted_to_samples subsets these along dim 0 with the trajectory sketches.

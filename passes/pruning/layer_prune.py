@@ -57,6 +57,11 @@ class LayerPruneConfig(PassConfig):
                                    "steps of every generation (step-ranged removal; early steps lay out the image and "
                                    "suffer most); searched with the blocks when neither blocks nor ratio is given, else 0")
 
+    def needs_calibration(self) -> bool:
+        """Measuring importance and fitting a bridge replay calibration; explicit blocks without
+        a bridge do not."""
+        return self.blocks is None or self.bridge == "linear"
+
     @model_validator(mode="after")
     def _one_way(self) -> "LayerPruneConfig":
         if self.blocks is not None and self.ratio is not None:
@@ -223,11 +228,14 @@ def layer_prune(graph: DiTGraph, config: LayerPruneConfig, ctx: PassContext) -> 
         stuck = sorted(set(config.blocks) & set(fixed))
         if stuck:
             raise InvalidProfileError(f"layer_prune cannot remove block {stuck[0]}: {fixed[stuck[0]]}")
-    needs_replay = config.blocks is None or config.bridge == "linear"
+    needs_replay = config.needs_calibration()
     if needs_replay and ctx.stats is None:
         raise CalibrationError("layer_prune needs calibration statistics (calibration=fn) to measure block importance "
                                "and fit bridges; or give blocks = [...] with bridge = 'none'")
-    replay = CalibrationReplay(graph, ctx.stats, config.rows) if needs_replay else None
+    # Explicit blocks without a bridge need no statistics, but when they were recorded the report
+    # still gives the replayed error of the removal.
+    recorded = ctx.stats is not None and bool((ctx.stats.meta.get("block_inputs") or {}).get("names"))
+    replay = CalibrationReplay(graph, ctx.stats, config.rows) if needs_replay or recorded else None
     pruner = Pruner(graph, config, replay)
     report: dict[str, Any] = {"bridge": config.bridge}
     if fixed:
@@ -281,6 +289,12 @@ def layer_prune(graph: DiTGraph, config: LayerPruneConfig, ctx: PassContext) -> 
     if full_steps:
         report["parameters_note"] = ("the removed blocks' weights stay loaded for the first full_steps; "
                                      "parameters_after counts the pruned version")
+    if config.bridge == "linear":
+        report["bridges"] = [{"interval": list(run), "fitted_streams": sum(b is not None for b in fits.values()),
+                              "passed_through": sum(b is None for b in fits.values()),
+                              "conditioned": any(b is not None and b.b is not None for b in fits.values()),
+                              "parameters": sum(b.parameters for b in fits.values() if b is not None)}
+                             for run in intervals(removed) for fits in [pruner.bridges(run)]]
     if replay is not None:
         report["replayed_error"] = replay.error(pruned).to_dict()
         report["replayed_rows"] = replay.rows

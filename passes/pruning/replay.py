@@ -38,8 +38,11 @@ class CalibrationReplay:
         if not meta or not meta.get("names"):
             raise CalibrationError("layer pruning replays the blocks on calibration activations: calibrate with the "
                                    "'block_inputs' collector (the pass's needs), with a calibration function that samples")
+        if meta.get("unreplayable"):
+            raise CalibrationError(f"the blocks read {', '.join(meta['unreplayable'])}, which change between calls but "
+                                   "have no batch dimension; layer pruning cannot replay this model's blocks")
         self.graph = graph
-        self.batch = self._batch(graph)
+        self.batch = self._batch(graph, set(meta["batched"]))
         batched = {n: stats.tensors[PREFIX + n] for n in meta["batched"]}
         self.shared = {n: stats.tensors[PREFIX + n] for n in meta["shared"]}
         steps = list(meta["steps"])
@@ -63,10 +66,17 @@ class CalibrationReplay:
         self._token_index: dict[int, torch.Tensor] = {}
 
     @staticmethod
-    def _batch(graph: DiTGraph) -> int:
+    def _batch(graph: DiTGraph, batched: set[str]) -> int:
+        """The captured batch: the leading size of the first block's per-sample inputs (not of
+        shared ones such as FLUX's rotary table, whose leading size is the token count)."""
         seg = graph.block_segments[0]
         vals = [n.meta.get("val") for n in seg.module.graph.nodes if n.op == "placeholder"]
-        return max(int(v.shape[0]) for v in vals if isinstance(v, torch.Tensor) and v.dim())
+        sizes = {int(v.shape[0]) for name, v in zip(seg.inputs, vals)
+                 if name in batched and isinstance(v, torch.Tensor) and v.dim()}
+        if len(sizes) != 1:
+            raise CalibrationError(f"the first block's per-sample inputs disagree on the batch size ({sorted(sizes)}); "
+                                   "layer pruning cannot replay this model")
+        return sizes.pop()
 
     def envs(self) -> Iterator[tuple[slice, dict[str, Any]]]:
         for start in range(0, self.rows, self.batch):
@@ -85,7 +95,9 @@ class CalibrationReplay:
                     seg.run(env)
                     for n in keep & set(seg.outputs):
                         kept[n].append(env[n])
-                outs.append([env[o] for o in graph.epilogue.outputs])
+                # The model's outputs, not the epilogue's: a stack without an epilogue returns the
+                # last block's stream directly.
+                outs.append([env[o] for o in graph.signature.outputs if isinstance(o, str)])
         return outs, kept
 
     def reference(self) -> list[list[torch.Tensor]]:

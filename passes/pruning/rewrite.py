@@ -22,6 +22,7 @@ from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from ditopt.calibration.streams import span_io
+from ditopt.costs import mac_counter
 from ditopt.graph import DiTGraph, Segment
 
 
@@ -44,8 +45,11 @@ def _placeholders(gm: fx.GraphModule) -> list[fx.Node]:
 
 
 def example_args(seg: Segment) -> tuple[torch.Tensor, ...]:
+    """Zeros of the captured shapes and strides: a block's stream can arrive in a transposed
+    layout (PlainDiT's, FLUX's), and a replacement traced on contiguous inputs would `view` it
+    where the layout does not allow."""
     vals = [n.meta.get("val") for n in _placeholders(seg.module)]
-    return tuple(torch.zeros(v.shape, dtype=v.dtype) for v in vals)
+    return tuple(torch.empty_strided(v.shape, v.stride(), dtype=v.dtype).zero_() for v in vals)
 
 
 def conditioning_module(seg: Segment, modulation: tuple[str, ...], streams: set[str]) -> tuple[fx.GraphModule, tuple[int, ...]] | None:
@@ -62,7 +66,9 @@ def conditioning_module(seg: Segment, modulation: tuple[str, ...], streams: set[
         return None
     output = next(n for n in graph.nodes if n.op == "output")
     output.args = (tuple(outs),)
-    graph.eliminate_dead_code()
+    # Nothing here is impure: export's `_assert_tensor_metadata` checks would otherwise keep the
+    # whole block (stream reads included) alive.
+    graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output"))
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     positions = [i for i, n in enumerate(_placeholders(seg.module))]
     used = [(i, n) for i, n in zip(positions, placeholders) if n.users]
@@ -157,12 +163,9 @@ def bridge_segment(graph: DiTGraph, seg: Segment, bridges: dict[str, StreamBridg
 
 def segment_macs(seg: Segment) -> int:
     """Multiply-adds of one call of the segment at its captured shapes."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
+    with torch.no_grad(), mac_counter() as macs:
         seg.module(*example_args(seg))
-    return counter.get_total_flops() // 2
+    return macs()
 
 
 def segment_parameters(seg: Segment) -> int:
