@@ -16,9 +16,10 @@ from ditopt.export import export_artifact, load_artifact
 STEPS = 16
 
 
-def _sampler(steps: int = STEPS, samples: int = 4, seed: int = 0):
+def _sampler(steps: int = STEPS, samples: int = 4, seed: int = 0, per_call: int = 2):
     x0 = torch.randn(samples, 4, 8, generator=torch.Generator().manual_seed(seed))
-    loops = [euler_sampler(x0[i : i + 2], [1.0 - j / steps for j in range(steps)]) for i in range(0, samples, 2)]
+    loops = [euler_sampler(x0[i : i + per_call], [1.0 - j / steps for j in range(steps)])
+             for i in range(0, samples, per_call)]
     return lambda model: torch.cat([loop(model) for loop in loops])
 
 
@@ -224,3 +225,12 @@ def test_real_architectures_prune_with_a_conditioned_bridge(arch):
     assert torch.isfinite(out).all()
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_calibration_batch_larger_than_the_captured_one():
+    # The zoo calibrates 20 samples per call with a captured batch of 4: the replay re-batches the
+    # recorded rows to the graph's batch (per-sample values follow the latent's rows).
+    model = _model(w_scales=(1.0, 0.5, 0.0, 2.0))
+    opt = ditopt.optimize(model, _profile(ratio=0.25, bridge="linear"), example_inputs=toy_inputs(batch=2),
+                          calibration=_sampler(samples=8, per_call=4))
+    assert _prune(opt).report["removed"] == [2]

@@ -53,7 +53,7 @@ class BlockInputsCollector:
     def __init__(self, graph: DiTGraph) -> None:
         self.names = recorded_names(graph)
         self.calls: list[tuple[int, int, int, dict[str, Any]]] = []
-        self.batches: set[int | None] = set()
+        self.batches: list[int | None] = []  # per call: the latent's rows
 
     def instrument(self, g: DiTGraph) -> DiTGraph:
         # Recorded after the prologue ran: the first stage of the plan is the prologue's.
@@ -61,7 +61,7 @@ class BlockInputsCollector:
         return g.evolve(plan=plan[:1] + (_Recorder(self),) + plan[1:])
 
     def add(self, ctx: StepContext, values: dict[str, Any], batch: int | None = None) -> None:
-        self.batches.add(batch)
+        self.batches.append(batch)
         kept = {n: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v for n, v in values.items()}
         self.calls.append((ctx.generation, ctx.branch, ctx.step, kept))
 
@@ -71,15 +71,19 @@ class BlockInputsCollector:
         steps = sorted({c[2] for c in self.calls})
         first = self.calls[0][3]
         tensors_of = {n: v for n, v in first.items() if isinstance(v, torch.Tensor)}
-        # A value is shared when every call saw the same one (rotary tables, a fixed text
-        # embedding): stored once, whatever its leading size. The others must be per sample,
-        # dim 0 the call's batch (the latent's rows: FLUX's rotary table has the token count there).
+        # Per-sample values have the call's batch (the latent's rows) as dim 0 and are stored per
+        # trajectory; the others (rotary tables, whose dim 0 is the token count) once. A value
+        # without a batch dimension that changes between calls cannot be replayed. (A shared
+        # table whose leading size happens to equal the batch would be misread as per sample.)
         varying = [n for n, v in tensors_of.items()
                    if any(not torch.equal(c[3][n], v) for c in self.calls[1:] if isinstance(c[3].get(n), torch.Tensor))]
-        batch = next(iter(self.batches)) if len(self.batches) == 1 else None
-        if batch is None:  # no latent input named, or calls of different batch sizes
+        if all(b is not None for b in self.batches):
+            batched = [n for n, v in tensors_of.items()
+                       if all(isinstance(c[3].get(n), torch.Tensor) and c[3][n].dim() and c[3][n].shape[0] == b
+                              for c, b in zip(self.calls, self.batches))]
+        else:  # no latent input named: the largest leading size among the values that change
             batch = max((v.shape[0] for n, v in tensors_of.items() if n in varying and v.dim()), default=0)
-        batched = [n for n in varying if tensors_of[n].dim() and tensors_of[n].shape[0] == batch]
+            batched = [n for n, v in tensors_of.items() if v.dim() and v.shape[0] == batch]
         unreplayable = [n for n in varying if n not in batched]
         groups: dict[tuple[int, int], dict[int, dict[str, Any]]] = {}
         for generation, branch, step, values in self.calls:
@@ -89,7 +93,7 @@ class BlockInputsCollector:
         for n in batched:
             # [trajectories, recorded steps, *row]
             tensors[PREFIX + n] = torch.cat([torch.stack([g[s][n] for s in steps], 1) for g in complete], 0)
-        shared = [n for n in tensors_of if n not in varying]
+        shared = [n for n in tensors_of if n not in batched]
         for n in shared:
             tensors[PREFIX + n] = self.calls[0][3][n]
         meta = {
