@@ -1,5 +1,5 @@
 """Pruning: remove work on every step (blocks, later heads and FFN neurons), chosen from
 measured importance on calibration activations and searched against the budget."""
 
-from ditopt.passes.pruning import collector  # noqa: F401  (registers "block_inputs")
+import ditopt.calibration.block_inputs  # noqa: F401  (registers "block_inputs")
 from ditopt.passes.pruning import layer_prune  # noqa: F401

@@ -35,7 +35,7 @@ from ditopt.registry import PassConfig, PassContext, PassLevel, PassOutcome, Pas
 from ditopt.search import BudgetSearch
 
 from .bridge import fit_stream_bridge
-from .replay import CalibrationReplay
+from ditopt.calibration.replay import CalibrationReplay
 from .rewrite import (StreamBridge, block_pairs, bridge_segment, conditioning_module, pass_through_segment,
                       removable, segment_macs, segment_parameters)
 

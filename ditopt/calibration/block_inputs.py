@@ -1,6 +1,6 @@
 """Calibration collector "block_inputs": what the blocks read from before them (the prologue's
 outputs and the call inputs the blocks and the epilogue take), recorded on a subset of steps of
-every calibration trajectory, so that a pruning pass can replay the stack on real activations:
+every calibration trajectory, so that a pass (layer pruning, quantization) can replay the stack on real activations:
 measure the final-output error of a candidate removal per step, and fit a bridge on the
 original model's streams.
 
@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from ditopt.calibration.streams import span_io
-from ditopt.graph import DiTGraph
-from ditopt.plan import Stage, StepContext
-from ditopt.registry import register_collector
+from .streams import span_io
+from ..graph import DiTGraph
+from ..plan import Stage, StepContext
+from ..registry import register_collector
 
 STEP_STRIDE = 4  # record steps 0, 4, 8, ...: enough steps per noise level to rank blocks on
 PREFIX = "block_inputs."

@@ -1,4 +1,6 @@
-"""The block stack replayed on recorded calibration activations (collector "block_inputs").
+"""The block stack replayed on recorded calibration activations (collector "block_inputs"), shared
+by the passes that measure a candidate rewrite's error or fit a replacement on real activations
+(layer pruning; quantization).
 
 `CalibrationReplay` rebuilds, from the statistics, the values the blocks read on a sample of
 (trajectory, step) rows, runs a candidate graph's blocks and epilogue on them in batches of the
@@ -17,7 +19,7 @@ import torch
 from ditopt.errors import CalibrationError
 from ditopt.graph import DiTGraph
 
-from .collector import PREFIX
+from .block_inputs import PREFIX
 
 BUCKETS = ("early", "middle", "late")
 FIT_TOKENS = 32  # tokens per row kept for fitting bridges
@@ -36,11 +38,11 @@ class CalibrationReplay:
     def __init__(self, graph: DiTGraph, stats: Any, max_rows: int = 128, seed: int = 0) -> None:
         meta = stats.meta.get("block_inputs") if stats is not None else None
         if not meta or not meta.get("names"):
-            raise CalibrationError("layer pruning replays the blocks on calibration activations: calibrate with the "
+            raise CalibrationError("this pass replays the blocks on calibration activations: calibrate with the "
                                    "'block_inputs' collector (the pass's needs), with a calibration function that samples")
         if meta.get("unreplayable"):
             raise CalibrationError(f"the blocks read {', '.join(meta['unreplayable'])}, which change between calls but "
-                                   "have no batch dimension; layer pruning cannot replay this model's blocks")
+                                   "have no batch dimension; the blocks of this model cannot be replayed's blocks")
         self.graph = graph
         self.batch = self._batch(graph, set(meta["batched"]))
         batched = {n: stats.tensors[PREFIX + n] for n in meta["batched"]}
@@ -75,7 +77,7 @@ class CalibrationReplay:
                  if name in batched and isinstance(v, torch.Tensor) and v.dim()}
         if len(sizes) != 1:
             raise CalibrationError(f"the first block's per-sample inputs disagree on the batch size ({sorted(sizes)}); "
-                                   "layer pruning cannot replay this model")
+                                   "the blocks of this model cannot be replayed")
         return sizes.pop()
 
     def envs(self) -> Iterator[tuple[slice, dict[str, Any]]]:
