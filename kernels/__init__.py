@@ -4,6 +4,7 @@
 * :mod:`.neighborhood` -- tiled 2-D neighbourhood attention (reference + fast CPU path).
 * :mod:`.block_sparse` -- PISA block-sparse top-rho attention with first-order compensation.
 * :mod:`.triton_kernels` -- Triton versions (CUDA; CPU via ``TRITON_INTERPRET=1``), imported lazily.
+* :mod:`.quant` -- weight / activation quantizers, Hadamard rotations, ``torch.ops.ditopt.int8_linear`` (W8A8).
 * :mod:`.ops` -- ``torch.ops.ditopt.neighborhood_attention`` / ``block_sparse_attention`` custom ops.
 * :mod:`.bench` -- :func:`bench_attention` for ``ditopt bench attention``.
 

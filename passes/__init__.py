@@ -6,3 +6,4 @@ from ditopt.passes import attention  # noqa: F401
 from ditopt.passes import conditioning_memo  # noqa: F401
 from ditopt.passes import patch_layout  # noqa: F401
 from ditopt.passes import pruning  # noqa: F401
+from ditopt.passes import quantization  # noqa: F401

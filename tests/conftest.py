@@ -66,6 +66,28 @@ def make_inputs(name: str, model: torch.nn.Module, batch: int = 1, resolution: i
     return synthesize_inputs(model, batch_size=batch, resolution=resolution, seed=seed)
 
 
+def arch_sampler(kw, steps=6, samples=4):
+    """A short Euler loop over the architecture's own inputs, `samples` seeds two at a time."""
+    latent = next(k for k in ("hidden_states", "x") if k in kw)
+    tkey = next(k for k in ("timestep", "t") if k in kw)
+    g = torch.Generator().manual_seed(11)
+    starts = [torch.randn(kw[latent].shape, generator=g) for _ in range(samples // kw[latent].shape[0])]
+
+    def run(m):
+        outs = []
+        for x in starts:
+            x = x.clone()
+            for j in range(steps):
+                call = {**kw, latent: x, tkey: torch.full_like(kw[tkey], 900 - 800 * j / steps)}
+                out = m(**call)
+                out = out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
+                x = x - 0.1 * out[:, : x.shape[1]] if out.shape[1] != x.shape[1] else x - 0.1 * out
+            outs.append(x)
+        return torch.cat(outs)
+
+    return run
+
+
 @pytest.fixture(params=ARCHITECTURES)
 def arch(request):
     return request.param

@@ -170,41 +170,19 @@ def test_user_model_untouched_and_pruned_export_matches_runtime(tmp_path):
     torch.testing.assert_close(runner(**kwargs), got, rtol=1e-4, atol=1e-5)
 
 
-def _arch_sampler(arch, kw, steps=6, samples=4):
-    """A short Euler loop over the architecture's own inputs, `samples` seeds two at a time."""
-    latent = next(k for k in ("hidden_states", "x") if k in kw)
-    tkey = next(k for k in ("timestep", "t") if k in kw)
-    g = torch.Generator().manual_seed(11)
-    starts = [torch.randn(kw[latent].shape, generator=g) for _ in range(samples // kw[latent].shape[0])]
-
-    def run(m):
-        outs = []
-        for x in starts:
-            x = x.clone()
-            for j in range(steps):
-                call = {**kw, latent: x, tkey: torch.full_like(kw[tkey], 900 - 800 * j / steps)}
-                out = m(**call)
-                out = out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
-                x = x - 0.1 * out[:, : x.shape[1]] if out.shape[1] != x.shape[1] else x - 0.1 * out
-            outs.append(x)
-        return torch.cat(outs)
-
-    return run
-
-
 @pytest.mark.parametrize("arch", ["dit", "pixart", "sd3", "flux", "wan", "plain"])
 def test_real_architectures_prune_with_a_conditioned_bridge(arch):
     """On each real block type: removing the last block with the linear bridge saves its
     multiply-adds and weights, the bridge reads the block's adaLN modulation where the block had
     one, and the replayed error is what the pruned graph computes on the calibration inputs."""
-    from conftest import build_model, make_inputs
+    from conftest import arch_sampler, build_model, make_inputs
 
     model = build_model(arch)
     kw = make_inputs(arch, model, batch=2)
     before = copy.deepcopy(model.state_dict())
     last = len(ditopt.capture(model, kw).block_segments) - 1
     profile = {"name": "p", "budget": {"max_rel_err": 1.0}, "passes": [{"name": "layer_prune", "blocks": [last], "bridge": "linear"}]}
-    opt = ditopt.optimize(model, profile, example_inputs=kw, calibration=_arch_sampler(arch, kw))
+    opt = ditopt.optimize(model, profile, example_inputs=kw, calibration=arch_sampler(kw))
     rep = _prune(opt).report
     assert rep["removed"] == [last] and rep["intervals"] == [[last]]
     bridge = rep["bridges"][0]

@@ -1,0 +1,165 @@
+"""The quantized linear layers in a segment graph.
+
+A site is a linear layer of a block segment: every `aten.linear` node whose weight is a graph
+attribute, named by the weight's module path (stable across captures at other shapes). A layer
+plan says how to compute it: weight format, activation bits, and an orthogonal input transform
+(smoothing scales s and a rotation R, `y = ((x / s) R) ((W s) R)^T + b = x W^T + b`). The rewrite
+replaces the node by
+
+* fake quantization (Q/DQ): the dequantized rotated weight as a new buffer, the activation
+  quantized-dequantized per token; the quality path, and how W4 runs here;
+* `ditopt::int8_linear` (W8A8): int8 codes and scales as buffers, the integer GEMM on the
+  activation quantized per token; the speed path.
+
+New buffers live on the new segment module; the user's model's weights are only read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from ditopt.graph import DiTGraph, Segment
+from ditopt.kernels.quant import QuantizedWeight, fake_quant_activation, quantize_weight
+
+LINEAR = torch.ops.aten.linear.default
+
+
+@dataclass(frozen=True)
+class Site:
+    segment: str
+    block: int | None
+    target: str  # the weight's attribute path, e.g. transformer_blocks.3.attn1.to_q.weight
+    nodes: tuple[str, ...]
+    in_features: int
+    out_features: int
+    modulation: bool  # an adaLN modulation linear (kept by default)
+
+    @property
+    def name(self) -> str:
+        """The layer's module path: what `keep` patterns and per-layer formats name."""
+        return self.target[: -len(".weight")] if self.target.endswith(".weight") else self.target
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    weights: str  # int8 | int4 | tlq4 | tlq3 | none
+    activations: int  # bits, 0 for none
+    rotation: str = "none"  # none | hadamard | smoothquant | outlier (smooth, then Hadamard)
+
+    @property
+    def label(self) -> str:
+        return f"{self.weights}/{'int%d' % self.activations if self.activations else 'none'}/{self.rotation}"
+
+    @classmethod
+    def parse(cls, text: str) -> "LayerPlan":
+        parts = text.split("/")
+        if len(parts) not in (2, 3):
+            raise ValueError(f"layer format {text!r}: write 'weights/activations[/rotation]', e.g. 'tlq4/int8/hadamard'")
+        acts = 0 if parts[1] == "none" else int(parts[1].removeprefix("int"))
+        return cls(parts[0], acts, parts[2] if len(parts) == 3 else "none")
+
+
+def _attr(module: torch.nn.Module, target: str):
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def linear_sites(graph: DiTGraph) -> list[Site]:
+    sites = []
+    for seg in graph.block_segments:
+        info = next(b for b in graph.blocks if b.index == seg.block)
+        by_target: dict[str, list[fx.Node]] = {}
+        for node in seg.module.graph.nodes:
+            if node.op == "call_function" and node.target is LINEAR and isinstance(node.args[1], fx.Node) \
+                    and node.args[1].op == "get_attr":
+                by_target.setdefault(str(node.args[1].target), []).append(node)
+        for target, nodes in by_target.items():
+            w = _attr(seg.module, target)
+            sites.append(Site(seg.name, seg.block, target, tuple(n.name for n in nodes), int(w.shape[1]),
+                              int(w.shape[0]), any(n.name in info.modulation for n in nodes)))
+    return sites
+
+
+def kept(site: Site, patterns: tuple[str, ...], keep_modulation: bool) -> bool:
+    return (keep_modulation and site.modulation) or any(fnmatch.fnmatchcase(site.name, p) for p in patterns)
+
+
+@dataclass
+class PreparedLayer:
+    """A plan made concrete for one site: the transform and the quantized rotated weight."""
+
+    plan: LayerPlan
+    smooth: torch.Tensor | None  # [I]
+    rotation: torch.Tensor | None  # [I, I]
+    weight: QuantizedWeight | None
+    dequantized: torch.Tensor  # [O, I] what the fake path multiplies by
+
+
+def prepare(weight: torch.Tensor, plan: LayerPlan, smooth: torch.Tensor | None, rotation: torch.Tensor | None,
+            group_size: int) -> PreparedLayer:
+    w = weight.detach().float()
+    if smooth is not None:
+        w = w * smooth[None, :]
+    if rotation is not None:
+        w = w @ rotation
+    if plan.weights == "none":
+        return PreparedLayer(plan, smooth, rotation, None, w)
+    q = quantize_weight(w, plan.weights, group_size)
+    return PreparedLayer(plan, smooth, rotation, q, q.dequantize())
+
+
+def quantize_segment(seg: Segment, layers: dict[str, PreparedLayer], integer_w8a8: bool) -> Segment:
+    """`seg` with each linear whose weight target is in `layers` replaced as its plan says."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    gm_root = seg.module
+    buffers: dict[str, torch.Tensor] = {}
+
+    def buffer(name: str, value: torch.Tensor) -> fx.Node:
+        buffers[name] = value
+        return graph.get_attr(name)
+
+    for node in seg.module.graph.nodes:
+        target = str(node.args[1].target) if (node.op == "call_function" and node.target is LINEAR
+                                              and isinstance(node.args[1], fx.Node) and node.args[1].op == "get_attr") else None
+        if target is None or target not in layers:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+            continue
+        layer = layers[target]
+        tag = "_q_" + target.replace(".", "_")
+        x = env[node.args[0]]
+        bias = env[node.args[2]] if len(node.args) > 2 and node.args[2] is not None else None
+        if layer.smooth is not None:
+            x = graph.call_function(torch.ops.aten.div.Tensor, (x, buffer(tag + "_smooth", layer.smooth)))
+        if layer.rotation is not None:
+            x = graph.call_function(torch.ops.aten.matmul.default, (x, buffer(tag + "_rot", layer.rotation)))
+        plan = layer.plan
+        if integer_w8a8 and plan.weights == "int8" and plan.activations == 8:
+            out = graph.call_function(torch.ops.ditopt.int8_linear.default,
+                                      (x, buffer(tag + "_codes", layer.weight.codes), buffer(tag + "_scale", layer.weight.scale), bias))
+        else:
+            if plan.activations:
+                x = graph.call_function(fake_quant_activation, (x, plan.activations))
+            out = graph.call_function(LINEAR, (x, buffer(tag + "_w", layer.dequantized), bias))
+        out.meta = dict(node.meta)
+        env[node] = out
+    graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output")
+                              or (n.op == "call_function" and n.target is torch.ops.aten._assert_tensor_metadata.default))
+    # The root maps every attribute the new graph reads: the segment's own (shared, read only)
+    # and the new buffers, which are then registered as buffers of the new module.
+    targets = {n.target for n in graph.nodes if n.op in ("get_attr", "call_module")}
+    root = {t: buffers[t] if t in buffers else _attr(gm_root, t) for t in targets}
+    module = fx.GraphModule(root, graph)
+    for name, value in buffers.items():
+        delattr(module, name)
+        module.register_buffer(name, value.contiguous())
+    module.graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output")
+                                     or (n.op == "call_function" and n.target is torch.ops.aten._assert_tensor_metadata.default))
+    module.recompile()
+    return dataclasses.replace(seg, module=module)

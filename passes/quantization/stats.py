@@ -1,0 +1,81 @@
+"""Per-layer activation statistics, measured by replaying the original blocks on the recorded
+calibration rows (ditopt.calibration.replay) and reading every linear layer's input on the way.
+
+Per site: per-input-channel absmax, the fluctuation J = ||X||_F / sqrt(B N C) of ALGORITHMS.md
+(the input's RMS), and the channel outlier ratio max_c absmax_c / median_c absmax_c, which is what
+ARS decides on (J alone moves with the layer's scale; the ratio says whether a few channels carry
+outliers). Per step bucket as well, since DiT activations drift along the trajectory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ditopt.calibration.replay import BUCKETS, CalibrationReplay
+from ditopt.graph import DiTGraph
+
+from .rewrite import LINEAR, Site
+
+
+@dataclass
+class LayerStats:
+    absmax: torch.Tensor  # [I]
+    j: float
+    outlier_ratio: float
+    by_step: dict[str, float]  # outlier ratio per step bucket
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"j": self.j, "outlier_ratio": self.outlier_ratio, "outlier_ratio_by_step": self.by_step}
+
+
+class _Reader(fx.Interpreter):
+    def __init__(self, module: fx.GraphModule, watch: dict[str, str], sink) -> None:
+        super().__init__(module)
+        self.watch, self.sink = watch, sink
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.op == "call_function" and n.target is LINEAR and n.name in self.watch:
+            self.sink(self.watch[n.name], self.env[n.args[0]])
+        return super().run_node(n)
+
+
+def linear_input_stats(replay: CalibrationReplay, graph: DiTGraph, sites: list[Site]) -> dict[str, LayerStats]:
+    by_segment: dict[str, dict[str, str]] = {}
+    for site in sites:
+        for node in site.nodes:
+            by_segment.setdefault(site.segment, {})[node] = site.target
+    absmax: dict[str, list[torch.Tensor]] = {}
+    sq: dict[str, float] = {}
+    count: dict[str, int] = {}
+
+    def sink(target: str, x: torch.Tensor) -> None:
+        x2 = x.detach().float().reshape(x.shape[0], -1, x.shape[-1])  # [batch, tokens, C]
+        absmax.setdefault(target, []).append(x2.abs().amax(1))  # per row: [batch, C]
+        sq[target] = sq.get(target, 0.0) + float(x2.pow(2).sum())
+        count[target] = count.get(target, 0) + x2.numel()
+
+    blocks = [s for s in graph.main_segments if s.kind != "prologue"]
+    with torch.no_grad():
+        for _, env in replay.envs():
+            for seg in blocks:
+                watch = by_segment.get(seg.name)
+                args = [env[n] for n in seg.inputs]
+                out = _Reader(seg.module, watch, sink).run(*args) if watch else seg.module(*args)
+                env.update(zip(seg.outputs, out))
+    stats = {}
+    for target, parts in absmax.items():
+        rows = torch.cat(parts, 0)  # [replayed rows, C]
+        chan = rows.amax(0)
+        ratio = float(chan.max() / chan.median().clamp_min(1e-12))
+        by_step = {}
+        for i, name in enumerate(BUCKETS):
+            mask = replay.bucket == i
+            if mask.any():
+                c = rows[mask].amax(0)
+                by_step[name] = float(c.max() / c.median().clamp_min(1e-12))
+        stats[target] = LayerStats(chan, (sq[target] / max(count[target], 1)) ** 0.5, ratio, by_step)
+    return stats

@@ -1,0 +1,243 @@
+"""Quantization (issue 31): the formats against references, rotations, the integer GEMM, the
+pass's graph before and after, ARS's choice, the budget search keeping a planted sensitive layer,
+export parity, must-not-fire, bad input and the user's model."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+from conftest import arch_sampler, build_model, make_inputs
+
+import ditopt
+from ditopt.errors import CalibrationError, InvalidProfileError
+from ditopt.export import export_artifact, load_artifact
+from ditopt.kernels import quant as Q
+
+
+# -- formats ------------------------------------------------------------------------------------
+def _tlq_brute_force(row: torch.Tensor, bits: int) -> float:
+    """The least squared error over the same grid, element by element, in float64."""
+    levels = 2 ** (bits - 1)
+    absmax = float(row.abs().max())
+    best = float("inf")
+    for eta_rel in Q.ETA_GRID:
+        eta = absmax * eta_rel
+        total = 0.0
+        for positive in (True, False):
+            vals = [abs(float(v)) for v in row if (v >= 0) == positive]
+            if not vals:
+                continue
+            logs = sorted((torch.tensor(vals, dtype=torch.float64) + eta).log2().tolist(), reverse=True)
+            half_best = float("inf")
+            for pct in Q.CLIP_GRID:
+                k = min(int((1 - pct) * len(logs)), len(logs) - 1)
+                hi, lo = logs[k], logs[-1]
+                step = max((hi - lo) / (levels - 1), 1e-12)
+                err = 0.0
+                for v in vals:
+                    level = min(max(round((min(max(torch.tensor(v + eta, dtype=torch.float64).log2().item(), lo), hi) - lo) / step), 0), levels - 1)
+                    err += (max(2 ** (lo + step * level) - eta, 0.0) - v) ** 2
+                half_best = min(half_best, err)
+            total += half_best
+        best = min(best, total)
+    return best
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_tlq_matches_a_brute_force_search(bits):
+    torch.manual_seed(bits)
+    w = torch.distributions.StudentT(3.0).sample((3, 24)) * 0.1
+    q = Q.quantize_tlq(w, bits)
+    got = (q.dequantize() - w).pow(2).sum(1)
+    assert q.codes.max() < 2 ** bits
+    for r in range(3):
+        assert got[r].item() == pytest.approx(_tlq_brute_force(w[r], bits), rel=1e-3, abs=1e-9)
+
+
+def test_weight_formats_reconstruct_and_count_bytes():
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0)) * 0.05
+    errs = {}
+    for fmt in ("int8", "int4", "tlq4", "tlq3"):
+        q = Q.quantize_weight(w, fmt, 32)
+        errs[fmt] = float((q.dequantize() - w).pow(2).sum() / w.pow(2).sum())
+        codes = 64 * 128 * Q.WEIGHT_BITS[fmt] // 8
+        params = {"int8": 64, "int4": 2 * 64 * 4, "tlq4": 6 * 64 * 4, "tlq3": 6 * 64 * 4}[fmt]
+        assert q.storage_bytes() == codes + 2 * params
+    assert errs["int8"] < 1e-4 < errs["int4"] and errs["tlq4"] < errs["tlq3"]
+    # Codes decode exactly to what the fake-quant path multiplies by.
+    q = Q.quantize_int8(w)
+    assert torch.equal(q.dequantize(), q.codes.float() * q.scale[:, None])
+    # Heavy tails: TLQ beats the uniform grid at the same group size.
+    torch.manual_seed(0)
+    heavy = torch.distributions.StudentT(2.0).sample((64, 128)) * 0.05
+    e_tlq = (Q.quantize_weight(heavy, "tlq4", 32).dequantize() - heavy).pow(2).sum()
+    e_int4 = (Q.quantize_weight(heavy, "int4", 32).dequantize() - heavy).pow(2).sum()
+    assert e_tlq < e_int4
+
+
+@pytest.mark.parametrize("width", [64, 96, 1152])
+def test_rotation_is_orthogonal_and_preserves_the_product(width):
+    h = Q.hadamard(width)
+    torch.testing.assert_close(h @ h.T, torch.eye(width), atol=1e-5, rtol=0)
+    x, w = torch.randn(5, width), torch.randn(7, width)
+    torch.testing.assert_close((x @ h) @ (w @ h).T, x @ w.T, atol=1e-4, rtol=1e-5)
+
+
+def test_rotation_refuses_widths_without_a_power_of_two_block():
+    with pytest.raises(ValueError, match="power-of-two"):
+        Q.hadamard(40)
+
+
+def test_integer_gemm_is_exact_and_the_linear_matches_its_reference():
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randint(-127, 128, (33, 64), dtype=torch.int8, generator=gen)
+    codes = torch.randint(-127, 128, (48, 64), dtype=torch.int8, generator=gen)
+    assert torch.equal(Q.int8_accumulate(q, codes).long(), q.long() @ codes.long().T)
+    x, w, b = torch.randn(2, 9, 64, generator=gen), torch.randn(48, 64, generator=gen), torch.randn(48, generator=gen)
+    qw = Q.quantize_int8(w)
+    y = torch.ops.ditopt.int8_linear(x, qw.codes, qw.scale, b)
+    torch.testing.assert_close(y, Q.int8_linear_reference(x, qw.codes, qw.scale, b), atol=1e-5, rtol=1e-5)
+    # ... and the Q/DQ (fake quant) path computes the same product.
+    fake = torch.nn.functional.linear(Q.fake_quant_activation(x, 8), qw.dequantize(), b)
+    torch.testing.assert_close(y, fake, atol=1e-4, rtol=1e-4)
+
+
+# -- the pass ----------------------------------------------------------------------------------
+def _profile(budget=None, **cfg):
+    return {"name": "q", "budget": budget or {"max_rel_err": 1.0}, "passes": [{"name": "quantize", **cfg}]}
+
+
+def _record(opt):
+    return next(r for r in opt.report.passes if r.name == "quantize")
+
+
+def _plain():
+    model = build_model("plain")
+    return model, make_inputs("plain", model, batch=2)
+
+
+def test_w8a8_rewrites_the_block_linears_and_stays_close():
+    model, kw = _plain()
+    before = copy.deepcopy(model.state_dict())
+    opt = ditopt.optimize(model, _profile(weights="int8", activations="int8", rotation="none"), example_inputs=kw)
+    rep = _record(opt).report
+    original = ditopt.capture(model, kw)
+    int8 = torch.ops.ditopt.int8_linear.default
+    for seg, orig in zip(opt.programs[0].block_segments, original.block_segments):
+        targets = [n.target for n in seg.module.graph.nodes if n.op == "call_function"]
+        assert targets.count(int8) == 4  # qkv, proj, mlp in, mlp out
+        assert targets.count(torch.ops.aten.linear.default) == 1  # the adaLN modulation stays float
+        assert int8 not in [n.target for n in orig.module.graph.nodes]
+    assert rep["execution"] == {"int8_gemm": 12, "fake_quant": 0}
+    assert 3.8 < rep["weight_compression"] < 4.0
+    assert all(f == "int8/int8/none" for f in rep["formats"].values())
+    with torch.no_grad():
+        a, b = opt(**kw), model(**kw)
+    assert float((a - b).norm() / b.norm()) < 0.02
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_ars_picks_the_outlier_rotation_for_a_planted_salient_channel():
+    model, kw = _plain()
+    planted = copy.deepcopy(model)  # block 1's FFN input gets one channel 40x the others
+
+    def hook(_m, args):
+        x = args[0].clone()
+        x[..., 3] *= 40.0
+        return (x,)
+
+    planted.blocks[1].mlp[0].register_forward_pre_hook(hook)
+    opt = ditopt.optimize(planted, _profile(weights="int8", activations="int8", rotation="ars"), example_inputs=kw,
+                          calibration=arch_sampler(kw))
+    rep = _record(opt).report
+    stats = rep["activation_stats"]
+    assert stats["blocks.1.mlp.0"]["outlier_ratio"] > 20
+    assert rep["formats"]["blocks.1.mlp.0"].endswith("/outlier")
+    assert rep["formats"]["blocks.0.mlp.0"].endswith("/hadamard")
+
+
+def test_budget_search_keeps_a_planted_sensitive_layer_high():
+    model, kw = _plain()
+    with torch.no_grad():
+        w = model.blocks[1].attn.proj.weight
+        w[:, ::8] *= 30.0  # a few huge input columns per group: int4 groups lose the rest
+        model.blocks[1].attn.proj.weight.copy_(w)
+    profile = _profile(budget={"min_psnr_db": 45.0}, low="int4/int8", rotation="none", group_size=16)
+    opt = ditopt.optimize(model, profile, example_inputs=kw, calibration=arch_sampler(kw, samples=8),
+                          max_retries=0, on_gate_miss="return")
+    rep = _record(opt).report
+    sens = rep["sensitivity"]
+    assert max(sens, key=lambda n: sens[n]["int4/int8"]) == "blocks.1.attn.proj"
+    formats = rep["formats"]
+    assert formats["blocks.1.attn.proj"] in ("int8/int8/none", "float")
+    assert sum(f.startswith("int4") for f in formats.values()) >= 1
+    assert rep["predicted_psnr_db"] >= rep["target_psnr_db"]
+    # The report's resolved profile replays the choice without a search.
+    entry = next(p for p in opt.report.resolved_profile().passes if p.name == "quantize")
+    assert not entry.config.searched()
+    assert {n: f for n, f in entry.config.layers.items()} == {n: f for n, f in formats.items() if f != "float"}
+
+
+def test_nothing_to_quantize_does_not_fire():
+    model, kw = _plain()
+    opt = ditopt.optimize(model, _profile(weights="int8", activations="int8", rotation="none", keep=["blocks.*"]),
+                          example_inputs=kw)
+    record = _record(opt)
+    assert not record.modified and "all kept" in record.report["skipped"]
+    assert [s.module.code for s in opt.programs[0].segments] == [s.module.code for s in ditopt.capture(model, kw).segments]
+
+
+@pytest.mark.parametrize("cfg, error, match", [
+    ({"weights": "int4", "group_size": 24, "rotation": "none"}, InvalidProfileError, "group_size = 24"),
+    ({"weights": "int8", "rotation": "smoothquant"}, CalibrationError, "calibration"),
+    ({"layers": {"blocks.9.mlp.0": "int8/int8"}}, InvalidProfileError, "blocks.9.mlp.0"),
+])
+def test_bad_input_is_a_named_error(cfg, error, match):
+    model, kw = _plain()
+    with pytest.raises(error, match=match):
+        ditopt.optimize(model, _profile(**cfg), example_inputs=kw)
+
+
+@pytest.mark.parametrize("cfg, match", [
+    ({"weights": "int5"}, "weights"),
+    ({"low": "int4"}, "weights/activations"),
+    ({"layers": {"a": "int4/int6"}}, "activations"),
+])
+def test_bad_configs_fail_at_profile_load(cfg, match):
+    with pytest.raises(InvalidProfileError, match=match):
+        ditopt.load_profile(_profile(**cfg))
+
+
+def test_rotation_on_a_width_it_cannot_rotate_is_refused():
+    model = build_model("dit")  # width 32: rotates; a 40-wide toy would not
+    kw = make_inputs("dit", model, batch=2)
+    opt = ditopt.optimize(model, _profile(weights="int8", activations="int8", rotation="hadamard"), example_inputs=kw)
+    assert _record(opt).modified
+    with pytest.raises(ValueError, match="power-of-two"):
+        Q.rotation_block(40)
+
+
+@pytest.mark.parametrize("cfg", [
+    {"weights": "int8", "activations": "int8", "rotation": "none"},
+    {"weights": "tlq4", "activations": "int8", "rotation": "hadamard", "group_size": 16},
+])
+def test_export_runs_the_quantized_graph_in_onnxruntime(tmp_path, cfg):
+    model, kw = _plain()
+    opt = ditopt.optimize(model, _profile(**cfg), example_inputs=kw)
+    with torch.no_grad():
+        want = opt(**kw)
+    runner = load_artifact(export_artifact(opt, tmp_path / "artifact"))
+    torch.testing.assert_close(runner(**kw), want, rtol=1e-3, atol=1e-4)
+
+
+def test_formats_are_all_accepted_explicitly():
+    model, kw = _plain()
+    for w, a in itertools.product(("int8", "int4", "tlq4", "tlq3"), ("none", "int8", "int4")):
+        opt = ditopt.optimize(model, _profile(weights=w, activations=a, rotation="hadamard", group_size=16), example_inputs=kw)
+        with torch.no_grad():
+            out = opt(**kw)
+        assert torch.isfinite(out).all(), (w, a)
