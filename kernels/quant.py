@@ -121,19 +121,28 @@ def _log_half(mag: Tensor, mask: Tensor, eta: Tensor, levels: int, pct: float) -
     lo = torch.where(empty, torch.zeros_like(lo), lo)
     hi = torch.where(empty, torch.zeros_like(hi), torch.maximum(hi, lo))
     step = ((hi - lo) / max(levels - 1, 1)).clamp_min(1e-12)
-    q = torch.round((logs.clamp(lo, hi) - lo) / step).clamp(0, levels - 1)
     table = (2.0 ** (lo + step * torch.arange(levels, dtype=mag.dtype)) - eta).clamp_min(0)
-    return q.long(), table
+    # Each weight takes its nearest level in the linear domain: rounding in the log domain sends
+    # every value past a cell's geometric midpoint up, a magnitude bias that adds up over a row
+    # and, on dit-digits, along the sampling trajectory.
+    clipped = torch.minimum(mag, table[:, -1:])
+    q = (clipped[..., None] - table[:, None, :]).abs().argmin(-1)
+    return q, table
 
 
-def quantize_tlq(w: Tensor, bits: int = 4, group_size: int | None = None) -> QuantizedWeight:
+def quantize_tlq(w: Tensor, bits: int = 4, group_size: int | None = None,
+                 importance: Tensor | None = None) -> QuantizedWeight:
     """Twin-log quantization per group of `group_size` input channels (default: whole rows), eta
-    and the two clipping percentiles searched per group."""
+    and the two clipping percentiles searched per group for the least squared error, weighted
+    per input channel by `importance` [I] when given (the calibration activations' mean square:
+    the layer's output error rather than the weight's)."""
     w = w.detach().float()
     rows, cols = w.shape
     g = group_size or cols
     if cols % g:
         raise ValueError(f"group_size = {g} does not divide the {cols} input channels")
+    weight = (importance.float().clamp_min(1e-12) / importance.float().mean().clamp_min(1e-12)).expand(rows, cols).reshape(-1, g) \
+        if importance is not None else torch.ones(rows * cols // g, g)
     w = w.reshape(-1, g)
     o, i = w.shape
     levels = 2 ** (bits - 1)
@@ -150,7 +159,7 @@ def quantize_tlq(w: Tensor, bits: int = 4, group_size: int | None = None) -> Qua
             for pct in CLIP_GRID:
                 q, table = _log_half(mag, mask, eta, levels, pct)
                 rec = table.gather(1, q)
-                err = torch.where(mask, (rec - mag) ** 2, torch.zeros_like(mag)).sum(1)
+                err = torch.where(mask, weight * (rec - mag) ** 2, torch.zeros_like(mag)).sum(1)
                 cur = halves.get(sign)
                 if cur is None:
                     halves[sign] = [err, q, table]
@@ -170,13 +179,13 @@ def quantize_tlq(w: Tensor, bits: int = 4, group_size: int | None = None) -> Qua
     return QuantizedWeight(f"tlq{bits}", best_codes.to(torch.uint8).reshape(rows, cols), best_table, None, g)
 
 
-def quantize_weight(w: Tensor, fmt: str, group_size: int = 64) -> QuantizedWeight:
+def quantize_weight(w: Tensor, fmt: str, group_size: int = 64, importance: Tensor | None = None) -> QuantizedWeight:
     if fmt == "int8":
         return quantize_int8(w)
     if fmt == "int4":
         return quantize_int4(w, group_size)
     if fmt in ("tlq4", "tlq3"):
-        return quantize_tlq(w, int(fmt[-1]), group_size)
+        return quantize_tlq(w, int(fmt[-1]), group_size, importance)
     raise ValueError(f"weight format {fmt!r}: one of {', '.join(WEIGHT_FORMATS[1:])}")
 
 

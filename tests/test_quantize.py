@@ -36,10 +36,11 @@ def _tlq_brute_force(row: torch.Tensor, bits: int) -> float:
                 k = min(int((1 - pct) * len(logs)), len(logs) - 1)
                 hi, lo = logs[k], logs[-1]
                 step = max((hi - lo) / (levels - 1), 1e-12)
+                table = [max(2 ** (lo + step * level) - eta, 0.0) for level in range(levels)]
                 err = 0.0
-                for v in vals:
-                    level = min(max(round((min(max(torch.tensor(v + eta, dtype=torch.float64).log2().item(), lo), hi) - lo) / step), 0), levels - 1)
-                    err += (max(2 ** (lo + step * level) - eta, 0.0) - v) ** 2
+                for v in vals:  # the nearest level in the linear domain (values above the top one clip to it)
+                    rec = min(table, key=lambda t: abs(t - min(v, table[-1])))
+                    err += (rec - v) ** 2
                 half_best = min(half_best, err)
             total += half_best
         best = min(best, total)
@@ -76,6 +77,17 @@ def test_weight_formats_reconstruct_and_count_bytes():
     e_tlq = (Q.quantize_weight(heavy, "tlq4", 32).dequantize() - heavy).pow(2).sum()
     e_int4 = (Q.quantize_weight(heavy, "int4", 32).dequantize() - heavy).pow(2).sum()
     assert e_tlq < e_int4
+
+
+def test_tlq_weighted_by_activation_energy_lowers_the_output_error():
+    torch.manual_seed(1)
+    w = torch.randn(32, 64) * 0.05
+    importance = torch.ones(64)
+    importance[:4] = 100.0  # four input channels carry most of the activation energy
+    plain = Q.quantize_tlq(w, 4, 16).dequantize()
+    weighted = Q.quantize_tlq(w, 4, 16, importance).dequantize()
+    cost = lambda d: float(((d - w) ** 2 * importance).sum())  # noqa: E731
+    assert cost(weighted) < cost(plain)
 
 
 @pytest.mark.parametrize("width", [64, 96, 1152])

@@ -118,7 +118,12 @@ class Quantizer:
                 if n not in self._rotations:
                     self._rotations[n] = hadamard(n)
                 rot = self._rotations[n]
-            self._prepared[key] = prepare(w, plan, smooth, rot, self.config.group_size)
+            importance = None
+            if rot is None and self.stats is not None and site.target in self.stats:
+                # The input's channel energy weights the weight error (a rotation mixes the
+                # channels, whose rotated energies calibration did not record: uniform then).
+                importance = self.stats[site.target].mean_sq / (smooth ** 2 if smooth is not None else 1.0)
+            self._prepared[key] = prepare(w, plan, smooth, rot, self.config.group_size, importance)
         return self._prepared[key]
 
     def build(self, plans: dict[str, LayerPlan], graph: DiTGraph | None = None) -> DiTGraph:

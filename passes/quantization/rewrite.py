@@ -102,7 +102,8 @@ class PreparedLayer:
 
 
 def prepare(weight: torch.Tensor, plan: LayerPlan, smooth: torch.Tensor | None, rotation: torch.Tensor | None,
-            group_size: int) -> PreparedLayer:
+            group_size: int, importance: torch.Tensor | None = None) -> PreparedLayer:
+    """`importance`: the transformed input's per-channel mean square, or None (uniform)."""
     w = weight.detach().float()
     if smooth is not None:
         w = w * smooth[None, :]
@@ -110,7 +111,7 @@ def prepare(weight: torch.Tensor, plan: LayerPlan, smooth: torch.Tensor | None, 
         w = w @ rotation
     if plan.weights == "none":
         return PreparedLayer(plan, smooth, rotation, None, w)
-    q = quantize_weight(w, plan.weights, group_size)
+    q = quantize_weight(w, plan.weights, group_size, importance)
     return PreparedLayer(plan, smooth, rotation, q, q.dequantize())
 
 

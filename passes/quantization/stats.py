@@ -24,6 +24,7 @@ from .rewrite import LINEAR, Site
 @dataclass
 class LayerStats:
     absmax: torch.Tensor  # [I]
+    mean_sq: torch.Tensor  # [I] per-channel mean square (weights the weight quantizers' error)
     j: float
     outlier_ratio: float
     by_step: dict[str, float]  # outlier ratio per step bucket
@@ -50,12 +51,14 @@ def linear_input_stats(replay: CalibrationReplay, graph: DiTGraph, sites: list[S
             by_segment.setdefault(site.segment, {})[node] = site.target
     absmax: dict[str, list[torch.Tensor]] = {}
     sq: dict[str, float] = {}
+    chan_sq: dict[str, torch.Tensor] = {}
     count: dict[str, int] = {}
 
     def sink(target: str, x: torch.Tensor) -> None:
         x2 = x.detach().float().reshape(x.shape[0], -1, x.shape[-1])  # [batch, tokens, C]
         absmax.setdefault(target, []).append(x2.abs().amax(1))  # per row: [batch, C]
         sq[target] = sq.get(target, 0.0) + float(x2.pow(2).sum())
+        chan_sq[target] = chan_sq.get(target, 0) + x2.pow(2).sum((0, 1))
         count[target] = count.get(target, 0) + x2.numel()
 
     blocks = [s for s in graph.main_segments if s.kind != "prologue"]
@@ -77,5 +80,6 @@ def linear_input_stats(replay: CalibrationReplay, graph: DiTGraph, sites: list[S
             if mask.any():
                 c = rows[mask].amax(0)
                 by_step[name] = float(c.max() / c.median().clamp_min(1e-12))
-        stats[target] = LayerStats(chan, (sq[target] / max(count[target], 1)) ** 0.5, ratio, by_step)
+        mean_sq = chan_sq[target] / (count[target] / chan.numel())
+        stats[target] = LayerStats(chan, mean_sq, (sq[target] / max(count[target], 1)) ** 0.5, ratio, by_step)
     return stats
