@@ -10,6 +10,10 @@ speed:   a DiT-XL-wide stack (diffusers DiTTransformer2DModel, hidden 1152 = 16 
 
     python benchmarks/bench_quantize.py quality --model dit-digits --out benchmarks/results/quantize_dit.json
     python benchmarks/bench_quantize.py speed --blocks 4 --out benchmarks/results/quantize_speed.json
+    python benchmarks/bench_quantize.py peers --model dit-digits --out benchmarks/results/quantize_peers.json
+
+peers: torchao and optimum-quanto (the `peers` extra) at equal bits on the same layers (the blocks'
+linears, embedders and adaLN modulation kept) and the same unseen pairs as `quality`.
 """
 
 from __future__ import annotations
@@ -140,9 +144,105 @@ def speed(args) -> dict:
             "rows": rows, "all_s": times}
 
 
+def _block_linear(fqn: str) -> bool:
+    """The layers ditopt quantizes by default on diffusers' DiT: the blocks' linears but their
+    embedders and adaLN modulation (norm1.*)."""
+    return fqn.startswith("transformer_blocks.") and ".norm1." not in fqn
+
+
+def peers(args) -> dict:
+    """Peers at equal bits on the same layers and the same unseen pairs as `quality`."""
+    import copy
+
+    import torch
+
+    from ditopt import zoo
+    from ditopt.verify import psnr_lower_bound, psnr_samples
+
+    bundle = zoo.load(args.model)
+    classes = [(7 * i + 4) % bundle.num_classes for i in range(args.unseen)]
+    seeds = [UNSEEN_SEED0 + i for i in range(args.unseen)]
+    reference = bundle.sample(classes, seeds)
+    rows = []
+
+    def torchao(config):
+        from torchao.quantization import quantize_
+
+        m = copy.deepcopy(bundle.model)
+        quantize_(m, config, filter_fn=lambda mod, fqn: isinstance(mod, torch.nn.Linear) and _block_linear(fqn))
+        return m
+
+    def quanto(weights, activations):
+        from optimum.quanto import Calibration, freeze, quantize
+
+        m = copy.deepcopy(bundle.model)
+        quantize(m, weights=weights, activations=activations, include=["transformer_blocks.*"], exclude=["*norm1*"])
+        if activations is not None:
+            with Calibration():
+                bundle.calibration_fn()(m)
+        freeze(m)
+        return m
+
+    def modelopt(config):
+        import modelopt.torch.quantization as mtq
+
+        m = copy.deepcopy(bundle.model)
+        mtq.quantize(m, copy.deepcopy(config), forward_loop=lambda mm: bundle.calibration_fn()(mm))
+        # The same layers as the others: quantizers outside the blocks' linears off.
+        mtq.disable_quantizer(m, lambda name: not _block_linear(name))
+        return m
+
+    def build(name):
+        if name.startswith("modelopt"):
+            import modelopt.torch.quantization as mtq
+
+            return modelopt({"modelopt W8A8 (INT8_SMOOTHQUANT_CFG)": mtq.INT8_SMOOTHQUANT_CFG,
+                             "modelopt W8A8 (INT8_DEFAULT_CFG)": mtq.INT8_DEFAULT_CFG,
+                             "modelopt W4A16 (INT4_AWQ_CFG)": mtq.INT4_AWQ_CFG,
+                             "modelopt W4A8 (W4A8_AWQ_BETA_CFG)": mtq.W4A8_AWQ_BETA_CFG}[name])
+        from torchao.quantization import (Int8DynamicActivationInt8WeightConfig, Int8DynamicActivationIntxWeightConfig,
+                                          Int8WeightOnlyConfig)
+        from torchao.quantization.granularity import PerGroup
+
+        if name == "torchao W8A8 (Int8DynamicActivationInt8Weight)":
+            return torchao(Int8DynamicActivationInt8WeightConfig())
+        if name == "torchao W8A16 (Int8WeightOnly)":
+            return torchao(Int8WeightOnlyConfig())
+        if name == "torchao W4A8 (Int8DynamicActivationIntxWeight int4, group 64)":
+            return torchao(Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(64)))
+        from optimum.quanto import qint4, qint8
+
+        if name == "quanto W8A8 (qint8/qint8, calibrated)":
+            return quanto(qint8, qint8)
+        if name == "quanto W4A8 (qint4/qint8, calibrated)":
+            return quanto(qint4, qint8)
+        raise KeyError(name)
+
+    for name in ("torchao W8A8 (Int8DynamicActivationInt8Weight)", "torchao W8A16 (Int8WeightOnly)",
+                 "torchao W4A8 (Int8DynamicActivationIntxWeight int4, group 64)",
+                 "quanto W8A8 (qint8/qint8, calibrated)", "quanto W4A8 (qint4/qint8, calibrated)",
+                 "modelopt W8A8 (INT8_DEFAULT_CFG)", "modelopt W8A8 (INT8_SMOOTHQUANT_CFG)",
+                 "modelopt W4A16 (INT4_AWQ_CFG)", "modelopt W4A8 (W4A8_AWQ_BETA_CFG)"):
+        try:
+            model = build(name)
+            with torch.no_grad():
+                values = psnr_samples(bundle.sample(classes, seeds, model=model), reference)
+            row = {"method": name, "unseen_mean_db": sum(values) / len(values),
+                   "unseen_lower90_db": psnr_lower_bound(values, 0.9), "unseen_min_db": min(values)}
+        except Exception as exc:  # a peer that does not run here is a row saying why
+            row = {"method": name, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    import importlib.metadata as md
+
+    versions = {p: md.version(p) for p in ("torchao", "optimum-quanto", "nvidia-modelopt")}
+    return {"model": args.model, "unseen": {"samples": args.unseen, "seeds": [seeds[0], seeds[-1]]}, "rows": rows,
+            "versions": versions}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["quality", "speed"])
+    p.add_argument("what", choices=["quality", "speed", "peers"])
     p.add_argument("--model", default="dit-digits")
     p.add_argument("--budget", type=float, default=30.0)
     p.add_argument("--group-size", type=int, default=64)
@@ -160,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     from ditopt.io import atomic_write_text
 
     torch.set_num_threads(args.threads)
-    result = quality(args) if args.what == "quality" else speed(args)
+    result = {"quality": quality, "speed": speed, "peers": peers}[args.what](args)
     result["run"] = script_run_record("benchmarks/bench_quantize.py", argv, args.threads)
     if args.out:
         atomic_write_text(args.out, json.dumps(result, indent=2, default=str) + "\n")

@@ -253,3 +253,24 @@ def test_formats_are_all_accepted_explicitly():
         with torch.no_grad():
             out = opt(**kw)
         assert torch.isfinite(out).all(), (w, a)
+
+
+def test_composes_with_pruning_and_caching_in_one_profile():
+    """Quantize after layer_prune, then a cache schedule, in one profile: the quantized segments
+    are the ones the cache skips or computes, and skipped steps reuse the quantized residual."""
+    model, kw = _plain()
+    profile = {"name": "all", "budget": {"max_rel_err": 1.0}, "passes": [
+        {"name": "layer_prune", "blocks": [2], "bridge": "none"},
+        {"name": "quantize", "weights": "int8", "activations": "int8", "rotation": "none"},
+        {"name": "residual_cache", "interval": 2}]}
+    opt = ditopt.optimize(model, profile, example_inputs=kw, num_steps=4)
+    assert [r.modified for r in opt.report.passes] == [True, True, True]
+    assert _record(opt).report["execution"]["int8_gemm"] == 8  # blocks 0 and 1; block 2 was removed
+    int8 = torch.ops.ditopt.int8_linear.default
+    program = opt.programs[0]
+    assert not any(n.target is int8 for n in program.segment_for_block(2).module.graph.nodes)
+    outs = []
+    with torch.no_grad():
+        for t in (900.0, 700.0, 500.0, 300.0):
+            outs.append(opt(**{**kw, "t": torch.full((2,), t)}))
+    assert all(torch.isfinite(o).all() for o in outs)
