@@ -189,11 +189,17 @@ def quantize_weight(w: Tensor, fmt: str, group_size: int = 64, importance: Tenso
     raise ValueError(f"weight format {fmt!r}: one of {', '.join(WEIGHT_FORMATS[1:])}")
 
 
-def fake_quant_activation(x: Tensor, bits: int) -> Tensor:
-    """Quantize-dequantize per token (last dimension), symmetric, dynamic."""
+def _per_token(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """Symmetric per-token (last dimension) codes as floats, and their scales."""
     qmax = 2 ** (bits - 1) - 1
     scale = x.abs().amax(-1, keepdim=True).clamp_min(1e-8) / qmax
-    return torch.round(x / scale).clamp(-qmax, qmax) * scale
+    return torch.round(x / scale).clamp(-qmax, qmax), scale
+
+
+def fake_quant_activation(x: Tensor, bits: int) -> Tensor:
+    """Quantize-dequantize per token (last dimension), symmetric, dynamic."""
+    q, scale = _per_token(x, bits)
+    return q * scale
 
 
 def rotation_block(n: int) -> int:
@@ -216,9 +222,15 @@ def hadamard(n: int) -> Tensor:
     return torch.block_diag(*([h] * (n // b))).float() if n != b else h.float()
 
 
-def _quantize_rows_int8(x2: Tensor) -> tuple[Tensor, Tensor]:
-    scale = x2.abs().amax(-1, keepdim=True).clamp_min(1e-8) / 127.0
-    return torch.round(x2 / scale).clamp(-127, 127).to(torch.int8), scale
+def _w8a8(x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None, accumulate, dtype: torch.dtype) -> Tensor:
+    """The W8A8 linear with `accumulate(q, codes)` doing the integer product, rescaled in `dtype`:
+    one formula for the op (int32), its exact reference (int64) and its export (float)."""
+    shape = x.shape
+    q, sx = _per_token(x.reshape(-1, shape[-1]).float(), 8)
+    y = accumulate(q, codes).to(dtype) * sx.to(dtype) * scale[None, :].to(dtype)
+    if bias is not None:
+        y = y + bias.to(dtype)
+    return y.reshape(*shape[:-1], codes.shape[0])
 
 
 def int8_accumulate(q: Tensor, codes: Tensor) -> Tensor:
@@ -230,14 +242,7 @@ def int8_accumulate(q: Tensor, codes: Tensor) -> Tensor:
 def int8_linear(x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
     """W8A8 linear: x [..., I] float, codes [O, I] int8 (per-channel weight scale [O]): the
     activation is quantized per token, multiplied in int8 -> int32, rescaled to x's dtype."""
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1]).float()
-    q, sx = _quantize_rows_int8(x2)
-    acc = int8_accumulate(q, codes)
-    y = acc.float() * sx * scale[None, :].float()
-    if bias is not None:
-        y = y + bias.float()
-    return y.reshape(*shape[:-1], codes.shape[0]).to(x.dtype)
+    return _w8a8(x, codes, scale, bias, lambda q, c: int8_accumulate(q.to(torch.int8), c), torch.float32).to(x.dtype)
 
 
 @int8_linear.register_fake
@@ -255,26 +260,13 @@ def _int8_linear_flops(x_shape, codes_shape, *args, out_shape=None, **kwargs) ->
 
 def int8_linear_reference(x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
     """The same arithmetic in int64 (exact accumulation), for tests."""
-    shape = x.shape
-    q, sx = _quantize_rows_int8(x.reshape(-1, shape[-1]).float())
-    acc = q.long() @ codes.long().t()
-    y = acc.double() * sx.double() * scale[None, :].double()
-    if bias is not None:
-        y = y + bias.double()
-    return y.reshape(*shape[:-1], codes.shape[0]).float()
+    return _w8a8(x, codes, scale, bias, lambda q, c: q.long() @ c.long().t(), torch.float64).float()
 
 
 def _int8_linear_exportable(x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
     """The W8A8 arithmetic in standard ops (ONNX has no ditopt op): the per-token quantized
     activation times the int8 codes, as floats (exact integers below 2^24), rescaled."""
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1]).float()
-    sx = x2.abs().amax(-1, keepdim=True).clamp_min(1e-8) / 127.0
-    q = torch.round(x2 / sx).clamp(-127, 127)
-    y = (q @ codes.float().t()) * sx * scale[None, :].float()
-    if bias is not None:
-        y = y + bias.float()
-    return y.reshape(*shape[:-1], codes.shape[0]).to(x.dtype)
+    return _w8a8(x, codes, scale, bias, lambda q, c: q @ c.float().t(), torch.float32).to(x.dtype)
 
 
 register_export_lowering(torch.ops.ditopt.int8_linear.default, _int8_linear_exportable)

@@ -35,14 +35,19 @@ class ReplayError:
 
 
 class CalibrationReplay:
+    @staticmethod
+    def recorded(stats: Any) -> bool:
+        """Whether `stats` holds the block inputs a replay needs."""
+        return stats is not None and bool((stats.meta.get("block_inputs") or {}).get("names"))
+
     def __init__(self, graph: DiTGraph, stats: Any, max_rows: int = 128, seed: int = 0) -> None:
-        meta = stats.meta.get("block_inputs") if stats is not None else None
-        if not meta or not meta.get("names"):
+        if not self.recorded(stats):
             raise CalibrationError("this pass replays the blocks on calibration activations: calibrate with the "
                                    "'block_inputs' collector (the pass's needs), with a calibration function that samples")
+        meta = stats.meta["block_inputs"]
         if meta.get("unreplayable"):
             raise CalibrationError(f"the blocks read {', '.join(meta['unreplayable'])}, which change between calls but "
-                                   "have no batch dimension; the blocks of this model cannot be replayed's blocks")
+                                   "have no batch dimension; the blocks of this model cannot be replayed")
         self.graph = graph
         self.batch = self._batch(graph, set(meta["batched"]))
         batched = {n: stats.tensors[PREFIX + n] for n in meta["batched"]}

@@ -234,8 +234,8 @@ def layer_prune(graph: DiTGraph, config: LayerPruneConfig, ctx: PassContext) -> 
                                "and fit bridges; or give blocks = [...] with bridge = 'none'")
     # Explicit blocks without a bridge need no statistics, but when they were recorded the report
     # still gives the replayed error of the removal.
-    recorded = ctx.stats is not None and bool((ctx.stats.meta.get("block_inputs") or {}).get("names"))
-    replay = CalibrationReplay(graph, ctx.stats, config.rows) if needs_replay or recorded else None
+    replay = (CalibrationReplay(graph, ctx.stats, config.rows)
+              if needs_replay or CalibrationReplay.recorded(ctx.stats) else None)
     pruner = Pruner(graph, config, replay)
     report: dict[str, Any] = {"bridge": config.bridge}
     if fixed:

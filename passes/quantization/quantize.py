@@ -27,7 +27,7 @@ from ditopt.profiles.fields import Float, Int
 from ditopt.registry import PassConfig, PassContext, PassLevel, PassOutcome, PassResult, register_pass
 from ditopt.search import BudgetSearch
 
-from .rewrite import LayerPlan, PreparedLayer, Site, kept, linear_sites, prepare, quantize_segment
+from .rewrite import LayerPlan, PreparedLayer, Site, attribute, kept, linear_sites, prepare, quantize_segment
 from .stats import LayerStats, linear_input_stats
 
 ACT_BITS = {"none": 0, "int8": 8, "int4": 4}
@@ -95,16 +95,10 @@ class Quantizer:
         self._prepared: dict[tuple[str, LayerPlan], PreparedLayer] = {}
         self._rotations: dict[int, torch.Tensor] = {}
 
-    def _weight(self, site: Site) -> torch.Tensor:
-        module = self.graph.segment(site.segment).module
-        for part in site.target.split("."):
-            module = getattr(module, part)
-        return module
-
     def layer(self, site: Site, plan: LayerPlan) -> PreparedLayer:
         key = (site.target, plan)
         if key not in self._prepared:
-            w = self._weight(site)
+            w = attribute(self.graph.segment(site.segment).module, site.target)
             smooth = rot = None
             if plan.rotation in ("smoothquant", "outlier"):
                 if self.stats is None or site.target not in self.stats:
@@ -130,7 +124,7 @@ class Quantizer:
         g = graph if graph is not None else self.graph
         by_segment: dict[str, dict[str, PreparedLayer]] = {}
         for site in self.sites:
-            if site.target in plans and plans[site.target].label != "none/none/none":
+            if site.target in plans and not plans[site.target].is_float:
                 by_segment.setdefault(site.segment, {})[site.target] = self.layer(site, plans[site.target])
         for name, layers in by_segment.items():
             g = g.with_segment(quantize_segment(g.segment(name), layers, self.config.integer_w8a8))
@@ -179,8 +173,7 @@ def quantize(graph: DiTGraph, config: QuantizeConfig, ctx: PassContext) -> PassR
     if config.needs_calibration() and ctx.stats is None:
         raise CalibrationError("quantize needs calibration statistics (calibration=fn) to measure layer sensitivity "
                                "and activation outliers; or give weights/activations with rotation 'none' or 'hadamard'")
-    recorded = ctx.stats is not None and bool((ctx.stats.meta.get("block_inputs") or {}).get("names"))
-    replay = CalibrationReplay(graph, ctx.stats, config.rows) if recorded else None
+    replay = CalibrationReplay(graph, ctx.stats, config.rows) if CalibrationReplay.recorded(ctx.stats) else None
     stats = linear_input_stats(replay, graph, sites) if replay is not None else None
     quantizer = Quantizer(graph, config, sites, stats)
     report: dict[str, Any] = {"layers_total": len(all_sites), "layers_quantizable": len(sites),
@@ -229,8 +222,11 @@ def quantize(graph: DiTGraph, config: QuantizeConfig, ctx: PassContext) -> PassR
             chosen = {s.target for s in order_mid[:k]}
             return {s.target: mid[s.target] for s in sites if s.target in chosen}
 
+        def key(setting: tuple[str, int]) -> tuple:
+            return ("quantize", config.low, config.rotation, setting)
+
         search = BudgetSearch.start(ctx, "quantize", config.margin_db, what="without weights or activations")
-        chosen = search.cheapest(settings, key=lambda st: ("quantize", config.low, config.rotation, st),
+        chosen = search.cheapest(settings, key=key,
                                  build=lambda st: (lambda g: quantizer.build(plans_for(st), g)),
                                  describe=lambda st: {"setting": f"{st[1]} layers {config.low if st[0] == 'low' else 'int8/int8'}, "
                                                       f"rest {'int8/int8' if st[0] == 'low' else 'float'}"})
@@ -241,21 +237,21 @@ def quantize(graph: DiTGraph, config: QuantizeConfig, ctx: PassContext) -> PassR
                                  "search's samples; nothing quantized")
             return PassResult(graph, False, report)
         plans = plans_for(chosen)
-        report["predicted_psnr_db"] = search.memo[("quantize", config.low, config.rotation, chosen)]
+        report["predicted_psnr_db"] = search.memo[key(chosen)]
         report["chosen"] = {"setting": list(chosen)}
-    plans = {t: p for t, p in plans.items() if p.label != "none/none/none"}
+    plans = {t: p for t, p in plans.items() if not p.is_float}
     if not plans:
         return PassResult(graph, False, {**report, "skipped": "every layer planned in float"})
     quantized = quantizer.build(plans)
     bits, float_bits = _plan_bits(plans, sites)
     packed = _packed_bytes(quantizer, plans)
+    gemm = sum(1 for p in plans.values() if p.runs_int8_gemm(config.integer_w8a8))
     report.update({
         "formats": {s.name: plans[s.target].label if s.target in plans else "float" for s in sites},
         "weight_bits_mean": bits / sum(s.in_features * s.out_features for s in sites),
         "weight_bytes_float": float_bits // 8, "weight_bytes_packed": packed,
         "weight_compression": (float_bits / 8) / packed,
-        "execution": {"int8_gemm": sum(1 for p in plans.values() if config.integer_w8a8 and p.weights == "int8" and p.activations == 8),
-                      "fake_quant": sum(1 for p in plans.values() if not (config.integer_w8a8 and p.weights == "int8" and p.activations == 8))},
+        "execution": {"int8_gemm": gemm, "fake_quant": len(plans) - gemm},
         "execution_note": ("W8A8 layers run the int8 GEMM; other formats are simulated (Q/DQ): their packed bytes are what "
                            "an artifact would store, while the runtime holds dequantized float weights"),
     })

@@ -52,6 +52,14 @@ class LayerPlan:
     rotation: str = "none"  # none | hadamard | smoothquant | outlier (smooth, then Hadamard)
 
     @property
+    def is_float(self) -> bool:
+        return self.weights == "none" and not self.activations and self.rotation == "none"
+
+    def runs_int8_gemm(self, integer_w8a8: bool) -> bool:
+        """W8A8 through `ditopt::int8_linear` (else Q/DQ)."""
+        return integer_w8a8 and self.weights == "int8" and self.activations == 8
+
+    @property
     def label(self) -> str:
         return f"{self.weights}/{'int%d' % self.activations if self.activations else 'none'}/{self.rotation}"
 
@@ -64,10 +72,19 @@ class LayerPlan:
         return cls(parts[0], acts, parts[2] if len(parts) == 3 else "none")
 
 
-def _attr(module: torch.nn.Module, target: str):
+def attribute(module: torch.nn.Module, target: str):
+    """What a get_attr node's dotted target names on `module`."""
     for part in target.split("."):
         module = getattr(module, part)
     return module
+
+
+def weight_target(node: fx.Node) -> str | None:
+    """The weight's attribute path of a linear node whose weight is a graph attribute, else None."""
+    if node.op == "call_function" and node.target is LINEAR and isinstance(node.args[1], fx.Node) \
+            and node.args[1].op == "get_attr":
+        return str(node.args[1].target)
+    return None
 
 
 def linear_sites(graph: DiTGraph) -> list[Site]:
@@ -76,11 +93,10 @@ def linear_sites(graph: DiTGraph) -> list[Site]:
         info = next(b for b in graph.blocks if b.index == seg.block)
         by_target: dict[str, list[fx.Node]] = {}
         for node in seg.module.graph.nodes:
-            if node.op == "call_function" and node.target is LINEAR and isinstance(node.args[1], fx.Node) \
-                    and node.args[1].op == "get_attr":
-                by_target.setdefault(str(node.args[1].target), []).append(node)
+            if (target := weight_target(node)) is not None:
+                by_target.setdefault(target, []).append(node)
         for target, nodes in by_target.items():
-            w = _attr(seg.module, target)
+            w = attribute(seg.module, target)
             sites.append(Site(seg.name, seg.block, target, tuple(n.name for n in nodes), int(w.shape[1]),
                               int(w.shape[0]), any(n.name in info.modulation for n in nodes)))
     return sites
@@ -127,8 +143,7 @@ def quantize_segment(seg: Segment, layers: dict[str, PreparedLayer], integer_w8a
         return graph.get_attr(name)
 
     for node in seg.module.graph.nodes:
-        target = str(node.args[1].target) if (node.op == "call_function" and node.target is LINEAR
-                                              and isinstance(node.args[1], fx.Node) and node.args[1].op == "get_attr") else None
+        target = weight_target(node)
         if target is None or target not in layers:
             env[node] = graph.node_copy(node, lambda n: env[n])
             continue
@@ -141,7 +156,7 @@ def quantize_segment(seg: Segment, layers: dict[str, PreparedLayer], integer_w8a
         if layer.rotation is not None:
             x = graph.call_function(torch.ops.aten.matmul.default, (x, buffer(tag + "_rot", layer.rotation)))
         plan = layer.plan
-        if integer_w8a8 and plan.weights == "int8" and plan.activations == 8:
+        if plan.runs_int8_gemm(integer_w8a8):
             out = graph.call_function(torch.ops.ditopt.int8_linear.default,
                                       (x, buffer(tag + "_codes", layer.weight.codes), buffer(tag + "_scale", layer.weight.scale), bias))
         else:
@@ -155,12 +170,9 @@ def quantize_segment(seg: Segment, layers: dict[str, PreparedLayer], integer_w8a
     # The root maps every attribute the new graph reads: the segment's own (shared, read only)
     # and the new buffers, which are then registered as buffers of the new module.
     targets = {n.target for n in graph.nodes if n.op in ("get_attr", "call_module")}
-    root = {t: buffers[t] if t in buffers else _attr(gm_root, t) for t in targets}
+    root = {t: buffers[t] if t in buffers else attribute(gm_root, t) for t in targets}
     module = fx.GraphModule(root, graph)
     for name, value in buffers.items():
         delattr(module, name)
         module.register_buffer(name, value.contiguous())
-    module.graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output")
-                                     or (n.op == "call_function" and n.target is torch.ops.aten._assert_tensor_metadata.default))
-    module.recompile()
     return dataclasses.replace(seg, module=module)

@@ -44,20 +44,22 @@ class _Reader(fx.Interpreter):
         return super().run_node(n)
 
 
+def _outlier_ratio(channel_absmax: torch.Tensor) -> float:
+    return float(channel_absmax.max() / channel_absmax.median().clamp_min(1e-12))
+
+
 def linear_input_stats(replay: CalibrationReplay, graph: DiTGraph, sites: list[Site]) -> dict[str, LayerStats]:
     by_segment: dict[str, dict[str, str]] = {}
     for site in sites:
         for node in site.nodes:
             by_segment.setdefault(site.segment, {})[node] = site.target
     absmax: dict[str, list[torch.Tensor]] = {}
-    sq: dict[str, float] = {}
     chan_sq: dict[str, torch.Tensor] = {}
     count: dict[str, int] = {}
 
     def sink(target: str, x: torch.Tensor) -> None:
         x2 = x.detach().float().reshape(x.shape[0], -1, x.shape[-1])  # [batch, tokens, C]
         absmax.setdefault(target, []).append(x2.abs().amax(1))  # per row: [batch, C]
-        sq[target] = sq.get(target, 0.0) + float(x2.pow(2).sum())
         chan_sq[target] = chan_sq.get(target, 0) + x2.pow(2).sum((0, 1))
         count[target] = count.get(target, 0) + x2.numel()
 
@@ -73,13 +75,9 @@ def linear_input_stats(replay: CalibrationReplay, graph: DiTGraph, sites: list[S
     for target, parts in absmax.items():
         rows = torch.cat(parts, 0)  # [replayed rows, C]
         chan = rows.amax(0)
-        ratio = float(chan.max() / chan.median().clamp_min(1e-12))
-        by_step = {}
-        for i, name in enumerate(BUCKETS):
-            mask = replay.bucket == i
-            if mask.any():
-                c = rows[mask].amax(0)
-                by_step[name] = float(c.max() / c.median().clamp_min(1e-12))
+        by_step = {name: _outlier_ratio(rows[replay.bucket == i].amax(0))
+                   for i, name in enumerate(BUCKETS) if (replay.bucket == i).any()}
         mean_sq = chan_sq[target] / (count[target] / chan.numel())
-        stats[target] = LayerStats(chan, mean_sq, (sq[target] / max(count[target], 1)) ** 0.5, ratio, by_step)
+        j = float(chan_sq[target].sum() / max(count[target], 1)) ** 0.5
+        stats[target] = LayerStats(chan, mean_sq, j, _outlier_ratio(chan), by_step)
     return stats
