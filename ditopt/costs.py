@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 import torch
 
-__all__ = ["mac_counter"]
+__all__ = ["mac_counter", "segment_macs"]
 
 
 def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -36,3 +36,12 @@ def mac_counter() -> Iterator[Callable[[], int]]:
     counter = FlopCounterMode(display=False, custom_mapping=mapping)
     with counter:
         yield lambda: counter.get_total_flops() // 2
+
+
+def segment_macs(seg) -> int:
+    """Multiply-adds of one call of a graph segment at its captured shapes."""
+    from ditopt.graph import example_args
+
+    with torch.no_grad(), mac_counter() as macs:
+        seg.module(*example_args(seg))
+    return macs()

@@ -92,6 +92,21 @@ class Segment:
         return dataclasses.replace(self, module=module)
 
 
+def attribute(module: torch.nn.Module, target: str) -> Any:
+    """What a get_attr node's dotted target names on `module`."""
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def example_args(seg: Segment) -> tuple[torch.Tensor, ...]:
+    """Zeros of a segment's captured input shapes and strides: a block's stream can arrive in a
+    transposed layout (PlainDiT's, FLUX's), and a replacement traced on contiguous inputs would
+    `view` it where the layout does not allow."""
+    vals = [n.meta.get("val") for n in seg.module.graph.nodes if n.op == "placeholder"]
+    return tuple(torch.empty_strided(v.shape, v.stride(), dtype=v.dtype).zero_() for v in vals)
+
+
 @dataclass(frozen=True)
 class CallSignature:
     """How a call's (args, kwargs) flatten into graph inputs and how outputs fold back."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
+import torch.fx as fx
 
 from ditopt.errors import CalibrationError
 from ditopt.graph import DiTGraph
@@ -32,6 +33,19 @@ class ReplayError:
 
     def to_dict(self) -> dict[str, Any]:
         return {"rel_sq_err": self.total, "by_step": self.buckets}
+
+
+class _NodeReader(fx.Interpreter):
+    """Runs a segment, handing the watched nodes' `arg`-th argument to `sink(key, value)`."""
+
+    def __init__(self, module: fx.GraphModule, watch: dict[str, str], arg: int, sink) -> None:
+        super().__init__(module)
+        self.watch, self.arg, self.sink = watch, arg, sink
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.name in self.watch:
+            self.sink(self.watch[n.name], self.env[n.args[self.arg]])
+        return super().run_node(n)
 
 
 class CalibrationReplay:
@@ -149,6 +163,27 @@ class CalibrationReplay:
             if mask.any():
                 buckets[name] = float(num[mask].sum() / den[mask].sum().clamp_min(1e-30))
         return ReplayError(float(num.sum() / den.sum().clamp_min(1e-30)), buckets)
+
+    def node_inputs(self, watch: dict[str, dict[str, str]], arg: int = 0) -> dict[str, torch.Tensor]:
+        """The `arg`-th argument of watched nodes ({segment name: {node name: key}}) as the
+        original blocks compute them on the replayed rows, at the teacher's token subsample:
+        {key: [rows * k, d]}. What a pass fits a replacement of a sub-layer on (the MoE
+        router, for one)."""
+        parts: dict[str, list[torch.Tensor]] = {}
+
+        def sink(key: str, value: torch.Tensor) -> None:
+            if value.dim() == 3:
+                parts.setdefault(key, []).append(value.detach())
+
+        blocks = [s for s in self.graph.main_segments if s.kind != "prologue"]
+        with torch.no_grad():
+            for _, env in self.envs():
+                for seg in blocks:
+                    args = [env[n] for n in seg.inputs]
+                    nodes = watch.get(seg.name)
+                    out = _NodeReader(seg.module, nodes, arg, sink).run(*args) if nodes else seg.module(*args)
+                    env.update(zip(seg.outputs, out))
+        return {key: self._subsample(torch.cat(p, 0)) for key, p in parts.items()}
 
     def conditioning(self, module: torch.nn.Module, inputs: tuple[str, ...]) -> torch.Tensor:
         """A block's modulation vectors [rows, dm] on the replayed rows."""

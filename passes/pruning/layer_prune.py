@@ -26,7 +26,9 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
+from ditopt.calibration.replay import CalibrationReplay
 from ditopt.calibration.streams import span_io
+from ditopt.costs import segment_macs
 from ditopt.errors import CalibrationError, InvalidProfileError
 from ditopt.graph import DiTGraph
 from ditopt.plan import EarlySteps
@@ -35,9 +37,8 @@ from ditopt.registry import PassConfig, PassContext, PassLevel, PassOutcome, Pas
 from ditopt.search import BudgetSearch
 
 from .bridge import fit_stream_bridge
-from ditopt.calibration.replay import CalibrationReplay
 from .rewrite import (StreamBridge, block_pairs, bridge_segment, conditioning_module, pass_through_segment,
-                      removable, segment_macs, segment_parameters)
+                      removable, segment_parameters)
 
 
 class LayerPruneConfig(PassConfig):

@@ -23,7 +23,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from ditopt.calibration.streams import span_io
 from ditopt.costs import mac_counter
-from ditopt.graph import DiTGraph, Segment
+from ditopt.graph import DiTGraph, Segment, attribute, example_args
 
 
 def block_pairs(graph: DiTGraph, seg: Segment) -> tuple[tuple[str, str], ...]:
@@ -42,14 +42,6 @@ def removable(graph: DiTGraph, seg: Segment) -> str | None:
 
 def _placeholders(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "placeholder"]
-
-
-def example_args(seg: Segment) -> tuple[torch.Tensor, ...]:
-    """Zeros of the captured shapes and strides: a block's stream can arrive in a transposed
-    layout (PlainDiT's, FLUX's), and a replacement traced on contiguous inputs would `view` it
-    where the layout does not allow."""
-    vals = [n.meta.get("val") for n in _placeholders(seg.module)]
-    return tuple(torch.empty_strided(v.shape, v.stride(), dtype=v.dtype).zero_() for v in vals)
 
 
 def conditioning_module(seg: Segment, modulation: tuple[str, ...], streams: set[str]) -> tuple[fx.GraphModule, tuple[int, ...]] | None:
@@ -161,22 +153,13 @@ def bridge_segment(graph: DiTGraph, seg: Segment, bridges: dict[str, StreamBridg
     return dataclasses.replace(seg, module=_traced(seg, module), outputs=tuple(o for _, o in pairs))
 
 
-def segment_macs(seg: Segment) -> int:
-    """Multiply-adds of one call of the segment at its captured shapes."""
-    with torch.no_grad(), mac_counter() as macs:
-        seg.module(*example_args(seg))
-    return macs()
-
-
 def segment_parameters(seg: Segment) -> int:
     """Floating-point weights the segment's graph reads (parameters, buffers, constants)."""
     seen, total = set(), 0
     for node in seg.module.graph.nodes:
         if node.op != "get_attr":
             continue
-        t = seg.module
-        for part in str(node.target).split("."):
-            t = getattr(t, part)
+        t = attribute(seg.module, str(node.target))
         if isinstance(t, torch.Tensor) and t.is_floating_point() and id(t) not in seen:
             seen.add(id(t))
             total += t.numel()

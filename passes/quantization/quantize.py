@@ -27,7 +27,9 @@ from ditopt.profiles.fields import Float, Int
 from ditopt.registry import PassConfig, PassContext, PassLevel, PassOutcome, PassResult, register_pass
 from ditopt.search import BudgetSearch
 
-from .rewrite import LayerPlan, PreparedLayer, Site, attribute, kept, linear_sites, prepare, quantize_segment
+from ditopt.graph import attribute
+
+from .rewrite import LayerPlan, PreparedLayer, Site, kept, linear_sites, prepare, quantize_segment
 from .stats import LayerStats, linear_input_stats
 
 ACT_BITS = {"none": 0, "int8": 8, "int4": 4}

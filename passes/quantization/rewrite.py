@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from ditopt.graph import DiTGraph, Segment
+from ditopt.graph import DiTGraph, Segment, attribute
 from ditopt.kernels.quant import QuantizedWeight, fake_quant_activation, quantize_weight
 
 LINEAR = torch.ops.aten.linear.default
@@ -70,13 +70,6 @@ class LayerPlan:
             raise ValueError(f"layer format {text!r}: write 'weights/activations[/rotation]', e.g. 'tlq4/int8/hadamard'")
         acts = 0 if parts[1] == "none" else int(parts[1].removeprefix("int"))
         return cls(parts[0], acts, parts[2] if len(parts) == 3 else "none")
-
-
-def attribute(module: torch.nn.Module, target: str):
-    """What a get_attr node's dotted target names on `module`."""
-    for part in target.split("."):
-        module = getattr(module, part)
-    return module
 
 
 def weight_target(node: fx.Node) -> str | None:
