@@ -6,6 +6,8 @@
 
 from ._version import __version__
 
+from .backends import BackendError
+
 from .calibration.pipeline import PipelineSampler
 from .capture import capture
 from .errors import (
@@ -30,6 +32,7 @@ from .runtime import OptimizedDiT
 
 __all__ = [
     "ArtifactError",
+    "BackendError",
     "CalibrationError",
     "CaptureError",
     "DiTGraph",

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ._version import __version__
+from .backends import RUNTIME_BACKENDS, BackendError, check_runtime_backend
 from .capture import capture, normalize_call
 from .errors import (CalibrationError, DitoptError, InputMismatchError, InvalidProfileError, NonFiniteError,
                      QualityGateError, QualityGateWarning, UnsupportedModelError)
@@ -54,6 +55,10 @@ class OptimizationReport:
     verification: list[dict[str, Any]] = field(default_factory=list)
     environment: dict[str, Any] = field(default_factory=dict)
     retries: list[dict[str, Any]] = field(default_factory=list)  # end-to-end checks that missed; details[-1] says what the retry changed
+    # Where the segments run (ditopt.backends); with "inductor" the runtime's compile log, read
+    # when the report is written (segments compile once per input shape, on first use).
+    backend: dict[str, Any] = field(default_factory=lambda: {"name": "pytorch"})
+    compiler: Any = field(default=None, repr=False)
 
     @property
     def passed(self) -> bool:
@@ -71,6 +76,7 @@ class OptimizationReport:
             "retries": self.retries,
             "structure": self.structure,
             "environment": self.environment,
+            "backend": {**self.backend, **(self.compiler.summary() if self.compiler is not None else {})},
         }
 
     def to_json(self, **kwargs: Any) -> str:
@@ -265,6 +271,8 @@ def optimize(
     progress: bool = False,
     max_retries: int = 2,
     on_gate_miss: Literal["raise", "warn", "return"] = "raise",
+    backend: str | None = None,
+    compile_options: dict[str, Any] | None = None,
 ) -> OptimizedDiT:
     """Optimize `model` with `profile` and return a drop-in module.
 
@@ -285,6 +293,15 @@ def optimize(
     "raise" (default) raises `QualityGateError` saying what missed and what to change, with the
     flagged model on its `.optimized`; "warn" returns that model with a `QualityGateWarning`;
     "return" returns it silently (check `optimized.report.passed`).
+
+    `backend` (default: the profile's) is where the returned module runs its segments:
+    "pytorch" (eager) or "inductor" (each segment compiled with torch.compile, once per input
+    shape; the example shape's segments are compiled here, checked against the eager segments
+    on the example call, and the compile time is in `report.to_dict()["backend"]`).
+    `compile_options` are Inductor config patches for those compiles (e.g. {"freezing": True}:
+    weights become constants of the compiled code, so later changes to them are not seen).
+    "onnxruntime" and "tensorrt" are the engines of an exported artifact (`ditopt export`):
+    here they raise BackendError; in a profile they build the eager module to export.
     """
     if on_gate_miss not in ("raise", "warn", "return"):
         raise DitoptError(f"on_gate_miss={on_gate_miss!r}: use 'raise', 'warn' or 'return'")
@@ -306,6 +323,13 @@ def optimize(
         raise CalibrationError(f"stats= takes the CalibStats of an earlier calibration (CalibStats.load(path)), "
                                f"not a {type(stats).__name__}")
     prof = load_profile(profile)
+    if backend is not None:
+        check_runtime_backend(backend)
+        prof = prof.model_copy(update={"backend": backend})
+    run_on = prof.backend if prof.backend in RUNTIME_BACKENDS else "pytorch"
+    if compile_options is not None and (not isinstance(compile_options, Mapping) or run_on != "inductor"):
+        raise BackendError(f"compile_options= are Inductor config patches (a dict) for backend='inductor'; "
+                           f"got {type(compile_options).__name__} with backend={run_on!r}")
     kwargs = dict(example_inputs) if example_inputs is not None else synthesize_inputs(model)
     kwargs = normalize_call(model, (), kwargs)
     check_call_inputs(model, kwargs)
@@ -423,6 +447,12 @@ def optimize(
     elif holdout.unverified is not None:
         report.verification.append(
             unverified_end_to_end(prof.budget.min_psnr_db, prof.budget.psnr_confidence, holdout.unverified).to_dict())
+    if run_on == "inductor":
+        optimized = _runtime(model, prof, ctx, kwargs, optimized_graph, rolled_back, resolved, num_steps,
+                             backend=run_on, compile_options=compile_options)
+        report.backend = {"name": run_on, **_check_compiled(optimized, optimized_graph, kwargs),
+                          **({"options": dict(compile_options)} if compile_options else {})}
+        report.compiler = optimized.compiler
     optimized.report = report
     optimized.stats = stats
     if not report.passed and on_gate_miss != "return":
@@ -454,14 +484,35 @@ def _relax_on_miss(prof: Profile, records: list[PassRecord]) -> tuple[Profile, d
     return None
 
 
-def _runtime(model, prof, ctx, kwargs, graph, rolled_back, resolved, num_steps) -> OptimizedDiT:
+def _check_compiled(optimized: OptimizedDiT, graph: DiTGraph, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Compile the example shape's segments now and compare one call (a first step: every
+    segment of the full forward) with the same graph run eagerly: the relative error the
+    report gives for the compiled model."""
+    import torch.utils._pytree as pytree
+
+    from .verify import relative_error, tensor_leaves
+
+    with torch.no_grad():
+        optimized.prepare(**kwargs)
+        compiled = optimized(**kwargs)
+        optimized.reset()
+        leaves, _ = pytree.tree_flatten(((), kwargs))
+        first = graph.at_step(0)
+        eager = first.collect_outputs(first.run_segments(first.bind(leaves)))
+    err = max((relative_error(a, b) for a, b in zip(tensor_leaves(compiled), tensor_leaves(eager))), default=0.0)
+    return {"rel_err_vs_eager": err}
+
+
+def _runtime(model, prof, ctx, kwargs, graph, rolled_back, resolved, num_steps, backend: str = "pytorch",
+             compile_options: dict[str, Any] | None = None) -> OptimizedDiT:
     def build(call_kwargs: dict[str, Any], source: nn.Module = model) -> DiTGraph:
         # `source`: what the runtime asks to capture (a stand-in holding its own weights once
         # they differ from the user's, e.g. after .double() or load_state_dict on it).
         replayed, _ = apply_passes(capture(source, call_kwargs), prof, ctx, skip=rolled_back, resolved=dict(resolved))
         return replayed
 
-    return OptimizedDiT(model, build, first=(kwargs, graph), num_steps=num_steps)
+    return OptimizedDiT(model, build, first=(kwargs, graph), num_steps=num_steps, backend=backend,
+                        compile_options=compile_options)
 
 
 def _evaluator(model: nn.Module, sample_fn: Callable, reference: torch.Tensor, num_steps: int | None,

@@ -49,6 +49,7 @@ from torch import nn
 from .capture import alias, call_key, carry_source, module_tensors, normalize_call, source_of
 from .inputs import check_call_inputs
 from .errors import DitoptError
+from .backends import SegmentCompiler, check_runtime_backend
 from .graph import DiTGraph
 from .plan import StepContext
 
@@ -230,6 +231,8 @@ class OptimizedDiT(nn.Module):
         num_steps: int | None = None,
         report: Any = None,
         max_programs: int = 8,
+        backend: str = "pytorch",
+        compile_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         # Not registered as a submodule: .to()/.half() on the optimized model must never touch
@@ -253,6 +256,10 @@ class OptimizedDiT(nn.Module):
         self.report = report
         self.stats: Any = None  # calibration statistics, when the profile used them
         self.last_record: dict[str, Any] = {}
+        # backend="inductor": every segment module this module owns runs through torch.compile,
+        # compiled on its first call (per program, hence per input shape); see ditopt.backends.
+        self.backend = check_runtime_backend(backend)
+        self.compiler = SegmentCompiler(dict(compile_options or {})) if backend == "inductor" else None
         if first is not None:
             kwargs, graph = first
             self._remember(call_key(kwargs), graph)
@@ -485,6 +492,12 @@ class OptimizedDiT(nn.Module):
         self._programs.move_to_end(key)
         pid = f"program{self._next_id}"
         self._next_id += 1
+        if self.compiler is not None:
+            attached: set[int] = set()
+            for seg in graph.segments:
+                if id(seg.module) not in attached:
+                    attached.add(id(seg.module))
+                    self.compiler.attach(seg.module, pid, seg.name)
         self._program_ids[key] = pid
         self.segment_modules[pid] = nn.ModuleList([seg.module for seg in graph.segments])
         while len(self._programs) > self._max_programs:
@@ -503,12 +516,25 @@ class OptimizedDiT(nn.Module):
     def prepare(self, *args: Any, **kwargs: Any) -> None:
         """Capture now every program a call like this one will run (its own and, where the plan
         computes half batches on some steps, the half-batch one), so that no capture happens
-        inside the first generation (timing, profiling)."""
+        inside the first generation (timing, profiling). With backend="inductor", also compile
+        every segment of those programs now (for calls with gradients off)."""
         call = normalize_call(self._original, args, kwargs)
         graph = self.program_for(call)
+        programs = [graph]
         if graph.latent_input is not None and any(stage.uses_second_half() for stage in graph.plan):
             leaves, _ = pytree.tree_flatten(((), call))
-            self.second_half_program(call, graph.bind(leaves)[graph.latent_input])
+            half = self.second_half_program(call, graph.bind(leaves)[graph.latent_input])
+            programs += [half] if isinstance(half, DiTGraph) else []
+        if self.compiler is not None:
+            # Compile every segment now (inference: grad off), on zeros of its captured shapes
+            # and strides, which the compiled code is guarded on like the real inputs.
+            device = self.device
+            with torch.no_grad():
+                for program in programs:
+                    for seg in program.segments:
+                        vals = [n.meta.get("val") for n in seg.module.graph.nodes if n.op == "placeholder"]
+                        if all(isinstance(v, torch.Tensor) for v in vals):
+                            seg.module(*(torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=device).zero_() for v in vals))
 
     def second_half_program(self, call: dict[str, Any], latent: torch.Tensor) -> DiTGraph | str:
         """The program for the call made of the second half of every batch-carrying input (the

@@ -88,7 +88,9 @@ class Profile(BaseModel):
     name: str
     version: Int = PROFILE_VERSION
     description: str = ""
-    backend: Literal["pytorch", "onnxruntime", "tensorrt"] = "pytorch"
+    # Where optimize()'s module runs its segments: "pytorch" (eager) or "inductor" (torch.compile);
+    # "onnxruntime" / "tensorrt" name an exported artifact's engine (ditopt.backends).
+    backend: Literal["pytorch", "inductor", "onnxruntime", "tensorrt"] = "pytorch"
     budget: Budget = Budget()
     verify: VerifySettings = VerifySettings()
     passes: tuple[PassEntry, ...] = ()
@@ -231,11 +233,12 @@ def _validate(data: dict[str, Any], source: str) -> Profile:
     except ValidationError as exc:
         problems = "; ".join(describe_errors(exc, data))
         raise InvalidProfileError(f"{source}: invalid profile: {problems}") from None
-    if profile.backend != "pytorch":
+    if profile.backend in ("onnxruntime", "tensorrt"):
         warnings.warn(
             f"{source}: backend = {profile.backend!r} is not used by optimize(), which always returns a PyTorch "
-            "module; to run through onnxruntime, export the optimized model (ditopt export, or "
-            "ditopt.export.export_artifact). Write backend = \"pytorch\" to silence this warning.",
+            f"module (eager here); to run through {profile.backend}, export the optimized model (ditopt export "
+            "--engine, or ditopt.export.export_artifact). Write backend = \"pytorch\" (or \"inductor\") to silence "
+            "this warning.",
             ProfileWarning, stacklevel=3,
         )
     return profile
