@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ditopt.errors import DitoptError
@@ -29,7 +30,8 @@ def _emit_json(data: Any) -> None:
 
 
 def _fail(exc: DitoptError) -> None:
-    console.print(f"[bold red]error:[/] {exc}")
+    # The message as written (escaped: rich would take `ditopt[tensorrt]` for markup) on one line.
+    console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
     raise typer.Exit(exc.exit_code)
 
 
@@ -163,14 +165,30 @@ def export(
                                 "PyTorch runtime (zoo models: a sampling run at the exported batch; others: one call) and "
                                 "refuse to write it if they differ"),
     as_json: bool = typer.Option(False, "--json", help="print the manifest"),
+    engine: str = typer.Option("onnx", "--engine", help="onnx: the artifact for onnxruntime; tensorrt: also one TensorRT "
+                               "engine per segment in OUT.tensorrt (needs tensorrt and a CUDA device; exits 2 writing "
+                               "nothing where either is missing)"),
+    precision: str = typer.Option("fp16", "--precision", help="TensorRT engines: fp32, tf32, fp16, bf16, int8 or fp8"),
 ) -> None:
     """Optimize MODEL and write an artifact: one ONNX file per segment plus manifest.json."""
     from ditopt.export import export_artifact
 
     try:
+        if engine not in ("onnx", "tensorrt"):
+            raise DitoptError(f"--engine {engine}: use onnx or tensorrt")
+        if engine == "tensorrt":
+            from ditopt.export.tensorrt import PRECISIONS, require_tensorrt
+
+            if precision not in PRECISIONS:
+                raise DitoptError(f"--precision {precision}: use one of {', '.join(PRECISIONS)}")
+            require_tensorrt()  # before anything is written: names what is missing and how to install it
         resolved, optimized = _optimize(model, profile, calibrate=True)
         check = _verification_run(resolved) if verify else None
         path = export_artifact(optimized, out, example_inputs=resolved.example_inputs, force=force, verify_with=check)
+        if engine == "tensorrt":
+            from ditopt.export.tensorrt import build_engines
+
+            Console().print(f"wrote TensorRT engines to {build_engines(path, precision=precision)}")
     except DitoptError as exc:
         _fail(exc)
     manifest = json.loads((Path(path) / "manifest.json").read_text())
