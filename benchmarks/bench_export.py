@@ -16,6 +16,7 @@ validation seeds, as `ditopt export` does.
 
     python benchmarks/bench_export.py --out benchmarks/results/export.json
     python benchmarks/bench_export.py --profiles balanced benchmarks/exploration/profiles/balanced-cfg-reuse.toml --out ...
+    python benchmarks/bench_export.py --profiles --out benchmarks/results/export_identity.json   # eager vs identity artifact only
 
 A profile given as a TOML file is labelled by its file name.
 """
@@ -37,7 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["dit-digits", "flux-digits"])
-    p.add_argument("--profiles", nargs="+", default=["balanced"])
+    p.add_argument("--profiles", nargs="*", default=["balanced"],
+                   help="profiles to run beside eager and the identity artifact (none: --profiles with no value)")
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--repeats", type=int, default=5)

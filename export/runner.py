@@ -333,9 +333,16 @@ def _session_options(ort: Any) -> Any:
     default, and the host work between segments (a cache stage's forecast in torch) then ran
     on cores they held: on dit-digits `balanced`, a skipped step's multiply-adds took 6 ms
     instead of 0.1 ms, and sampling through the artifact was 3.7x slower than the PyTorch
-    runtime (`benchmarks/exploration/export_balanced.py`)."""
+    runtime (`benchmarks/exploration/export_balanced.py`).
+
+    As many intra-op threads as torch uses (`torch.get_num_threads()`, what `torch.set_num_threads`
+    set), so the artifact and the PyTorch runtime it is compared with share one thread budget;
+    onnxruntime's own default is every physical core. The graph optimisation level stays at
+    onnxruntime's default, ORT_ENABLE_ALL (its fusions of LayerNorm, GELU and MatMul+Add)."""
     options = ort.SessionOptions()
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return options
 
 
