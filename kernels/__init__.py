@@ -5,6 +5,8 @@
 * :mod:`.block_sparse` -- PISA block-sparse top-rho attention with first-order compensation.
 * :mod:`.triton_kernels` -- Triton versions (CUDA; CPU via ``TRITON_INTERPRET=1``), imported lazily.
 * :mod:`.quant` -- weight / activation quantizers, Hadamard rotations, ``torch.ops.ditopt.int8_linear`` (W8A8).
+* :mod:`.moe` -- ``torch.ops.ditopt.moe_ffn``: a dense FFN split into routed experts (grouped GEMMs; Triton
+  grouped GEMM in :mod:`.moe_triton` on CUDA).
 * :mod:`.ops` -- ``torch.ops.ditopt.neighborhood_attention`` / ``block_sparse_attention`` custom ops.
 * :mod:`.bench` -- :func:`bench_attention` for ``ditopt bench attention``.
 

@@ -7,3 +7,4 @@ from ditopt.passes import conditioning_memo  # noqa: F401
 from ditopt.passes import patch_layout  # noqa: F401
 from ditopt.passes import pruning  # noqa: F401
 from ditopt.passes import quantization  # noqa: F401
+from ditopt.passes import moe  # noqa: F401

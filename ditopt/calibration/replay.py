@@ -84,7 +84,7 @@ class CalibrationReplay:
         self.seed = seed
         self._reference: list[list[torch.Tensor]] | None = None
         self.teacher: dict[str, torch.Tensor] = {}  # stream value name -> [rows * k, d] kept tokens
-        self._token_index: dict[int, torch.Tensor] = {}
+        self._token_index: dict[tuple[int, int], torch.Tensor] = {}
 
     @staticmethod
     def _batch(graph: DiTGraph, batched: set[str]) -> int:
@@ -134,15 +134,15 @@ class CalibrationReplay:
                     self.teacher[name] = self._subsample(torch.cat(parts, 0))
         return self._reference
 
-    def _subsample(self, value: torch.Tensor) -> torch.Tensor:
+    def _subsample(self, value: torch.Tensor, per_row: int = FIT_TOKENS) -> torch.Tensor:
         """[rows, tokens, d] -> [rows * k, d]: the same k token positions for every value with
         this many tokens, so inputs and outputs of an interval line up."""
         tokens = value.shape[1]
-        if tokens not in self._token_index:
+        key = (tokens, per_row)
+        if key not in self._token_index:
             gen = torch.Generator().manual_seed(self.seed + tokens)
-            k = min(FIT_TOKENS, tokens)
-            self._token_index[tokens] = torch.randperm(tokens, generator=gen)[:k].sort().values
-        return value[:, self._token_index[tokens]].reshape(-1, value.shape[-1]).float()
+            self._token_index[key] = torch.randperm(tokens, generator=gen)[:min(per_row, tokens)].sort().values
+        return value[:, self._token_index[key]].reshape(-1, value.shape[-1]).float()
 
     def error(self, graph: DiTGraph) -> ReplayError:
         ref = self.reference()
@@ -164,11 +164,12 @@ class CalibrationReplay:
                 buckets[name] = float(num[mask].sum() / den[mask].sum().clamp_min(1e-30))
         return ReplayError(float(num.sum() / den.sum().clamp_min(1e-30)), buckets)
 
-    def node_inputs(self, watch: dict[str, dict[str, str]], arg: int = 0) -> dict[str, torch.Tensor]:
+    def node_inputs(self, watch: dict[str, dict[str, str]], arg: int = 0,
+                    per_row: int = FIT_TOKENS) -> dict[str, torch.Tensor]:
         """The `arg`-th argument of watched nodes ({segment name: {node name: key}}) as the
-        original blocks compute them on the replayed rows, at the teacher's token subsample:
-        {key: [rows * k, d]}. What a pass fits a replacement of a sub-layer on (the MoE
-        router, for one)."""
+        original blocks compute them on the replayed rows, at `per_row` tokens of each row (the
+        same positions for every value with as many tokens): {key: [rows * per_row, d]}. What
+        a pass fits a replacement of a sub-layer on (the MoE router, for one)."""
         parts: dict[str, list[torch.Tensor]] = {}
 
         def sink(key: str, value: torch.Tensor) -> None:
@@ -183,7 +184,7 @@ class CalibrationReplay:
                     nodes = watch.get(seg.name)
                     out = _NodeReader(seg.module, nodes, arg, sink).run(*args) if nodes else seg.module(*args)
                     env.update(zip(seg.outputs, out))
-        return {key: self._subsample(torch.cat(p, 0)) for key, p in parts.items()}
+        return {key: self._subsample(torch.cat(p, 0), per_row) for key, p in parts.items()}
 
     def conditioning(self, module: torch.nn.Module, inputs: tuple[str, ...]) -> torch.Tensor:
         """A block's modulation vectors [rows, dm] on the replayed rows."""
