@@ -409,6 +409,11 @@ class OptimizedDiT(nn.Module):
         return super().state_dict(*args, **kwargs)
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        if self.compiler is not None and self.compiler.options.get("freezing"):
+            raise DitoptError(
+                "this module's segments were compiled with compile_options={'freezing': True}, which makes the weights "
+                "constants of the compiled code: loaded weights would not be used. Load them into your model and "
+                "optimize it again (or optimize without freezing)")
         before = self._slots()
         if not assign:
             self._make_private()

@@ -65,6 +65,17 @@ def test_inductor_matches_eager_and_compiles_each_shape_once():
         assert _rel(opt(**kw), other(**kw)) <= 1e-4 and _rel(opt(**kw), model(**kw)) > 1e-2
 
 
+def test_frozen_weights_match_and_refuse_a_weight_load():
+    model = _tiny()
+    kw = plain_dit_inputs(batch=1)
+    opt = ditopt.optimize(model, "identity", example_inputs=kw, backend="inductor", compile_options={"freezing": True})
+    assert opt.report.to_dict()["backend"]["options"] == {"freezing": True}
+    with torch.no_grad():
+        assert _rel(opt(**kw), model(**kw)) <= 1e-4
+    with pytest.raises(ditopt.DitoptError, match="freezing.*optimize it again"):
+        opt.load_state_dict(opt.state_dict())
+
+
 def test_inductor_runs_the_host_cache_schedule_unchanged():
     model = _tiny()
     kw = plain_dit_inputs(batch=2)
