@@ -152,6 +152,14 @@ def distill(x: torch.Tensor, y: torch.Tensor, w: ExpertWeights, activation: str,
     the router's fixed choice. Three quarters of the
     tokens train, one quarter judges; the best judged state is kept. Returns the new weights and
     the held-out relative squared error before and after."""
+    # A runtime may re-run the pass for a new input shape inside the user's inference mode, whose
+    # tensors autograd cannot record: train outside it, on copies.
+    with torch.inference_mode(False), torch.enable_grad():
+        return _distill(x.clone(), y.clone(), w, activation, top_k, steps, lr, batch, seed)
+
+
+def _distill(x: torch.Tensor, y: torch.Tensor, w: ExpertWeights, activation: str, top_k: int, steps: int, lr: float,
+             batch: int, seed: int) -> tuple[ExpertWeights, dict[str, float]]:
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(x.shape[0], generator=gen)
     cut = max(1, x.shape[0] * 3 // 4)
@@ -170,19 +178,18 @@ def distill(x: torch.Tensor, y: torch.Tensor, w: ExpertWeights, activation: str,
     best_state = {k: v.detach().clone() for k, v in params.items()}
     opt = torch.optim.Adam(params.values(), lr=lr)
     check = max(steps // 20, 1)
-    with torch.enable_grad():
-        for step in range(steps):
-            idx = tr[torch.randint(len(tr), (min(batch, len(tr)),), generator=gen)]
-            got = masked_ffn(x[idx], params["w1"], params["b1"], params["w2t"], params["b2"], params["offsets"],
-                             chosen[idx], w.shared, activation)
-            loss = (got - y[idx]).pow(2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if (step + 1) % check == 0:
-                now = error(te)
-                if now < best:
-                    best, best_state = now, {k: v.detach().clone() for k, v in params.items()}
+    for step in range(steps):
+        idx = tr[torch.randint(len(tr), (min(batch, len(tr)),), generator=gen)]
+        got = masked_ffn(x[idx], params["w1"], params["b1"], params["w2t"], params["b2"], params["offsets"],
+                         chosen[idx], w.shared, activation)
+        loss = (got - y[idx]).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if (step + 1) % check == 0:
+            now = error(te)
+            if now < best:
+                best, best_state = now, {k: v.detach().clone() for k, v in params.items()}
     # The router stays: the experts were trained for the tokens it sends them.
     trained = ExpertWeights(**{k: v.contiguous() for k, v in best_state.items()}, router_w=w.router_w,
                             router_b=w.router_b, shared=w.shared, experts=w.experts)
