@@ -76,7 +76,7 @@ def _optimize(model: str, profile: str, calibrate: bool) -> tuple[Any, Any]:
     from ditopt.cli.models import resolve_model
 
     resolved = resolve_model(model)
-    calibration = validation = None
+    calibration, validation = resolved.calibration, resolved.validation  # a factory's own sampling loop
     if calibrate and resolved.bundle is not None:  # trained zoo models calibrate on their own sampler
         calibration, validation = resolved.bundle.calibration_fn(), resolved.bundle.validation_fn()
     optimized = ditopt.optimize(resolved.model, profile, example_inputs=resolved.example_inputs,
@@ -84,23 +84,37 @@ def _optimize(model: str, profile: str, calibrate: bool) -> tuple[Any, Any]:
     return resolved, optimized
 
 
+def _cost(resolved: Any, optimized: Any, repeats: int) -> dict[str, Any]:
+    from ditopt.cli.conversion import measure_cost
+
+    run, what = _verification_run(resolved, describe=True)
+    return measure_cost(resolved.model, optimized, run, what, repeats)
+
+
 @app.command()
 def optimize(
     model: str = typer.Argument(..., help="built-in name or package.module:factory"),
     profile: str = typer.Option("identity", "--profile", "-p", help="preset name or TOML file"),
-    report: Optional[Path] = typer.Option(None, "--report", help="also write the JSON report here"),
+    report: Optional[Path] = typer.Option(None, "--report", help="also write the JSON report here (schema: README, "
+                                          "'The conversion report')"),
+    markdown: Optional[Path] = typer.Option(None, "--markdown", help="also write a short Markdown summary here (a CI job "
+                                            "summary or pull-request comment)"),
+    timing_repeats: int = typer.Option(3, "--timing-repeats", min=0, help="with --report/--markdown: timed runs per model "
+                                       "for the speedup (0: multiply-adds only)"),
     as_json: bool = typer.Option(False, "--json", help="print the JSON report"),
 ) -> None:
     """Optimize MODEL with a profile and verify it; exit 1 when the quality gate fails."""
     try:
-        _, optimized = _optimize(model, profile, calibrate=True)
+        resolved, optimized = _optimize(model, profile, calibrate=True)
+        if report is not None or markdown is not None:
+            from ditopt.cli import conversion
+
+            conversion.write(conversion.build_report("optimize", model, optimized,
+                                                     cost=_cost(resolved, optimized, timing_repeats)), report, markdown)
     except DitoptError as exc:
         _fail(exc)
     data = optimized.report.to_dict()
     if report is not None:
-        from ditopt.io import atomic_write_text
-
-        atomic_write_text(report, json.dumps(data, indent=2, default=str))
         heatmap = write_attention_heatmap(getattr(optimized, "stats", None), report, substituted_tile(data))
         if heatmap is not None and not as_json:
             console.print(f"attention heatmap: {heatmap}")
@@ -164,15 +178,25 @@ def export(
     verify: bool = typer.Option(True, "--verify/--no-verify", help="before moving the artifact into place, run it beside the "
                                 "PyTorch runtime (zoo models: a sampling run at the exported batch; others: one call) and "
                                 "refuse to write it if they differ"),
+    report: Optional[Path] = typer.Option(None, "--report", help="write the JSON conversion report here, also when the "
+                                          "quality gate fails (schema: README, 'The conversion report')"),
+    markdown: Optional[Path] = typer.Option(None, "--markdown", help="write a short Markdown summary here (e.g. "
+                                            "$GITHUB_STEP_SUMMARY or a pull-request comment)"),
+    timing_repeats: int = typer.Option(3, "--timing-repeats", min=0, help="with --report/--markdown: timed runs per model "
+                                       "for the speedup (0: multiply-adds only)"),
     as_json: bool = typer.Option(False, "--json", help="print the manifest"),
     engine: str = typer.Option("onnx", "--engine", help="onnx: the artifact for onnxruntime; tensorrt: also one TensorRT "
                                "engine per segment in OUT.tensorrt (needs tensorrt and a CUDA device; exits 2 writing "
                                "nothing where either is missing)"),
     precision: str = typer.Option("fp16", "--precision", help="TensorRT engines: fp32, tf32, fp16, bf16, int8 or fp8"),
 ) -> None:
-    """Optimize MODEL and write an artifact: one ONNX file per segment plus manifest.json."""
+    """Optimize MODEL, check the quality gate, and only then write an artifact (one ONNX file per
+    segment plus manifest.json). Exit 0: artifact written and verified; 1: the quality gate
+    failed (the report is written, nothing is written at OUT); 2: bad input."""
+    from ditopt.cli import conversion
     from ditopt.export import export_artifact
 
+    wants_report = report is not None or markdown is not None
     try:
         if engine not in ("onnx", "tensorrt"):
             raise DitoptError(f"--engine {engine}: use onnx or tensorrt")
@@ -182,14 +206,39 @@ def export(
             if precision not in PRECISIONS:
                 raise DitoptError(f"--precision {precision}: use one of {', '.join(PRECISIONS)}")
             require_tensorrt()  # before anything is written: names what is missing and how to install it
+        if (out.exists() or out.is_symlink()) and not force:  # before minutes of optimizing, not after
+            raise DitoptError(f"{out} already exists; pass --force to replace an artifact ditopt wrote, or choose another OUT")
+        for written in (report, markdown):
+            if written is not None and Path(written).resolve().is_relative_to(out.resolve()):
+                raise DitoptError(f"{written} is inside the artifact directory {out}; write the report elsewhere")
         resolved, optimized = _optimize(model, profile, calibrate=True)
+    except DitoptError as exc:
+        _fail(exc)
+    cost = None
+    try:
+        if not optimized.report.passed:  # the gate decides before anything is written at OUT
+            if wants_report:
+                conversion.write(conversion.build_report("export", model, optimized, out=out), report, markdown)
+            from ditopt.optimize import describe_gate_failure
+
+            console.print(f"[bold red]{escape(describe_gate_failure(optimized.report.to_dict()) or '')}[/] "
+                          f"Nothing was written at {escape(str(out))}.", soft_wrap=True)
+            raise typer.Exit(EXIT_QUALITY)
+        if wants_report:
+            cost = _cost(resolved, optimized, timing_repeats)
         check = _verification_run(resolved) if verify else None
         path = export_artifact(optimized, out, example_inputs=resolved.example_inputs, force=force, verify_with=check)
         if engine == "tensorrt":
             from ditopt.export.tensorrt import build_engines
 
             Console().print(f"wrote TensorRT engines to {build_engines(path, precision=precision)}")
+        if wants_report:
+            conversion.write(conversion.build_report("export", model, optimized, cost=cost, out=out,
+                                                     artifact=conversion.artifact_summary(path)), report, markdown)
     except DitoptError as exc:
+        if wants_report:  # the pipeline shows why (export_artifact wrote nothing at OUT)
+            conversion.write(conversion.build_report("export", model, optimized, cost=cost, out=out, error=str(exc)),
+                             report, markdown)
         _fail(exc)
     manifest = json.loads((Path(path) / "manifest.json").read_text())
     if as_json:
@@ -201,14 +250,12 @@ def export(
         for note in manifest.get("notes", []):
             if isinstance(note, str) and note.startswith("conditional-only"):  # how the artifact runs those steps
                 Console().print(f"note: {note}")
-    if not optimized.report.passed:
-        raise typer.Exit(EXIT_QUALITY)
 
 
-def _verification_run(resolved: Any) -> Any:
+def _verification_run(resolved: Any, describe: bool = False) -> Any:
     """What `export --verify` runs through the runtime and the artifact: for a zoo model, its
     sampler over a whole generation at the exported batch (every cached step of the plan runs);
-    otherwise one call with the example inputs."""
+    otherwise one call with the example inputs. With `describe`, also a line saying which."""
     if resolved.example_inputs is None:  # what optimize captured the exported program with
         from ditopt.inputs import synthesize_inputs
 
@@ -218,8 +265,11 @@ def _verification_run(resolved: Any) -> Any:
     if resolved.bundle is not None:
         rows = next(v.shape[0] for v in inputs.values() if hasattr(v, "shape") and v.dim() > 0)
         n = max(rows // 2, 1)  # CFG rows: unconditional and conditional per sample
-        return lambda m: resolved.bundle.sample(list(range(n)), [910000 + i for i in range(n)], model=m)
-    return lambda m: m(**inputs)
+        run = lambda m: resolved.bundle.sample(list(range(n)), [910000 + i for i in range(n)], model=m)  # noqa: E731
+        what = f"one generation of {n} sample{'s' if n > 1 else ''}, {resolved.bundle.default_steps} steps"
+    else:
+        run, what = (lambda m: m(**inputs)), "one denoiser call with the example inputs"
+    return (run, what) if describe else run
 
 
 @bench_app.command("attention")

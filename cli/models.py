@@ -3,7 +3,9 @@
 `tiny-*` are randomly initialised diffusers architectures at toy size (structure, parity and
 export checks only: random weights say nothing about quality). Trained models come from the zoo
 (`dit-digits`, `flux-digits`, `dit-digits-p1`). Anything else is `package.module:factory`, a callable returning a
-model (or a `(model, example_inputs)` pair).
+model, a `(model, example_inputs)` pair, or a dict with `model` and optionally `example_inputs`,
+`calibration` and `validation` (functions `fn(model) -> samples`, what `ditopt.optimize` takes):
+the way a conversion pipeline hands its own sampling loop to `ditopt export`.
 """
 
 from __future__ import annotations
@@ -81,6 +83,10 @@ class ResolvedModel:
     model: nn.Module
     example_inputs: dict[str, Any] | None = None
     bundle: Any = None  # a ditopt.zoo bundle for trained models (has .sample)
+    calibration: Callable[[nn.Module], Any] | None = None  # from a factory's dict
+    validation: Callable[[nn.Module], Any] | None = None
+
+FACTORY_KEYS = ("model", "example_inputs", "calibration", "validation")
 
 
 def builtin_names() -> list[str]:
@@ -121,7 +127,18 @@ def resolve_model(spec: str) -> ResolvedModel:
             f"{spec}() raised {type(exc).__name__}: {first}. The factory is called with no arguments and must return "
             "a torch.nn.Module (or a (model, example_inputs) pair)"
         ) from exc
-    example = None
+    example = calibration = validation = None
+    if isinstance(made, dict):
+        unknown = sorted(set(made) - set(FACTORY_KEYS))
+        if unknown or "model" not in made:
+            raise UnsupportedModelError(
+                f"{spec} returned a dict with keys {sorted(made)}; it needs 'model' and may have "
+                f"{', '.join(repr(k) for k in FACTORY_KEYS[1:])}" + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+        for key in ("calibration", "validation"):
+            if made.get(key) is not None and not callable(made[key]):
+                raise UnsupportedModelError(f"{spec} returned {key}= a {type(made[key]).__name__}; give a function fn(model) -> samples")
+        calibration, validation = made.get("calibration"), made.get("validation")
+        made = (made["model"], made["example_inputs"]) if made.get("example_inputs") is not None else made["model"]
     if isinstance(made, tuple) and len(made) == 2:
         made, example = made
         if not isinstance(example, dict) and not (isinstance(example, tuple) and len(example) == 2 and isinstance(example[1], dict)):
@@ -131,4 +148,4 @@ def resolve_model(spec: str) -> ResolvedModel:
             )
     if not isinstance(made, nn.Module):
         raise UnsupportedModelError(f"{spec} returned {type(made).__name__}, not a torch.nn.Module")
-    return ResolvedModel(spec, made.eval() if made.training else made, example)
+    return ResolvedModel(spec, made.eval() if made.training else made, example, calibration=calibration, validation=validation)
