@@ -537,6 +537,57 @@ def unseen_seeds_section(results_dir: Path) -> list[str]:
     return lines + [""]
 
 
+def backends_section(results_dir: Path) -> list[str]:
+    """Backends per denoiser call and end to end (bench_backends.py, issue 33), and the identity
+    artifact alone on the machine of that run (bench_export.py --profiles)."""
+    path = results_dir / "backends.json"
+    if not path.exists():
+        return []
+    r = json.loads(path.read_text())
+    m = r["machine"]
+    load = ", ".join(f"{x:.2f}" for x in r["loadavg_at_end"])
+    lines = ["## Backends (CPU)", "",
+             "One denoiser call at parity (fixed seeds): the eager model, the `identity` profile on the PyTorch backend "
+             "(eager segments), on `inductor` (segments through torch.compile) with and without "
+             "`compile_options={\"freezing\": True}`, and exported and run by onnxruntime. DiT-XL-wide: a diffusers "
+             "DiTTransformer2DModel, hidden 1152 (16 heads x 72), FFN 4608, 256 tokens, batch 2, "
+             f"{r['per_call']['dit-xl-wide']['stack']['blocks']} blocks, random weights; dit-digits: one CFG call of "
+             f"{r['per_call']['dit-digits']['rows_per_call']} rows. Interleaved rounds, median of {r['config']['repeats']}; "
+             "relative L2 error against eager; compile seconds from the optimize report. "
+             f"Command: `{r['command'].strip()}`; {r['date']} (UTC); {m['cpu_model']}, {m['torch_threads']} thread(s) "
+             f"(other jobs were running on the 2 cores: load average {load} at the end); wall time {r['wall_s']} s.", "",
+             "| model | setting | ms per call | speedup vs eager | rel err vs eager | compile s |", "|---|---|---|---|---|---|"]
+    for name, block in r["per_call"].items():
+        for row in block["rows"]:
+            compile_s = f"{row['compile_s']:.1f}" if row.get("compile_s") else "-"
+            lines.append(f"| {name} | {row['setting']} | {row['ms_per_call']:.1f} | {row['speedup_vs_eager']:.2f}x | "
+                         f"{row['rel_err_vs_eager']:.1e} | {compile_s} |")
+    e = r.get("end_to_end")
+    if e:
+        lines += ["", f"End to end: dit-digits `{e['profile']}` (calibrated cache schedule) optimized for each backend, "
+                  f"generations of {e['batch']} samples, seconds per sample (median of {r['config']['e2e_repeats']}), PSNR "
+                  "against the eager model's samples.", "",
+                  "| setting | s per sample | speedup vs eager | PSNR dB vs eager |", "|---|---|---|---|"]
+        for row in e["rows"]:
+            psnr = f"{row['psnr_db_mean']:.2f}" if row["psnr_db_mean"] is not None else "-"
+            lines.append(f"| {row['setting']} | {row['s_per_sample']:.3f} | {row['speedup_vs_eager']:.2f}x | {psnr} |")
+        b = e["plans"]["inductor"]["backend"]
+        lines += ["", f"- same plan on both backends: {'yes' if e['same_plan'] else 'no'}; inductor samples differ from the "
+                  f"PyTorch backend's by at most {e['max_abs_diff_inductor_vs_pytorch']:.1e}; inductor compiled {b.get('compiles')} "
+                  f"segment versions in {b.get('compile_s')} s inside optimize, compiled call vs eager segments "
+                  f"{b.get('rel_err_vs_eager'):.1e}, {len(b.get('eager_fallbacks', []))} eager fallbacks"]
+    ident = results_dir / "export_identity.json"
+    if ident.exists():
+        x = json.loads(ident.read_text())
+        rows = [f"{name} {row['speedup_vs_eager']:.2f}x ({row['s_per_sample']:.3f} vs "
+                f"{next(y for y in model['rows'] if y['setting'] == 'eager')['s_per_sample']:.3f} s/sample)"
+                for name, model in x["models"].items() for row in model["rows"] if row["setting"].startswith("identity")]
+        lines += [f"- the identity artifact against eager over whole generations, on this machine: {'; '.join(rows)}. "
+                  f"Command: `{x['command'].strip()}`; {x['date']} (UTC); {x['machine']['cpu_model']}, "
+                  f"{x['machine']['torch_threads']} threads (the \"Exported artifacts\" table above is the Intel Xeon run)"]
+    return lines + [""]
+
+
 PRESET_BUDGETS_DB = {"lossless": 35.0, "balanced": 30.0, "fast": 25.0}
 
 
@@ -555,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     note_file = args.note_file or (results_dir / "scope_note.md")  # an earlier render without the flag dropped it
     note = note_file.read_text() if note_file.exists() else None
     sections = (grid_gap_section, attention_section, composition_section, quality_at_scale_section, forecast_overhead_section,
-                export_section, unseen_seeds_section)
+                export_section, backends_section, unseen_seeds_section)
     text = render(result, json_rel, png_rel, note) + "\n".join(["", *(line for s in sections for line in s(results_dir))])
     sys.path.insert(0, str(ROOT))
     from ditopt.io import atomic_write_text
