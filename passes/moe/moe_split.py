@@ -149,10 +149,13 @@ def _ladder(ffns: list[FFN], errors: dict[str, dict[int, float]], experts: int) 
 
 
 @register_pass("moe_split", MoESplitConfig, needs=("block_inputs",), level=PassLevel.NODE, lossy=True,
-               example={"experts": 8, "shared_experts": 1, "top_k": 4})
+               example={"experts": 3, "shared_experts": 1, "top_k": 1})
 def moe_split(graph: DiTGraph, config: MoESplitConfig, ctx: PassContext) -> PassResult:
     """Dense FFNs into routed experts: top_k as written, or per FFN as low as the budget allows."""
     already = has_routed_experts(graph)
+    if already is not None and "moe_ffn" in already:
+        raise InvalidProfileError(f"moe_split: the FFNs are already split (ditopt::moe_ffn in {already.split(' (')[0]}); "
+                                  "a profile lists moe_split once")
     if already is not None:
         raise UnsupportedModelError(f"moe_split: the model already routes tokens in {already}; splitting its FFNs again "
                                     "is not supported: drop moe_split from the profile")
