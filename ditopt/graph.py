@@ -107,6 +107,21 @@ def example_args(seg: Segment) -> tuple[torch.Tensor, ...]:
     return tuple(torch.empty_strided(v.shape, v.stride(), dtype=v.dtype).zero_() for v in vals)
 
 
+def segment_with_buffers(seg: Segment, graph: fx.Graph, buffers: dict[str, torch.Tensor]) -> Segment:
+    """`seg` running the rewritten `graph`: its unused nodes removed (export's metadata asserts
+    kept), its get_attr nodes reading the segment's own attributes (shared, read only) or the
+    new `buffers`, which become buffers of the new module. The original module is not touched."""
+    graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output")
+                              or (n.op == "call_function" and n.target is torch.ops.aten._assert_tensor_metadata.default))
+    targets = {n.target for n in graph.nodes if n.op in ("get_attr", "call_module")}
+    root = {t: buffers[t] if t in buffers else attribute(seg.module, t) for t in targets}
+    module = fx.GraphModule(root, graph)
+    for name, value in buffers.items():
+        delattr(module, name)
+        module.register_buffer(name, value.contiguous())
+    return dataclasses.replace(seg, module=module)
+
+
 @dataclass(frozen=True)
 class CallSignature:
     """How a call's (args, kwargs) flatten into graph inputs and how outputs fold back."""

@@ -118,6 +118,12 @@ def activated_neurons(hidden: int, shared: int, experts: int, top_k: int) -> int
     return shared + top_k * ((hidden - shared) // experts)
 
 
+def activated_parameters(width: int, hidden: int, shared: int, experts: int, top_k: int) -> int:
+    """Weights one token multiplies by (= its multiply-adds): its neurons' up and down rows and
+    the router."""
+    return width * (2 * activated_neurons(hidden, shared, experts, top_k) + experts)
+
+
 @register_flop_formula(torch.ops.ditopt.moe_ffn)
 def _moe_ffn_flops(x_shape, w1_shape, b1_shape, w2t_shape, b2_shape, offsets_shape, router_shape, router_b_shape,
                    shared, experts, top_k, activation, out_shape=None, **kwargs) -> int:
@@ -125,8 +131,7 @@ def _moe_ffn_flops(x_shape, w1_shape, b1_shape, w2t_shape, b2_shape, offsets_sha
     rows = 1
     for d in x_shape[:-1]:
         rows *= d
-    width = x_shape[-1]
-    return 2 * rows * width * (2 * activated_neurons(w1_shape[0], shared, experts, top_k) + experts)
+    return 2 * rows * activated_parameters(x_shape[-1], w1_shape[0], shared, experts, top_k)
 
 
 def expert_mask(x: Tensor, router_w: Tensor, router_b: Tensor, experts: int, top_k: int) -> Tensor:
@@ -180,5 +185,5 @@ def moe_ffn_reference(x: Tensor, w1: Tensor, b1: Tensor, w2t: Tensor, b2: Tensor
     return out.reshape(x.shape)
 
 
-__all__ = ["ACTIVATIONS", "activate", "activated_neurons", "moe_ffn", "moe_ffn_grouped", "moe_ffn_reference",
+__all__ = ["ACTIVATIONS", "activate", "activated_neurons", "activated_parameters", "moe_ffn", "moe_ffn_grouped", "moe_ffn_reference",
            "expert_mask", "masked_ffn", "route", "group_by_expert"]

@@ -164,6 +164,18 @@ class CalibrationReplay:
                 buckets[name] = float(num[mask].sum() / den[mask].sum().clamp_min(1e-30))
         return ReplayError(float(num.sum() / den.sum().clamp_min(1e-30)), buckets)
 
+    def read(self, watch: dict[str, dict[str, str]], sink, arg: int = 0) -> None:
+        """Replay the original blocks on every batch of rows, handing `sink(key, value)` the
+        `arg`-th argument of each watched node ({segment name: {node name: key}})."""
+        blocks = [s for s in self.graph.main_segments if s.kind != "prologue"]
+        with torch.no_grad():
+            for _, env in self.envs():
+                for seg in blocks:
+                    args = [env[n] for n in seg.inputs]
+                    nodes = watch.get(seg.name)
+                    out = _NodeReader(seg.module, nodes, arg, sink).run(*args) if nodes else seg.module(*args)
+                    env.update(zip(seg.outputs, out))
+
     def node_inputs(self, watch: dict[str, dict[str, str]], arg: int = 0,
                     per_row: int = FIT_TOKENS) -> dict[str, torch.Tensor]:
         """The `arg`-th argument of watched nodes ({segment name: {node name: key}}) as the
@@ -176,14 +188,7 @@ class CalibrationReplay:
             if value.dim() == 3:
                 parts.setdefault(key, []).append(value.detach())
 
-        blocks = [s for s in self.graph.main_segments if s.kind != "prologue"]
-        with torch.no_grad():
-            for _, env in self.envs():
-                for seg in blocks:
-                    args = [env[n] for n in seg.inputs]
-                    nodes = watch.get(seg.name)
-                    out = _NodeReader(seg.module, nodes, arg, sink).run(*args) if nodes else seg.module(*args)
-                    env.update(zip(seg.outputs, out))
+        self.read(watch, sink, arg)
         return {key: self._subsample(torch.cat(p, 0), per_row) for key, p in parts.items()}
 
     def conditioning(self, module: torch.nn.Module, inputs: tuple[str, ...]) -> torch.Tensor:

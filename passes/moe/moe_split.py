@@ -25,7 +25,7 @@ from pydantic import Field, model_validator
 from ditopt.calibration.replay import CalibrationReplay
 from ditopt.errors import CalibrationError, InvalidProfileError, UnsupportedModelError
 from ditopt.graph import DiTGraph, attribute
-from ditopt.kernels.moe import activate, activated_neurons
+from ditopt.kernels.moe import activate, activated_parameters
 from ditopt.profiles.fields import Float, Int
 from ditopt.registry import PassConfig, PassContext, PassLevel, PassOutcome, PassResult, register_pass
 from ditopt.search import BudgetSearch
@@ -227,7 +227,7 @@ def moe_split(graph: DiTGraph, config: MoESplitConfig, ctx: PassContext) -> Pass
             active_total += ffn.parameters
             continue
         w = splitter.experts_at(ffn, k)
-        active = 2 * ffn.width * activated_neurons(ffn.hidden, w.shared, w.experts, k) + ffn.width * w.experts
+        active = activated_parameters(ffn.width, ffn.hidden, w.shared, w.experts, k)
         active_total += active
         st = split_stats(inputs[ffn.name], w, ffn.activation, k)
         layers[ffn.name] = {

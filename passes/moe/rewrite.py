@@ -13,23 +13,16 @@ are new buffers of the new segment module; the user's model's weights are only r
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
-from ditopt.graph import DiTGraph, Segment
+from ditopt.graph import DiTGraph, Segment, attribute, segment_with_buffers
 
 LINEAR = torch.ops.aten.linear.default
 _ACTIVATION = {torch.ops.aten.gelu.default: "gelu", torch.ops.aten.silu.default: "silu", torch.ops.aten.relu.default: "relu"}
-
-
-def attribute(module: torch.nn.Module, target: str):
-    for part in target.split("."):
-        module = getattr(module, part)
-    return module
 
 
 def _attr(node) -> str | None:
@@ -161,12 +154,4 @@ def rewrite_segment(seg: Segment, splits: dict[str, tuple[FFN, ExpertWeights, in
         out = graph.call_function(torch.ops.ditopt.moe_ffn.default, args)
         out.meta = dict(node.meta)
         env[node] = out
-    graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output")
-                              or (n.op == "call_function" and n.target is torch.ops.aten._assert_tensor_metadata.default))
-    targets = {n.target for n in graph.nodes if n.op in ("get_attr", "call_module")}
-    root = {t: buffers[t] if t in buffers else attribute(seg.module, t) for t in targets}
-    module = fx.GraphModule(root, graph)
-    for name, value in buffers.items():
-        delattr(module, name)
-        module.register_buffer(name, value.contiguous())
-    return dataclasses.replace(seg, module=module)
+    return segment_with_buffers(seg, graph, buffers)

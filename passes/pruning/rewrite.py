@@ -22,7 +22,6 @@ from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from ditopt.calibration.streams import span_io
-from ditopt.costs import mac_counter
 from ditopt.graph import DiTGraph, Segment, attribute, example_args
 
 

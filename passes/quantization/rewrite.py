@@ -16,14 +16,13 @@ New buffers live on the new segment module; the user's model's weights are only 
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
-from ditopt.graph import DiTGraph, Segment, attribute
+from ditopt.graph import DiTGraph, Segment, attribute, segment_with_buffers
 from ditopt.kernels.quant import QuantizedWeight, fake_quant_activation, quantize_weight
 
 LINEAR = torch.ops.aten.linear.default
@@ -128,7 +127,6 @@ def quantize_segment(seg: Segment, layers: dict[str, PreparedLayer], integer_w8a
     """`seg` with each linear whose weight target is in `layers` replaced as its plan says."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
-    gm_root = seg.module
     buffers: dict[str, torch.Tensor] = {}
 
     def buffer(name: str, value: torch.Tensor) -> fx.Node:
@@ -158,14 +156,4 @@ def quantize_segment(seg: Segment, layers: dict[str, PreparedLayer], integer_w8a
             out = graph.call_function(LINEAR, (x, buffer(tag + "_w", layer.dequantized), bias))
         out.meta = dict(node.meta)
         env[node] = out
-    graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output")
-                              or (n.op == "call_function" and n.target is torch.ops.aten._assert_tensor_metadata.default))
-    # The root maps every attribute the new graph reads: the segment's own (shared, read only)
-    # and the new buffers, which are then registered as buffers of the new module.
-    targets = {n.target for n in graph.nodes if n.op in ("get_attr", "call_module")}
-    root = {t: buffers[t] if t in buffers else attribute(gm_root, t) for t in targets}
-    module = fx.GraphModule(root, graph)
-    for name, value in buffers.items():
-        delattr(module, name)
-        module.register_buffer(name, value.contiguous())
-    return dataclasses.replace(seg, module=module)
+    return segment_with_buffers(seg, graph, buffers)

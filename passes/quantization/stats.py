@@ -13,12 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.fx as fx
 
 from ditopt.calibration.replay import BUCKETS, CalibrationReplay
 from ditopt.graph import DiTGraph
 
-from .rewrite import LINEAR, Site
+from .rewrite import Site
 
 
 @dataclass
@@ -31,17 +30,6 @@ class LayerStats:
 
     def to_dict(self) -> dict[str, Any]:
         return {"j": self.j, "outlier_ratio": self.outlier_ratio, "outlier_ratio_by_step": self.by_step}
-
-
-class _Reader(fx.Interpreter):
-    def __init__(self, module: fx.GraphModule, watch: dict[str, str], sink) -> None:
-        super().__init__(module)
-        self.watch, self.sink = watch, sink
-
-    def run_node(self, n: fx.Node) -> Any:
-        if n.op == "call_function" and n.target is LINEAR and n.name in self.watch:
-            self.sink(self.watch[n.name], self.env[n.args[0]])
-        return super().run_node(n)
 
 
 def _outlier_ratio(channel_absmax: torch.Tensor) -> float:
@@ -63,14 +51,7 @@ def linear_input_stats(replay: CalibrationReplay, graph: DiTGraph, sites: list[S
         chan_sq[target] = chan_sq.get(target, 0) + x2.pow(2).sum((0, 1))
         count[target] = count.get(target, 0) + x2.numel()
 
-    blocks = [s for s in graph.main_segments if s.kind != "prologue"]
-    with torch.no_grad():
-        for _, env in replay.envs():
-            for seg in blocks:
-                watch = by_segment.get(seg.name)
-                args = [env[n] for n in seg.inputs]
-                out = _Reader(seg.module, watch, sink).run(*args) if watch else seg.module(*args)
-                env.update(zip(seg.outputs, out))
+    replay.read(by_segment, sink)
     stats = {}
     for target, parts in absmax.items():
         rows = torch.cat(parts, 0)  # [replayed rows, C]
