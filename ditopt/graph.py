@@ -107,12 +107,72 @@ def example_args(seg: Segment) -> tuple[torch.Tensor, ...]:
     return tuple(torch.empty_strided(v.shape, v.stride(), dtype=v.dtype).zero_() for v in vals)
 
 
+def _schema(node: fx.Node):
+    target = node.target if node.op == "call_function" else None
+    return target._schema if isinstance(target, torch._ops.OpOverload) else None
+
+
+def _is_mutation(node: fx.Node) -> bool:
+    schema = _schema(node)
+    return schema is not None and schema.is_mutable
+
+
+def _is_view(node: fx.Node) -> bool:
+    """An op whose output aliases its first argument (slice, view, select, ...), not a write."""
+    schema = _schema(node)
+    return (schema is not None and not schema.is_mutable and bool(schema.returns)
+            and schema.returns[0].alias_info is not None)
+
+
+def _is_read(base: Any) -> bool:
+    """Whether anything other than views of `base` and writes into them reads `base`: a graph
+    input or attribute always counts (writing into it is visible outside the graph)."""
+    if not isinstance(base, fx.Node) or base.op in ("placeholder", "get_attr"):
+        return True
+    stack, seen = [base], set()
+    while stack:
+        node = stack.pop()
+        for user in node.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if _is_view(user) and user.args and user.args[0] is node:
+                stack.append(user)
+            elif not (_is_mutation(user) and user.args and user.args[0] is node):
+                return True
+    return False
+
+
+_ASSERT_METADATA = torch.ops.aten._assert_tensor_metadata.default
+
+
+def remove_unused(graph: fx.Graph, keep: Any = None) -> None:
+    """Dead-code elimination that understands in-place writes: a write (`copy_` into a slice of an
+    `empty_like`, as Wan's rotary embedding does) stays while the tensor it writes into is still
+    read, and goes with it; fx's own pass, told that no node is impure, would drop the write and
+    leave the reader an uninitialised buffer. Any other node without users goes (fx would keep
+    e.g. attention, flagged as seeded-random for its dropout); `keep(node)` names nodes to keep."""
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(list(graph.nodes)):
+            if node.op in ("placeholder", "output") or node.users or (keep is not None and keep(node)):
+                continue
+            if _is_mutation(node):
+                base = node.args[0] if node.args else None
+                while isinstance(base, fx.Node) and _is_view(base):
+                    base = base.args[0]
+                if _is_read(base):
+                    continue
+            graph.erase_node(node)
+            changed = True
+
+
 def segment_with_buffers(seg: Segment, graph: fx.Graph, buffers: dict[str, torch.Tensor]) -> Segment:
     """`seg` running the rewritten `graph`: its unused nodes removed (export's metadata asserts
     kept), its get_attr nodes reading the segment's own attributes (shared, read only) or the
     new `buffers`, which become buffers of the new module. The original module is not touched."""
-    graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output")
-                              or (n.op == "call_function" and n.target is torch.ops.aten._assert_tensor_metadata.default))
+    remove_unused(graph, keep=lambda n: n.target is _ASSERT_METADATA)
     targets = {n.target for n in graph.nodes if n.op in ("get_attr", "call_module")}
     root = {t: buffers[t] if t in buffers else attribute(seg.module, t) for t in targets}
     module = fx.GraphModule(root, graph)

@@ -136,3 +136,29 @@ def test_ops_that_change_a_value_or_dtype_are_kept():
     out = gm(x, labels)
     expected = x / 2.0 + x * 1.5 + (labels / 1)[:, None] + x
     assert torch.equal(out, expected)
+
+
+def test_remove_unused_keeps_writes_that_are_read_and_drops_the_others():
+    # Wan's rotary embedding: out = empty_like(x); out[..., 0::2] = a; out[..., 1::2] = b; read out.
+    import torch.fx as fx
+
+    from ditopt.graph import remove_unused
+
+    class Rotary(torch.nn.Module):
+        def forward(self, x):
+            out = torch.empty_like(x)
+            out[..., 0::2] = x[..., 0::2] * 2
+            out[..., 1::2] = x[..., 1::2] + 1
+            spare = torch.empty_like(x)
+            spare[..., 0::2] = x[..., 0::2]  # written, never read
+            return out * 1.0
+
+    x = torch.randn(3, 8)
+    gm = torch.export.export(Rotary(), (x,)).module()
+    graph = gm.graph
+    copies = [n for n in graph.nodes if n.target is torch.ops.aten.copy_.default]
+    assert len(copies) == 3
+    remove_unused(graph)
+    kept = [n for n in graph.nodes if n.target is torch.ops.aten.copy_.default]
+    assert len(kept) == 2  # the spare buffer's write went with it
+    torch.testing.assert_close(fx.GraphModule(gm, graph)(x), Rotary()(x))

@@ -263,9 +263,7 @@ def test_export_runs_the_routed_graph_in_onnxruntime(tmp_path):
     torch.testing.assert_close(runner(**kw), want, rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["dit", "sd3", "flux", pytest.param("wan", marks=pytest.mark.xfail(
-    reason="order-dependent NaN seen once after other test modules in one process (passes alone); under "
-           "investigation, see the issue 32 note", strict=False)), "pixart"])
+@pytest.mark.parametrize("name", ["dit", "sd3", "flux", "wan", "pixart"])
 def test_splits_the_ffns_of_each_architecture(name):
     model = build_model(name)
     kw = make_inputs(name, model, batch=2)
@@ -277,6 +275,11 @@ def test_splits_the_ffns_of_each_architecture(name):
     assert rec.modified and rec.report["layers"]
     if name == "flux":  # single blocks concatenate the MLP with attention before proj_out
         assert any("not split" in why for why in rec.report["not_split"].values())
+    # In-place writes survive the rewrite: Wan's rotary embedding fills an empty_like through copy_
+    # into slices, and dropping those writes left an uninitialised buffer (an order-dependent NaN).
+    def writes(segments):
+        return sum(n.target is torch.ops.aten.copy_.default for s in segments for n in s.module.graph.nodes)
+    assert writes(opt.programs[0].segments) == writes(ditopt.capture(model, kw).segments)
     with torch.no_grad():
         out = opt(**kw)
     out = out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)

@@ -22,7 +22,7 @@ from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from ditopt.calibration.streams import span_io
-from ditopt.graph import DiTGraph, Segment, attribute, example_args
+from ditopt.graph import DiTGraph, Segment, attribute, example_args, remove_unused
 
 
 def block_pairs(graph: DiTGraph, seg: Segment) -> tuple[tuple[str, str], ...]:
@@ -57,9 +57,9 @@ def conditioning_module(seg: Segment, modulation: tuple[str, ...], streams: set[
         return None
     output = next(n for n in graph.nodes if n.op == "output")
     output.args = (tuple(outs),)
-    # Nothing here is impure: export's `_assert_tensor_metadata` checks would otherwise keep the
-    # whole block (stream reads included) alive.
-    graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output"))
+    # export's `_assert_tensor_metadata` checks are not kept: they would keep the whole block
+    # (stream reads included) alive.
+    remove_unused(graph)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     positions = [i for i, n in enumerate(_placeholders(seg.module))]
     used = [(i, n) for i, n in zip(positions, placeholders) if n.users]
