@@ -66,3 +66,18 @@ def test_a_missing_extra_names_the_pip_extra():
 
     with pytest.raises(MissingExtraError, match=r'pip install "ditopt\[plots\]"'):
         require_extra("no_such_module_for_ditopt", "plots", "a picture")
+
+
+def test_every_package_folder_is_in_the_wheel():
+    # pyproject lists the packages (the checkout's top-level folders map into ditopt.*): a new
+    # pass family's folder that is not listed would import from a checkout and be missing from
+    # an installed wheel. Listing it is the one line outside the folder a family needs.
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed, roots = set(config["packages"]), config["package-dir"]
+    for package, folder in roots.items():
+        for init in sorted((ROOT / folder).rglob("__init__.py")):
+            rel = init.parent.relative_to(ROOT / folder)
+            name = ".".join([package, *rel.parts])
+            assert name in listed, f"{init.parent.relative_to(ROOT)} is not in pyproject's packages (add {name!r})"
