@@ -171,7 +171,7 @@ def markdown(report: dict[str, Any]) -> str:
     budget = report["gate"]["budget"] or {}
     lines += ["| | |", "|---|---|",
               f"| quality gate | {'passed' if report['gate']['passed'] else 'FAILED'} |",
-              f"| budget | " + ", ".join(f"{k} = {v}" for k, v in budget.items() if v is not None) + " |"]
+              "| budget | " + ", ".join(f"{k} = {v}" for k, v in budget.items() if v is not None) + " |"]
     for p in report["quality"]["predicted"]:
         lines.append(f"| predicted PSNR ({p['pass']}, search samples) | {_db(p['predicted_psnr_db'])} |")
     for m in report["quality"]["measured"]:

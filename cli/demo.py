@@ -78,7 +78,7 @@ def save_grid(original: torch.Tensor, optimized: torch.Tensor, path: Path, title
 
 
 def demo(
-    model: str = typer.Option("dit-digits", "--model", "-m", help="zoo model: dit-digits, flux-digits or dit-digits-p1"),
+    model: str = typer.Option("dit-digits", "--model", "-m", help="zoo model: dit-digits, flux-digits, dit-digits-p1 or dit-canvas"),
     profile: str = typer.Option("balanced", "--profile", "-p", help="preset name or TOML file"),
     out: Path = typer.Option(Path("out/demo"), "--out", help="folder for report.json and the image grid"),
     repeats: int = typer.Option(3, "--repeats", min=1, help="timed generations per model (median)"),

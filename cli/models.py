@@ -2,7 +2,7 @@
 
 `tiny-*` are randomly initialised diffusers architectures at toy size (structure, parity and
 export checks only: random weights say nothing about quality). Trained models come from the zoo
-(`dit-digits`, `flux-digits`, `dit-digits-p1`). Anything else is `package.module:factory`, a callable returning a
+(`dit-digits`, `flux-digits`, `dit-digits-p1`, `dit-canvas`). Anything else is `package.module:factory`, a callable returning a
 model, a `(model, example_inputs)` pair, or a dict with `model` and optionally `example_inputs`,
 `calibration` and `validation` (functions `fn(model) -> samples`, what `ditopt.optimize` takes):
 the way a conversion pipeline hands its own sampling loop to `ditopt export`.
@@ -74,7 +74,7 @@ TINY: dict[str, Callable[[], nn.Module]] = {
     "tiny-pixart": _tiny_pixart,
     "tiny-wan": _tiny_wan,
 }
-ZOO = ("dit-digits", "flux-digits", "dit-digits-p1")
+ZOO = ("dit-digits", "flux-digits", "dit-digits-p1", "dit-canvas")
 
 
 @dataclass

@@ -45,6 +45,14 @@ def save_grid(images: torch.Tensor, classes: list[int], path: Path, per_class: i
     plt.imsave(path, grid, cmap="gray", vmin=0.0, vmax=1.0)
 
 
+def _heldout_cells() -> torch.Tensor:
+    """The held-out digits at the canvas's cell size, brought to 32x32 as classifier_view does."""
+    from ditopt.zoo import data as zdata
+
+    cells, _ = zdata.load_split("heldout", zdata.CELL_SIZE)
+    return torch.nn.functional.interpolate(cells, size=(32, 32), mode="bilinear", align_corners=False)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--models", nargs="*", default=zoo.available())
@@ -76,17 +84,23 @@ def main(argv=None) -> dict:
         t0 = time.time()
         imgs = b.sample(classes, seeds, batch_size=a.batch_size, progress=True)
         dt = time.time() - t0
+        # dit-canvas: each canvas's 16 cells are the digits the classifier reads (upscaled to
+        # 32x32), and the real digits they are compared with go through the same 16-pixel route.
+        digits, digit_classes = zoo.classifier_view(imgs, classes)
+        real = x_ho if digits is imgs else _heldout_cells()
         with torch.no_grad():
-            preds = clf(imgs).argmax(1)
-        lab = torch.tensor(classes)
+            preds = clf(digits).argmax(1)
+        lab = torch.tensor(digit_classes)
         per_class = {str(c): float((preds[lab == c] == c).float().mean()) for c in range(10)}
         r = {
             "samples": n,
             "steps": b.default_steps,
             "guidance_scale": b.default_guidance_scale,
-            "class_accuracy": metrics.class_accuracy(imgs, classes, clf),
+            "digits_classified": len(digit_classes),
+            "class_accuracy": metrics.class_accuracy(digits, digit_classes, clf),
             "per_class_accuracy": per_class,
-            "fd_generated_vs_heldout": metrics.feature_frechet_distance(imgs, x_ho, clf),
+            "fd_generated_vs_heldout": metrics.feature_frechet_distance(digits, real, clf),
+            **({} if digits is imgs else {"fd_real_cells_vs_heldout_32": metrics.feature_frechet_distance(real, x_ho, clf)}),
             "sampling_seconds": round(dt, 1),
             "threads": a.threads,
             "train_iters_done": b.meta.get("training", {}).get("iters_done"),

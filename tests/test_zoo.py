@@ -13,7 +13,7 @@ from ditopt.zoo import models as zm
 STEPS = 3  # few scheduler steps keep the tests fast
 
 
-@pytest.fixture(scope="module", params=["dit-digits", "flux-digits", "dit-digits-p1"])
+@pytest.fixture(scope="module", params=["dit-digits", "flux-digits", "dit-digits-p1", "dit-canvas"])
 def bundle(request):
     torch.set_num_threads(2)
     return zoo.load(request.param)
@@ -38,7 +38,7 @@ class CountingWrapper(nn.Module):
 
 
 def test_available_and_unknown_name():
-    assert zoo.available() == ["dit-digits", "dit-digits-p1", "flux-digits"]
+    assert zoo.available() == ["dit-canvas", "dit-digits", "dit-digits-p1", "flux-digits"]
     with pytest.raises(zoo.UnknownModelError) as ei:
         zoo.load("sdxl")
     assert isinstance(ei.value, ValueError)
@@ -77,7 +77,9 @@ def test_sample_deterministic_and_batching_independent(bundle):
     classes, seeds = [3, 7, 3], [0, 1, 2]
     a = bundle.sample(classes, seeds, steps=STEPS)
     b = bundle.sample(classes, seeds, steps=STEPS)
-    assert a.shape == (3, 1, 32, 32) and a.dtype == torch.float32
+    size = 64 if bundle.name == "dit-canvas" else 32
+    assert bundle.image_size == size
+    assert a.shape == (3, 1, size, size) and a.dtype == torch.float32
     assert a.min() >= 0.0 and a.max() <= 1.0
     assert torch.equal(a, b)  # same call -> bitwise identical
     # one sample per batch: same images up to GEMM blocking round-off
@@ -211,3 +213,47 @@ def test_patch1_model_starts_from_the_patch2_weights():
         torch.testing.assert_close(e1[..., 1::2, 1::2], e2, rtol=1e-5, atol=1e-5)
         h = torch.randn(5, 128)
         torch.testing.assert_close(p1.proj_out_2(h)[:, 0], p2.proj_out_2(h).mean(1), rtol=1e-5, atol=1e-5)
+
+
+def test_canvas_training_resumes_exactly(tmp_path):
+    # dit-canvas draws its batches from per-step generators and saves its optimizer state with
+    # each checkpoint, so training that stops and resumes writes the weights of a run that never stopped.
+    from ditopt.zoo.train import train_diffusion
+
+    def run(sub, stop_at, resume=False):
+        train_diffusion("dit-canvas", iters=50, batch=2, stop_at=stop_at, ckpt_every=1, out_dir=str(tmp_path / sub),
+                        threads=1, resume=resume)
+        return load_file(str(tmp_path / sub / "dit-canvas.safetensors"))
+
+    threads = torch.get_num_threads()
+    try:
+        run("a", 1)
+        resumed = run("a", 2, resume=True)
+        straight = run("b", 2)
+        with pytest.raises(ValueError, match="batch"):
+            train_diffusion("dit-canvas", iters=50, batch=3, stop_at=3, out_dir=str(tmp_path / "a"), threads=1, resume=True)
+        with pytest.raises(ValueError, match="per-step"):
+            train_diffusion("dit", iters=50, batch=2, stop_at=1, out_dir=str(tmp_path / "c"), threads=1, resume=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert resumed.keys() == straight.keys()
+    assert all(torch.equal(resumed[k], straight[k]) for k in resumed)
+
+
+def test_canvas_cells_share_the_class_and_read_as_digits():
+    from ditopt.zoo import data as zdata
+
+    cells, labels = zdata.load_split("train", zdata.CELL_SIZE)
+    assert cells.shape[-2:] == (16, 16)
+    g = torch.Generator().manual_seed(0)
+    canvas = zdata.compose_canvas(torch.tensor([3, 8]), cells, labels, g)
+    assert canvas.shape == (2, 1, 64, 64)
+    view, view_labels = zoo.classifier_view(canvas, [3, 8])
+    assert view.shape == (32, 1, 32, 32) and view_labels == [3] * 16 + [8] * 16
+    pool = {tuple(c.flatten().tolist()) for c in cells[labels == 3]}
+    assert all(tuple(canvas[0, 0, 16 * r:16 * r + 16, 16 * c:16 * c + 16].flatten().tolist()) in pool
+               for r in range(4) for c in range(4))  # every cell is a training digit of the canvas's class
+    clf = zoo.load_classifier()
+    with torch.no_grad():
+        accuracy = float((clf(view).argmax(1) == torch.tensor(view_labels)).float().mean())
+    assert accuracy >= 0.8  # the classifier still reads 16-pixel digits brought back to 32x32

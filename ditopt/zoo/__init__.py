@@ -8,6 +8,10 @@ ditopt trains its own reference models on scikit-learn's handwritten digits (ups
   eta 0, classifier-free guidance 1.5).
 * ``dit-digits-p1`` - the same DiT at patch size 1 (32x32 = 1024 tokens), fine-tuned from
   dit-digits: the model where attention is about half the work, for attention substitution.
+* ``dit-canvas`` - the same DiT on a 64x64 canvas of 4x4 digits of one class (32x32 = 1024 tokens at
+  patch 2), fine-tuned from dit-digits: the cells are independent given the class, so its attention
+  is local (the zoo's model for neighbourhood / block-sparse / linear attention). Samples are
+  [N, 1, 64, 64].
 * ``flux-digits`` - diffusers ``FluxTransformer2DModel`` (2 double-stream + 4 single-stream blocks,
   RoPE) on 2x2-packed latents, rectified flow, sampled with FlowMatchEuler (28 steps, true CFG 4).
   The class enters as 4 learned "text" tokens plus a pooled vector from :class:`ClassEmbedder`,
@@ -42,7 +46,7 @@ from .data import load_split as _load_split
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 __all__ = [
-    "UnknownModelError", "ZooBundle", "available", "load", "load_classifier", "heldout_digits",
+    "UnknownModelError", "ZooBundle", "available", "load", "load_classifier", "classifier_view", "heldout_digits",
     "train_digits", "WEIGHTS_DIR",
 ]
 
@@ -54,6 +58,9 @@ _MODELS: dict[str, dict[str, Any]] = {
     "flux-digits": {"kind": "flux", "default_steps": 28, "default_guidance_scale": 4.0, "default_eta": 0.0},
     # dit-digits fine-tuned at patch size 1 (1024 tokens): sampled exactly like dit-digits.
     "dit-digits-p1": {"kind": "dit", "default_steps": 50, "default_guidance_scale": 1.5, "default_eta": 0.0},
+    # dit-digits fine-tuned on 64x64 canvases of 4x4 digits (1024 tokens, local attention).
+    "dit-canvas": {"kind": "dit", "default_steps": 50, "default_guidance_scale": 1.5, "default_eta": 0.0,
+                   "image_size": 64},
 }
 
 
@@ -250,7 +257,7 @@ class ZooBundle:
                steps: int | None = None, guidance_scale: float | None = None,
                model: nn.Module | None = None, batch_size: int | None = None,
                progress: bool = False, eta: float | None = None) -> torch.Tensor:
-        """Generate one image per (class, seed) pair -> Tensor[N, 1, 32, 32] in [0, 1].
+        """Generate one image per (class, seed) pair -> Tensor[N, 1, S, S] in [0, 1] (S = ``image_size``).
 
         Args:
             classes: class labels 0..9 (a single int is repeated to match ``seeds``).
@@ -345,7 +352,24 @@ def load(name: str) -> ZooBundle:
                      default_steps=spec["default_steps"],
                      default_guidance_scale=spec["default_guidance_scale"],
                      num_classes=10, embedder=embedder, meta=meta,
-                     default_eta=spec["default_eta"])
+                     default_eta=spec["default_eta"], image_size=spec.get("image_size", 32))
+
+
+def classifier_view(images: torch.Tensor, labels: Sequence[int]) -> tuple[torch.Tensor, list[int]]:
+    """Images and labels as the digit classifier reads them: 32x32 samples pass through; a
+    dit-canvas sample [N,1,64,64] becomes its 4x4 cells, each upscaled to 32x32 (bilinear), with
+    the canvas's label repeated for every cell."""
+    size = images.shape[-1]
+    if size == 32:
+        return images, list(labels)
+    from .data import CANVAS_GRID
+
+    g = CANVAS_GRID
+    n, c = images.shape[:2]
+    cell = size // g
+    cells = images.reshape(n, c, g, cell, g, cell).permute(0, 2, 4, 1, 3, 5).reshape(n * g * g, c, cell, cell)
+    cells = torch.nn.functional.interpolate(cells, size=(32, 32), mode="bilinear", align_corners=False)
+    return cells, [int(v) for v in labels for _ in range(g * g)]
 
 
 def load_classifier() -> _m.DigitClassifier:

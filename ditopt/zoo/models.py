@@ -38,6 +38,12 @@ DIT_CONFIG = dict(
 DIT_P1_CONFIG = dict(DIT_CONFIG, patch_size=1)
 
 
+# dit-canvas: the same DiT on a 64x64 canvas of 4x4 digits (32x32 = 1024 tokens at patch 2),
+# fine-tuned from dit-digits. sample_size 64 keeps the sin-cos positions one unit per token, so a
+# cell's positions are those dit-digits saw (diffusers scales positions by sample_size / input size).
+DIT_CANVAS_CONFIG = dict(DIT_CONFIG, sample_size=64)
+
+
 def patch1_from_patch2(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A patch-2 DiT state dict as a starting point for the patch-1 model: the blocks carry over
     unchanged; a 1-pixel token embeds with the 2x2 kernel's sum (the embedding a flat 2x2 patch of

@@ -81,8 +81,8 @@ def train_diffusion(kind: str, iters: int, batch: int = 64, lr: float = 1e-3, wa
                     label_dropout: float = 0.1, bf16: bool = True, threads: int = 1,
                     max_shift: int = 0, stop_at: int | None = None, init: str | None = None,
                     out_dir: str | None = None, dit_internal_dropout: bool = False,
-                    snr_gamma: float | None = None) -> None:
-    """Train ``kind`` ("dit" or "flux") with a learning-rate schedule planned for ``iters`` steps.
+                    snr_gamma: float | None = None, resume: bool = False) -> None:
+    """Train ``kind`` ("dit", "dit-p1", "dit-canvas" or "flux") with a learning-rate schedule planned for ``iters`` steps.
 
     ``stop_at`` ends the run early (after that many steps, with a checkpoint) without changing the
     planned schedule, so ``--iters N --stop-at K`` reproduces exactly the checkpoint written at
@@ -94,6 +94,10 @@ def train_diffusion(kind: str, iters: int, batch: int = 64, lr: float = 1e-3, wa
     independently and the all-blocks-null input used for CFG is (almost) never seen. Unless
     ``dit_internal_dropout`` is set, that internal dropout is switched off and the label is dropped
     to the null class (10) once per sample, consistently for all blocks.
+
+    ``resume`` (dit-canvas): continue from the training state written beside the weights at the
+    last checkpoint (model, EMA, optimizer, losses). Its random draws are seeded per step, so a
+    run resumed at step K gives the same weights as one that never stopped.
     """
     torch.set_num_threads(threads)
     g = _seed_all(seed)
@@ -101,9 +105,12 @@ def train_diffusion(kind: str, iters: int, batch: int = 64, lr: float = 1e-3, wa
     x_all = images * 2.0 - 1.0  # [-1, 1]
     n = x_all.shape[0]
 
-    if kind in ("dit", "dit-p1"):
-        name = "dit-digits" if kind == "dit" else "dit-digits-p1"
-        config = dict(zm.DIT_CONFIG if kind == "dit" else zm.DIT_P1_CONFIG)
+    if kind == "dit-canvas":
+        cells, cell_labels = zdata.load_split("train", zdata.CELL_SIZE)
+        cells = cells * 2.0 - 1.0
+    if kind in ("dit", "dit-p1", "dit-canvas"):
+        name = {"dit": "dit-digits", "dit-p1": "dit-digits-p1", "dit-canvas": "dit-canvas"}[kind]
+        config = dict({"dit": zm.DIT_CONFIG, "dit-p1": zm.DIT_P1_CONFIG, "dit-canvas": zm.DIT_CANVAS_CONFIG}[kind])
         model = zm.build_dit(config)
         embedder = None
         from diffusers import DDPMScheduler
@@ -145,13 +152,18 @@ def train_diffusion(kind: str, iters: int, batch: int = 64, lr: float = 1e-3, wa
     for p in ema.parameters():
         p.requires_grad_(False)
     opt = torch.optim.AdamW(modules.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
+    step_seeded = kind == "dit-canvas"  # per-step generators: resumable exactly
+    if resume and not step_seeded:
+        raise ValueError(f"--resume needs per-step seeding, which only dit-canvas uses (not {kind})")
 
     meta = {
         "name": name,
         "architecture": "DiTTransformer2DModel" if kind != "flux" else "FluxTransformer2DModel",
         "config": config,
         "training": {
-            "data": "sklearn load_digits, bicubic 8x8->32x32, [-1,1], stratified 80% train (seed 0)",
+            "data": ("sklearn load_digits, bicubic 8x8->32x32, [-1,1], stratified 80% train (seed 0)" if kind != "dit-canvas"
+                     else "64x64 canvases of 4x4 cells, each a random training digit (bicubic 8x8->16x16, [-1,1], "
+                          "stratified 80% train, seed 0) of the canvas's class"),
             "objective": "DDPM epsilon prediction (1000 steps, linear betas)" if kind != "flux"
             else "rectified flow, x_t=(1-t)x0+t*noise, predict noise-x0, logit-normal t",
             "iters_planned": iters, "batch": batch, "lr": lr, "warmup": warmup,
@@ -171,11 +183,24 @@ def train_diffusion(kind: str, iters: int, batch: int = 64, lr: float = 1e-3, wa
     t_start = time.time()
     run_loss = 0.0
     last = iters if stop_at is None else min(iters, stop_at)
-    for step in range(last):
+    first, elapsed_before = 0, 0.0
+    state_path = (Path(out_dir) if out_dir else WEIGHTS_DIR) / f".{name}.train-state.safetensors"
+    if resume:
+        first, losses, history, elapsed_before = _load_train_state(state_path, modules, ema, opt, meta)
+        print(f"[{name}] resumed at step {first}", flush=True)
+    t_start -= elapsed_before
+    for step in range(first, last):
         weight = None  # per-sample loss weights (Min-SNR); None: plain mean
-        idx = next(batches)
-        x0 = zdata.random_shift(x_all[idx], max_shift, g) if max_shift else x_all[idx]
+        if step_seeded:
+            g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+            idx = torch.randint(0, n, (batch,), generator=g)
+        else:
+            idx = next(batches)
         y = labels[idx]
+        if kind == "dit-canvas":
+            x0 = zdata.compose_canvas(y, cells, cell_labels, g)
+        else:
+            x0 = zdata.random_shift(x_all[idx], max_shift, g) if max_shift else x_all[idx]
         noise = torch.randn(x0.shape, generator=g)
         for pg in opt.param_groups:
             pg["lr"] = _lr_at(step, lr, warmup, iters)
@@ -234,7 +259,49 @@ def train_diffusion(kind: str, iters: int, batch: int = 64, lr: float = 1e-3, wa
             meta["training"]["final_loss_avg100"] = sum(losses[-100:]) / len(losses[-100:])
             meta["training"]["loss_history"] = history
             _write(name, tensors, meta, out_dir)
+            if step_seeded:
+                _save_train_state(state_path, modules, ema, opt, meta, losses, history)
             print(f"[{name}] checkpoint at step {step + 1}", flush=True)
+
+
+def _save_train_state(path: Path, modules: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer,
+                      meta: dict, losses: list[float], history: list[dict]) -> None:
+    """Everything a resumed run needs, in safetensors (no pickle): weights, EMA, Adam moments."""
+    tensors = _state(modules, "train.")
+    tensors.update(_state(ema, "ema."))
+    for i, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            tensors[f"opt.{i}.{k}"] = torch.as_tensor(v, dtype=torch.float32).reshape(-1).clone() if k == "step" else v.detach().clone()
+    tensors["losses"] = torch.tensor(losses, dtype=torch.float64)
+    info = {"training": {k: v for k, v in meta["training"].items() if k != "loss_history"}, "history": history}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"meta": json.dumps(info)})
+    tmp.replace(path)
+
+
+def _load_train_state(path: Path, modules: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer,
+                      meta: dict) -> tuple[int, list[float], list[dict], float]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if not path.exists():
+        raise FileNotFoundError(f"no training state to resume at {path}: run without --resume first")
+    with safe_open(str(path), "pt") as f:
+        info = json.loads(f.metadata()["meta"])
+    saved = info["training"]
+    for key in ("iters_planned", "batch", "lr", "warmup", "seed", "ema_decay", "label_dropout", "snr_gamma"):
+        if saved.get(key) != meta["training"].get(key):
+            raise ValueError(f"--resume: {key} was {saved.get(key)!r} in the saved run, {meta['training'].get(key)!r} now; "
+                             "resume with the same settings")
+    tensors = load_file(str(path))
+    modules.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("train.")})
+    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    st = opt.state_dict()
+    n_params = len(st["param_groups"][0]["params"])
+    st["state"] = {i: {"step": tensors[f"opt.{i}.step"].reshape(()), "exp_avg": tensors[f"opt.{i}.exp_avg"],
+                       "exp_avg_sq": tensors[f"opt.{i}.exp_avg_sq"]} for i in range(n_params)}
+    opt.load_state_dict(st)
+    return int(saved["iters_done"]), tensors["losses"].tolist(), info["history"], float(saved["elapsed_s"])
 
 
 # ------------------------------------------------------------------------------------------
@@ -290,7 +357,7 @@ def train_classifier(epochs: int = 30, batch: int = 64, lr: float = 2e-3, seed: 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("kind", choices=["dit", "dit-p1", "flux", "classifier"])
+    p.add_argument("kind", choices=["dit", "dit-p1", "dit-canvas", "flux", "classifier"])
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=None)
@@ -307,6 +374,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="Min-SNR-gamma loss weighting for dit (default 5; 0 turns it off)")
     p.add_argument("--stop-at", type=int, default=None,
                    help="stop after this many steps (schedule still planned for --iters)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the last checkpoint's training state (dit-canvas)")
     a = p.parse_args(argv)
     if a.kind == "classifier":
         print(json.dumps(train_classifier(epochs=a.epochs, seed=a.seed, threads=a.threads), indent=2))
@@ -315,11 +384,12 @@ def main(argv: list[str] | None = None) -> None:
                         lr=a.lr or 1e-3, seed=a.seed, threads=a.threads, ckpt_every=a.ckpt_every, stop_at=a.stop_at,
                         init=a.init, out_dir=a.out_dir, warmup=a.warmup,
                         dit_internal_dropout=a.dit_internal_dropout,
-                        snr_gamma=(None if a.snr_gamma == 0 else (a.snr_gamma or DEFAULT_SNR_GAMMA.get(a.kind))))
+                        snr_gamma=(None if a.snr_gamma == 0 else (a.snr_gamma or DEFAULT_SNR_GAMMA.get(a.kind))),
+                        resume=a.resume)
 
 
-DEFAULT_ITERS = {"dit": 2600, "dit-p1": 600, "flux": 1050}
-DEFAULT_SNR_GAMMA = {"dit": 5.0, "dit-p1": 5.0}
+DEFAULT_ITERS = {"dit": 2600, "dit-p1": 600, "dit-canvas": 1000, "flux": 1050}
+DEFAULT_SNR_GAMMA = {"dit": 5.0, "dit-p1": 5.0, "dit-canvas": 5.0}
 
 if __name__ == "__main__":
     main()
