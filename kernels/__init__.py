@@ -7,7 +7,10 @@
 * :mod:`.quant` -- weight / activation quantizers, Hadamard rotations, ``torch.ops.ditopt.int8_linear`` (W8A8).
 * :mod:`.moe` -- ``torch.ops.ditopt.moe_ffn``: a dense FFN split into routed experts (grouped GEMMs; Triton
   grouped GEMM in :mod:`.moe_triton` on CUDA).
-* :mod:`.ops` -- ``torch.ops.ditopt.neighborhood_attention`` / ``block_sparse_attention`` custom ops.
+* :mod:`.linear_attention` -- linear attention (ReLU / ELU+1 features) with a depthwise value convolution
+  (reference + chunked CPU path; Triton in :mod:`.linear_attention_triton`).
+* :mod:`.ops` -- ``torch.ops.ditopt.neighborhood_attention`` / ``block_sparse_attention`` / ``linear_attention``
+  custom ops.
 * :mod:`.bench` -- :func:`bench_attention` for ``ditopt bench attention``.
 
 Importing this package registers the custom ops; it does not import triton.
@@ -24,7 +27,8 @@ from ditopt.kernels.neighborhood import (clear_workspace, neighborhood_attention
                            neighborhood_mask)
 from ditopt.kernels.block_sparse import (block_sparse_attention_cpu, block_sparse_attention_reference, block_stats,
                            select_blocks)
-from ditopt.kernels.ops import block_sparse_attention, neighborhood_attention
+from ditopt.kernels.linear_attention import linear_attention_cpu, linear_attention_reference
+from ditopt.kernels.ops import block_sparse_attention, linear_attention, neighborhood_attention
 
 
 def bench_attention(*args, **kwargs):
@@ -40,4 +44,5 @@ __all__ = [
     "neighborhood_density", "neighborhood_mask",
     "block_sparse_attention", "block_sparse_attention_cpu", "block_sparse_attention_reference",
     "block_stats", "select_blocks", "bench_attention", "clear_workspace",
+    "linear_attention", "linear_attention_cpu", "linear_attention_reference",
 ]

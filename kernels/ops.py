@@ -6,6 +6,8 @@ and ``torch.compile`` keep each call as ONE opaque node:
 * ``torch.ops.ditopt.neighborhood_attention(q, k, v, height, width, tile=8, radius=1, n_text=0, scale=None)``
 * ``torch.ops.ditopt.block_sparse_attention(q, k, v, block_size=64, rho=0.25, n_text=0,
   include_diagonal=True, scale=None, eps=1e-6, compensate=True)``
+* ``torch.ops.ditopt.linear_attention(q, k, v, conv_weight, height, width, n_text=0, feature="elu",
+  eps=1e-6)`` (kernels.linear_attention; its backward is the reference's, O(N D^2) like the forward)
 
 ``q, k, v``: ``[B, heads, N, D]``; result: contiguous ``[B, heads, N, D]`` with q's dtype.
 Dispatch: CPU tensors -> the PyTorch fast paths; CUDA tensors -> the Triton kernels; any
@@ -29,11 +31,12 @@ from torch.utils.flop_counter import register_flop_formula
 
 from ditopt.registry import register_export_lowering
 
+from .linear_attention import linear_attention_cpu, linear_attention_macs, linear_attention_reference
 from .block_sparse import block_sparse_attention_cpu, block_sparse_attention_reference, num_selected
 from .neighborhood import (attention_with_lse, neighborhood_attention_cpu, neighborhood_attention_reference, neighborhood_density,
                            neighborhood_mask)
 
-__all__ = ["neighborhood_attention", "block_sparse_attention", "neighborhood_attention_macs",
+__all__ = ["neighborhood_attention", "block_sparse_attention", "linear_attention", "neighborhood_attention_macs",
            "block_sparse_attention_macs"]
 
 
@@ -82,6 +85,43 @@ def _block_sparse_attention_cuda(q, k, v, block_size=64, rho=0.25, n_text=0, inc
 def _block_sparse_attention_fake(q, k, v, block_size=64, rho=0.25, n_text=0, include_diagonal=True,
                                  scale=None, eps=1e-6, compensate=True):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("ditopt::linear_attention", mutates_args=())
+def linear_attention(q: Tensor, k: Tensor, v: Tensor, conv_weight: Tensor, height: int, width: int, n_text: int = 0,
+                     feature: str = "elu", eps: float = 1e-6) -> Tensor:
+    """Linear attention (ReLU or ELU+1 feature map) plus a depthwise convolution of the image values."""
+    if q.device.type == "cpu":
+        return linear_attention_cpu(q, k, v, conv_weight, height, width, n_text, feature, eps)
+    return linear_attention_reference(q, k, v, conv_weight, height, width, n_text, feature, eps).contiguous()
+
+
+@linear_attention.register_kernel("cuda")
+def _linear_attention_cuda(q, k, v, conv_weight, height, width, n_text=0, feature="elu", eps=1e-6):
+    from .linear_attention_triton import linear_attention_triton
+    return linear_attention_triton(q, k, v, conv_weight, height, width, n_text, feature, eps)
+
+
+@linear_attention.register_fake
+def _linear_attention_fake(q, k, v, conv_weight, height, width, n_text=0, feature="elu", eps=1e-6):
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
+def _save_linear(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:4])
+    ctx.cfg = tuple(inputs[4:])
+
+
+def _linear_backward(ctx, grad):
+    q, k, v, w = ctx.saved_tensors
+    with torch.enable_grad():
+        leaves = [x.detach().requires_grad_() for x in (q, k, v, w)]
+        o = linear_attention_reference(*leaves, *ctx.cfg)
+        grads = torch.autograd.grad(o, leaves, grad)
+    return (*grads, None, None, None, None, None)
+
+
+linear_attention.register_autograd(_linear_backward, setup_context=_save_linear)
 
 
 def _save_qkv(ctx, inputs, output):
@@ -158,9 +198,16 @@ def _block_sparse_attention_flops(q_shape, k_shape, v_shape, block_size=64, rho=
     return 2 * block_sparse_attention_macs(q_shape, block_size, rho, n_text, compensate)
 
 
+@register_flop_formula(torch.ops.ditopt.linear_attention)
+def _linear_attention_flops(q_shape, k_shape, v_shape, w_shape, height, width, n_text=0, feature="elu", eps=1e-6,
+                            *args, **kwargs) -> int:
+    return 2 * linear_attention_macs(q_shape, v_shape, w_shape[-1])
+
+
 # ONNX has no ditopt ops: export traces each through its CPU path, which is standard torch ops
 # (tile gathers and SDPA; PISA's block scores, top-k and compensation) at the segment's static shapes.
 register_export_lowering(torch.ops.ditopt.neighborhood_attention.default,
                          functools.partial(neighborhood_attention_cpu, attention=attention_with_lse))
 register_export_lowering(torch.ops.ditopt.block_sparse_attention.default,
                          functools.partial(block_sparse_attention_cpu, attention=attention_with_lse))
+register_export_lowering(torch.ops.ditopt.linear_attention.default, linear_attention_reference)

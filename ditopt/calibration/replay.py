@@ -176,6 +176,22 @@ class CalibrationReplay:
                     out = _NodeReader(seg.module, nodes, arg, sink).run(*args) if nodes else seg.module(*args)
                     env.update(zip(seg.outputs, out))
 
+    def block_io(self, blocks: set[int]) -> dict[int, list[tuple[tuple, tuple]]]:
+        """Per block in `blocks`, per batch of rows: its segment's inputs and outputs as the
+        original blocks compute them (whole tokens): what a block-wise distillation trains a
+        rewritten block on, with the original as the teacher."""
+        out: dict[int, list[tuple[tuple, tuple]]] = {b: [] for b in blocks}
+        segments = [s for s in self.graph.main_segments if s.kind != "prologue"]
+        with torch.no_grad():
+            for _, env in self.envs():
+                for seg in segments:
+                    args = tuple(env[n] for n in seg.inputs)
+                    outs = tuple(seg.module(*args))
+                    env.update(zip(seg.outputs, outs))
+                    if seg.kind == "block" and seg.block in out:
+                        out[seg.block].append((args, outs))
+        return out
+
     def node_inputs(self, watch: dict[str, dict[str, str]], arg: int = 0,
                     per_row: int = FIT_TOKENS) -> dict[str, torch.Tensor]:
         """The `arg`-th argument of watched nodes ({segment name: {node name: key}}) as the

@@ -49,11 +49,14 @@ def replace_attention(
     op_args: Callable[[int, float | None], tuple],
     record: dict[str, Any],
     segment: str | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> DiTGraph | None:
-    """New graph with `site`'s sdpa node in `block` replaced by `op(q', k', v', *op_args(n_text,
-    scale))` on tokens in the kernels' order; None when the node is not a plain sdpa (masked,
-    causal, or already replaced). `segment` names another segment of the block holding the
-    same node (a variant an earlier pass copied from it); default: the block's segment."""
+    """New graph with `site`'s sdpa node in `block` replaced by `op(q', k', v', *weights,
+    *op_args(n_text, scale))` on tokens in the kernels' order; None when the node is not a plain
+    sdpa (masked, causal, or already replaced). `segment` names another segment of the block
+    holding the same node (a variant an earlier pass copied from it); default: the block's
+    segment. `weights` (name -> tensor) become parameters of the new segment (frozen), read by
+    the op: a substitute's own weights (linear attention's value convolution)."""
     seg = graph.segment(segment) if segment is not None else graph.segment_for_block(block)
     gm = fx.GraphModule(seg.module, copy.deepcopy(seg.module.graph))
     g = gm.graph
@@ -81,7 +84,11 @@ def replace_attention(
             gm.register_buffer(base + "_inverse", inverse)
             fwd, back = g.get_attr(base), g.get_attr(base + "_inverse")
             q, k, v = (_index(g, x, fwd) for x in (q, k, v))
-        new = g.call_function(op, (q, k, v, *op_args(site.text_tokens, sdpa_scale(node))))
+        extra = []
+        for name, tensor in (weights or {}).items():
+            gm.register_parameter(name, torch.nn.Parameter(tensor.detach().clone(), requires_grad=False))
+            extra.append(g.get_attr(name))
+        new = g.call_function(op, (q, k, v, *extra, *op_args(site.text_tokens, sdpa_scale(node))))
         new.meta["val"] = node.meta.get("val")
         out = new if identity else _index(g, new, back)
     new.meta["ditopt"] = {**node.meta.get("ditopt", {}), "substitution": {**record, "site": site.node}, "restore": {**restore, "out": out.name}}
