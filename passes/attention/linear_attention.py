@@ -160,9 +160,17 @@ class LinearRewriter:
     def _distill(self, block: int, feature: str) -> dict[str, torch.Tensor]:
         if self._io is None:
             self._io = self.replay.block_io(set(self.sites))
-        with torch.inference_mode(False):  # calibration's tensors may be inference tensors: autograd needs plain ones
+        # optimize may run inside inference mode, and calibration's tensors may be inference tensors:
+        # autograd needs plain copies of the data and of the student's frozen weights.
+        with torch.inference_mode(False):
             io = [(tuple(_plain(a) for a in args), tuple(_plain(o) for o in outs)) for args, outs in self._io[block]]
-        student = copy.deepcopy(self.rewrite(self.graph, block, feature, None).segment_for_block(block).module)
+            student = copy.deepcopy(self.rewrite(self.graph, block, feature, None).segment_for_block(block).module)
+            for holder in (student._parameters, student._buffers, *(m._parameters for m in student.modules()),
+                           *(m._buffers for m in student.modules())):
+                for name, value in list(holder.items()):
+                    if isinstance(value, torch.Tensor) and value.is_inference():
+                        holder[name] = (torch.nn.Parameter(value.clone(), requires_grad=False)
+                                        if isinstance(value, torch.nn.Parameter) else value.clone())
         site = self.sites[block]
         prefix = site.module + "."
         targets = sorted({n.target for n in student.graph.nodes if n.op == "get_attr" and (
