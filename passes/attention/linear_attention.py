@@ -165,8 +165,7 @@ class LinearRewriter:
         with torch.inference_mode(False):
             io = [(tuple(_plain(a) for a in args), tuple(_plain(o) for o in outs)) for args, outs in self._io[block]]
             student = copy.deepcopy(self.rewrite(self.graph, block, feature, None).segment_for_block(block).module)
-            for holder in (student._parameters, student._buffers, *(m._parameters for m in student.modules()),
-                           *(m._buffers for m in student.modules())):
+            for holder in (d for m in student.modules() for d in (m._parameters, m._buffers)):
                 for name, value in list(holder.items()):
                     if isinstance(value, torch.Tensor) and value.is_inference():
                         holder[name] = (torch.nn.Parameter(value.clone(), requires_grad=False)
