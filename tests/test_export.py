@@ -435,6 +435,9 @@ def test_conditional_only_steps_compute_in_full_in_the_runner_and_the_manifest_s
     ("dit", {"name": "block_sparse_attention", "tile": 2, "rho": 0.5}),
     ("flux", {"name": "neighborhood_attention", "tile": 2, "radius": 1}),  # text tokens: the lse merge
     ("flux", {"name": "block_sparse_attention", "tile": 2, "rho": 0.5}),
+    # ditopt::linear_attention lowers to its formula (matmuls, elu/relu, a grouped Conv)
+    ("dit", {"name": "linear_attention", "layers": {"0": "relu", "1": "elu"}, "distill_steps": 2, "rows": 4}),
+    ("flux", {"name": "linear_attention", "layers": {"0": "elu"}, "distill_steps": 2, "rows": 4}),
 ])
 def test_substituted_attention_exports_and_matches_the_pytorch_runtime(arch, attention, tmp_path):
     import onnx
@@ -442,7 +445,8 @@ def test_substituted_attention_exports_and_matches_the_pytorch_runtime(arch, att
     model = build_model(arch)
     resolution = (28 if attention.get("tile") == 4 else 16) if arch == "dit" else None  # grid 14x14 / 8x8
     kwargs = make_inputs(arch, model, batch=2, resolution=resolution)
-    forced = {**attention, "min_mass": 0.0, "max_cost": None}
+    # NA / PISA forced onto every layer (the test models' attention is not local); linear names its layers
+    forced = attention if attention["name"] == "linear_attention" else {**attention, "min_mass": 0.0, "max_cost": None}
 
     def calibration(m):
         with torch.no_grad():

@@ -413,6 +413,14 @@ def _attention_profile(name: str, attention: dict, budget_db: float | None = Non
     return {"name": name, "budget": budget, "passes": passes}
 
 
+def _linear_attention_profile(name: str, budget_db: float, schedule: bool = True) -> dict:
+    """linear_attention under a PSNR budget, which chooses its layers and feature map; with the
+    calibrated schedule too (``schedule``), both searched against the same budget."""
+    passes: list[dict[str, Any]] = [{"name": "linear_attention", "feature": "auto"}]
+    passes += [{"name": "calibrated_schedule", "order": "auto"}] if schedule else []
+    return {"name": name, "budget": {"min_psnr_db": budget_db, "max_rel_err": 1.0}, "passes": passes + list(_EXACT_PASSES)}
+
+
 def _specs() -> dict[str, dict[str, Any]]:
     S = lambda label, **p: (label, p)  # noqa: E731
     return {
@@ -485,6 +493,14 @@ def _specs() -> dict[str, dict[str, Any]]:
                                           S("NA auto", calibrate=True, collectors=("attention",),
                                             profile=_attention_profile("na-auto", {"name": "neighborhood_attention"}, 30.0,
                                                                        forced=False, schedule=False))]},
+        # Linear attention distilled from the model's own layers (layer-wise, on recorded block
+        # inputs), the layers and feature map chosen by the one budget search at 30 dB; alone, and
+        # composed with the calibrated cache schedule under the same budget.
+        "ditopt-linear-attention": {"family": "ditopt linear_attention", "provider": "ditopt", "build": _build_ditopt,
+                                    "settings": [S("LA auto 30dB", calibrate=True, collectors=("block_inputs",),
+                                                   profile=_linear_attention_profile("la-auto-30dB", 30.0, schedule=False)),
+                                                 S("LA auto+balanced 30dB", calibrate=True, collectors=("block_inputs", "trajectory"),
+                                                   profile=_linear_attention_profile("la-auto+balanced-30dB", 30.0))]},
     }
 
 
