@@ -21,7 +21,7 @@ from .errors import (CalibrationError, DitoptError, InputMismatchError, InvalidP
 from .graph import DiTGraph
 from .inputs import check_call_inputs, synthesize_inputs
 from .profiles import Profile, load_profile
-from .registry import PassContext, PassLevel, PassOutcome, SearchContext, budget_shares, get_pass
+from .registry import PassContext, PassLevel, PassOutcome, PassResult, SearchContext, budget_shares, get_pass
 from .runtime import OptimizedDiT
 from .verify import Verification, psnr, unverified_end_to_end, verify_end_to_end, verify_per_call
 
@@ -173,13 +173,15 @@ def apply_passes(
     verify_with: tuple[nn.Module, dict[str, Any]] | None = None,
     records: list[PassRecord] | None = None,
     skip: set[int] = frozenset(),  # type: ignore[assignment]
-    resolved: dict[int, tuple[str, Any]] | None = None,
+    resolved: dict[int, tuple[str, Any, Any]] | None = None,
     searching: bool = False,
 ) -> tuple[DiTGraph, set[int]]:
     """Apply the profile's passes in order. With `verify_with`, exact node-level passes (and
     lossy ones when the budget has no PSNR floor) are checked per call against the original and
     rolled back when over budget; lossy passes under a PSNR budget are judged end to end instead.
     Returns the rolled-back pass positions so that replays on new shapes skip them too.
+    `resolved` maps a position to (name, concrete config, rewrite or None) as the first run chose;
+    a replay applies the rewrite where the pass gave one (its fitted tensors, fitted once).
 
     `searching` (optimize's main run): each pass searches with its share of the error budget and
     an evaluator that replays the passes before it (`SearchContext.at_pass`)."""
@@ -188,16 +190,18 @@ def apply_passes(
     for i, entry in enumerate(profile.passes):
         if i in skip:
             continue
-        name, config = resolved.get(i, (entry.name, entry.config)) if resolved is not None else (entry.name, entry.config)
+        name, config, rewrite = (resolved or {}).get(i, (entry.name, entry.config, None))
         spec = get_pass(name)
-        if searching:
+        if rewrite is not None:
+            result = PassResult(rewrite(graph), True, {"replayed": True}, replay=(name, config), rewrite=rewrite)
+        elif searching:
             with ctx.search.at_pass(share_db=shares[i], earlier=_earlier_passes(profile, ctx, i, skip | rolled_back, resolved),
                                     position=_resolved_position(profile, i, skip | rolled_back, resolved)):
                 result = spec.apply(graph, config, ctx)
         else:
             result = spec.apply(graph, config, ctx)
         if result.replay is not None and resolved is not None and i not in resolved:
-            resolved[i] = result.replay
+            resolved[i] = (*result.replay, result.rewrite)
         verification: Verification | None = None
         applied = True
         if verify_with is not None and result.modified and _gated_per_call(spec, profile) and profile.verify.enabled:
@@ -235,7 +239,7 @@ def _gated_per_call(spec: Any, profile: Profile) -> bool:
 
 
 def _earlier_passes(profile: Profile, ctx: PassContext, i: int, skip: set[int],
-                    resolved: dict[int, tuple[str, Any]] | None) -> Callable[[DiTGraph], DiTGraph] | None:
+                    resolved: dict[int, tuple[str, Any, Any]] | None) -> Callable[[DiTGraph], DiTGraph] | None:
     """A rewrite replaying passes 0..i-1 as they resolved (for the evaluator of pass i's search,
     on graphs captured at the sampling shape); None when pass i is the first."""
     if i == 0:
@@ -246,7 +250,7 @@ def _earlier_passes(profile: Profile, ctx: PassContext, i: int, skip: set[int],
     return lambda graph: apply_passes(graph, prefix, ctx, skip=skipped, resolved=dict(chosen))[0]
 
 
-def _resolved_position(profile: Profile, i: int, skip: set[int], resolved: dict[int, tuple[str, Any]] | None) -> tuple:
+def _resolved_position(profile: Profile, i: int, skip: set[int], resolved: dict[int, tuple[str, Any, Any]] | None) -> tuple:
     """What passes 0..i-1 resolved to: the key of pass i's memo (its measurements are only valid
     on top of the same earlier choices)."""
     chosen = resolved or {}
@@ -254,7 +258,7 @@ def _resolved_position(profile: Profile, i: int, skip: set[int], resolved: dict[
     for k, entry in enumerate(profile.passes[:i]):
         if k in skip:
             continue
-        name, config = chosen.get(k, (entry.name, entry.config))
+        name, config, _ = chosen.get(k, (entry.name, entry.config, None))
         out.append((name, config.model_dump_json()))
     return tuple(out)
 
@@ -389,7 +393,7 @@ def optimize(
     attempts: list[dict[str, Any]] = []
     for attempt in range(max_retries + 1):
         records: list[PassRecord] = []
-        resolved: dict[int, tuple[str, Any]] = {}
+        resolved: dict[int, tuple[str, Any, Any]] = {}
         optimized_graph, rolled_back = apply_passes(
             graph, prof, ctx, verify_with=(model, kwargs), records=records, resolved=resolved, searching=True
         )

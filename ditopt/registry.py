@@ -141,6 +141,12 @@ class PassResult:
     # and the report records the resolved configuration.
     replay: tuple[str, PassConfig] | None = None
     outcome: PassOutcome | None = None
+    # A pass that fitted tensors on calibration activations (distilled or least-squares weights)
+    # gives the rewrite that applies its choice, those tensors included, to a graph captured at
+    # another call shape: replays run it instead of the pass, so the weights are fitted once and
+    # every call shape runs the model that was searched and verified (refitting per shape would
+    # train again, and on a batch the recorded rows may not fill).
+    rewrite: Callable[["DiTGraph"], "DiTGraph"] | None = None
 
 
 @dataclass(frozen=True)

@@ -146,3 +146,26 @@ def test_must_not_fire_and_bad_input(calibrated):
         spec.config.model_validate({"conv_size": 4})
     with pytest.raises(ValueError, match="block index"):
         spec.config.model_validate({"layers": {"attn": "elu"}})
+
+
+def test_a_new_call_shape_runs_the_distilled_layers_as_fitted(calibrated):
+    """optimize distils once; a call at another batch size runs the same weights (not a refit on the
+    rows of that batch: with rows 4 a batch of 8 could not be refitted at all), so row for row the
+    model at batch 8 is the model at batch 2 that was verified."""
+    model, kwargs, _, _ = calibrated
+    profile = {"name": "la", "budget": {"max_rel_err": 1.0},
+               "passes": [{"name": "linear_attention", "layers": {"1": "elu"}, "distill_steps": 20, "rows": 4}]}
+    opt = ditopt.optimize(model, profile, example_inputs=kwargs, calibration=_sampler(kwargs))
+    fits = [p.report["distillation"]["fits"] for p in opt.report.passes if p.name == "linear_attention"]
+    assert list(fits[0]) == ["1:elu"]
+    g = torch.Generator().manual_seed(9)
+    big = {**kwargs, "hidden_states": torch.randn(8, 4, 8, 8, generator=g), "timestep": torch.full((8,), 500),
+           "class_labels": torch.arange(8) % 10}
+    small = {**kwargs, **{k: big[k][:2] for k in ("hidden_states", "timestep", "class_labels")}}
+    with torch.no_grad():
+        out_small = opt(**small)[0]
+        out_big = opt(**big)[0]  # a second capture, the pass replayed at batch 8
+        dense = model(**small)[0]
+    assert len(opt.programs) == 2
+    assert torch.allclose(out_big[:2], out_small, atol=1e-5), (out_big[:2] - out_small).abs().max()
+    assert (out_small - dense).abs().max() > 1e-4  # substituted, not dense

@@ -120,6 +120,33 @@ def test_a_report_loads_back_as_a_profile_that_replays_the_choice(name, calibrat
     assert ditopt.profile_from_report(first.report.to_dict()) == replay
 
 
+LOSSY_NODE = [n for n in PASSES if get_pass(n).lossy and get_pass(n).level is PassLevel.NODE]
+
+
+@pytest.mark.parametrize("name", LOSSY_NODE)
+def test_another_call_shape_runs_the_tensors_fitted_for_the_first(name, calibrated):
+    """A call at a new batch size captures again and replays the passes: a pass that fitted tensors
+    on calibration (cuts, refits, experts, distilled layers, quantized weights) must hand over the
+    same tensors, not refit them on the rows of the new batch (another model than the one verified,
+    and no fit at all where the recorded rows do not fill the batch)."""
+    model, kwargs, _graph, _stats = calibrated
+    spec = get_pass(name)
+    profile = {"name": "contract", "budget": {"max_rel_err": 10.0}, "passes": [{"name": name, **spec.example}]}
+    opt = ditopt.optimize(model, profile, example_inputs=kwargs, calibration=_sampler(kwargs), num_steps=STEPS,
+                          on_gate_miss="return")
+    big = {**kwargs, "hidden_states": torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(3)),
+           "timestep": torch.full((6,), 500), "class_labels": torch.arange(6) % 10}
+    with torch.no_grad():
+        opt(**big)
+    assert len(opt.programs) == 2
+    first, second = ({seg.name: seg.module.state_dict() for seg in g.segments} for g in opt.programs)
+    assert first.keys() == second.keys()
+    for seg, tensors in first.items():
+        assert tensors.keys() == second[seg].keys(), seg
+        for key, value in tensors.items():
+            assert torch.equal(value, second[seg][key]), f"{name}: {seg}.{key} differs at batch 6"
+
+
 def test_conflicting_passes_are_refused_at_profile_load():
     claims = {name: set(get_pass(name).ensures) for name in PASSES}
     pairs = [(a, b) for a in PASSES for b in PASSES if a < b and set(get_pass(a).conflicts) & claims[b]]

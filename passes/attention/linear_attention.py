@@ -196,6 +196,12 @@ class LinearRewriter:
         self.logs[f"{block}:{feature}"] = log
         return state
 
+    def release(self, plan: dict[int, str]) -> None:
+        """Keep only `plan`'s distilled tensors (the calibration data and the other fits go);
+        `build(plan, graph)` still works."""
+        self.replay, self._io, self.graph = None, None, None
+        self.states = {k: v for k, v in self.states.items() if plan.get(k[0]) == k[1]}
+
     def build(self, plan: dict[int, str], graph: DiTGraph | None = None) -> DiTGraph:
         g = graph if graph is not None else self.graph
         for block, feature in sorted(plan.items()):
@@ -290,7 +296,9 @@ def linear_attention(graph: DiTGraph, config: LinearAttentionConfig, ctx: PassCo
     if search is not None:
         outcome = PassOutcome(predicted_psnr_db=report["predicted_psnr_db"], target_psnr_db=search.target_psnr_db,
                               saving=report["predicted_attention_flop_saving"])
-    return PassResult(new, True, report, replay=("linear_attention", resolved), outcome=outcome)
+    rewriter.release(plan)  # the chosen layers are distilled: keep their tensors, not the calibration data
+    return PassResult(new, True, report, replay=("linear_attention", resolved), outcome=outcome,
+                      rewrite=lambda g: rewriter.build(plan, g))
 
 
 __all__ = ["LinearAttentionConfig", "linear_attention"]

@@ -252,7 +252,9 @@ def moe_split(graph: DiTGraph, config: MoESplitConfig, ctx: PassContext) -> Pass
     if search is not None:
         outcome = PassOutcome(predicted_psnr_db=report["predicted_psnr_db"], target_psnr_db=search.target_psnr_db,
                               saving=None)
-    return PassResult(routed, True, report, replay=("moe_split", resolved), outcome=outcome)
+    # Replays at other call shapes reuse these experts and routers (split and distilled once).
+    return PassResult(routed, True, report, replay=("moe_split", resolved), outcome=outcome,
+                      rewrite=lambda g: splitter.build(ks, g))
 
 
 def _by_segment(ffns: list[FFN]) -> dict[str, dict[str, str]]:

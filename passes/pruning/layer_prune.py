@@ -307,4 +307,6 @@ def layer_prune(graph: DiTGraph, config: LayerPruneConfig, ctx: PassContext) -> 
         report["predicted_psnr_db"] = predicted
         outcome = PassOutcome(predicted_psnr_db=predicted, target_psnr_db=search.target_psnr_db,
                               saving=1.0 - mean / macs0 if macs0 else None)
-    return PassResult(pruned, True, report, replay=("layer_prune", resolved), outcome=outcome)
+    # Replays at other call shapes reuse these bridges (fitted once, on the rows verified).
+    return PassResult(pruned, True, report, replay=("layer_prune", resolved), outcome=outcome,
+                      rewrite=lambda g: pruner.build(removed, g, full_steps=full_steps))

@@ -642,7 +642,9 @@ def width_prune(graph: DiTGraph, config: WidthPruneConfig, ctx: PassContext) -> 
     if search is not None:
         outcome = PassOutcome(predicted_psnr_db=report["predicted_psnr_db"], target_psnr_db=search.target_psnr_db,
                               saving=1.0 - macs1 / macs0 if macs0 else None)
-    return PassResult(pruned, True, report, replay=("width_prune", resolved), outcome=outcome)
+    # Replays at other call shapes reuse these cuts and refits (fitted once, on the rows verified).
+    return PassResult(pruned, True, report, replay=("width_prune", resolved), outcome=outcome,
+                      rewrite=lambda g: pruner.build(amounts, g))
 
 
 __all__ = ["WidthPruneConfig", "width_prune"]

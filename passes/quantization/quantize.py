@@ -264,7 +264,9 @@ def quantize(graph: DiTGraph, config: QuantizeConfig, ctx: PassContext) -> PassR
     if search is not None:
         outcome = PassOutcome(predicted_psnr_db=report["predicted_psnr_db"], target_psnr_db=search.target_psnr_db,
                               saving=None)
-    return PassResult(quantized, True, report, replay=("quantize", resolved), outcome=outcome)
+    # Replays at other call shapes reuse these prepared (rotated, quantized) weights.
+    return PassResult(quantized, True, report, replay=("quantize", resolved), outcome=outcome,
+                      rewrite=lambda g: quantizer.build(plans, g))
 
 
 __all__ = ["QuantizeConfig", "quantize"]
