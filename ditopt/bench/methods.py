@@ -497,7 +497,9 @@ def _specs() -> dict[str, dict[str, Any]]:
         # inputs), the layers and feature map chosen by the one budget search at 30 dB; alone, and
         # composed with the calibrated cache schedule under the same budget.
         "ditopt-linear-attention": {"family": "ditopt linear_attention", "provider": "ditopt", "build": _build_ditopt,
-                                    "settings": [S("LA auto 30dB", calibrate=True, collectors=("block_inputs",),
+                                    "settings": [S("LA auto 35dB", calibrate=True, collectors=("block_inputs",),
+                                                   profile=_linear_attention_profile("la-auto-35dB", 35.0, schedule=False)),
+                                                 S("LA auto 30dB", calibrate=True, collectors=("block_inputs",),
                                                    profile=_linear_attention_profile("la-auto-30dB", 30.0, schedule=False)),
                                                  S("LA auto+balanced 30dB", calibrate=True, collectors=("block_inputs", "trajectory"),
                                                    profile=_linear_attention_profile("la-auto+balanced-30dB", 30.0))]},
