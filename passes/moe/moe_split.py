@@ -252,7 +252,10 @@ def moe_split(graph: DiTGraph, config: MoESplitConfig, ctx: PassContext) -> Pass
     if search is not None:
         outcome = PassOutcome(predicted_psnr_db=report["predicted_psnr_db"], target_psnr_db=search.target_psnr_db,
                               saving=None)
-    # Replays at other call shapes reuse these experts and routers (split and distilled once).
+    # Replays at other call shapes reuse these experts and routers (split and distilled once);
+    # the calibration tokens and the unchosen splits are not kept alive by the optimized module.
+    splitter.inputs = {}
+    splitter.at_k = {k: w for k, w in splitter.at_k.items() if ks.get(k[0]) == k[1]}
     return PassResult(routed, True, report, replay=("moe_split", resolved), outcome=outcome,
                       rewrite=lambda g: splitter.build(ks, g))
 

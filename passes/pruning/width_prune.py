@@ -642,7 +642,10 @@ def width_prune(graph: DiTGraph, config: WidthPruneConfig, ctx: PassContext) -> 
     if search is not None:
         outcome = PassOutcome(predicted_psnr_db=report["predicted_psnr_db"], target_psnr_db=search.target_psnr_db,
                               saving=1.0 - macs1 / macs0 if macs0 else None)
-    # Replays at other call shapes reuse these cuts and refits (fitted once, on the rows verified).
+    # Replays at other call shapes reuse these cuts and refits (fitted once, on the rows verified);
+    # the calibration tokens and the unchosen cuts are not kept alive by the optimized module.
+    pruner.inputs = {}
+    pruner._cuts = {k: c for k, c in pruner._cuts.items() if amounts.get(k[0]) == k[1] and k[2] == config.correction}
     return PassResult(pruned, True, report, replay=("width_prune", resolved), outcome=outcome,
                       rewrite=lambda g: pruner.build(amounts, g))
 
