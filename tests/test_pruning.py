@@ -212,3 +212,61 @@ def test_calibration_batch_larger_than_the_captured_one():
     opt = ditopt.optimize(model, _profile(ratio=0.25, bridge="linear"), example_inputs=toy_inputs(batch=2),
                           calibration=_sampler(samples=8, per_call=4))
     assert _prune(opt).report["removed"] == [2]
+
+
+def test_distillation_lowers_the_held_out_error_and_leaves_the_model_alone():
+    # Block 1 removed without a bridge: its t * w_1 term is missing, and the kept blocks beside
+    # it (0 before, 2 after) can absorb it. A few Adam steps lower the held-out block-wise error
+    # and the replayed output error; the user's model is untouched; the same seed, the same result.
+    model = _model(w_scales=(1.0, 0.5, 0.3, 1.0))
+    before = copy.deepcopy(model.state_dict())
+    runs = [_prune(_optimize(model, blocks=[1], bridge="none", distill_steps=40, distill_lr=1e-2)) for _ in range(2)]
+    rep = runs[0].report
+    fit = rep["distillation"]["fits"][0]
+    assert fit["interval"] == [1] and fit["trained"] == ["block0", "block2"] and fit["steps"] == 40
+    assert fit["held_out_after"] < 0.1 * fit["held_out_before"], fit
+    assert rep["replayed_error"]["rel_sq_err"] < 0.1 * rep["replayed_error_before_distill"]["rel_sq_err"]
+    assert rep["distillation"]["seconds"] >= 0 and "rows" in rep["distillation"]
+    assert runs[1].report["distillation"]["fits"][0]["held_out_after"] == fit["held_out_after"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_distilled_bridge_at_the_end_trains_the_bridge_and_the_kept_block_before_it(tmp_path):
+    # The last block removed with the linear bridge: the fit trains the bridge and block 2 (the
+    # toy has no epilogue weights); it never ends worse than the bridge alone on the held-out
+    # part, the pruned model replays at another batch and exports to the same numbers.
+    model = _model(w_scales=(1.0, 0.5, 0.3, 1.0))
+    before = copy.deepcopy(model.state_dict())
+    opt = _optimize(model, blocks=[3], bridge="linear", distill_steps=20, distill_lr=1e-3)
+    rep = _prune(opt).report
+    fit = rep["distillation"]["fits"][0]
+    assert fit["trained"] == ["block2", "bridge"]
+    assert fit["held_out_after"] <= fit["held_out_before"]
+    other = {"x": torch.randn(3, 4, 8, generator=torch.Generator().manual_seed(4)), "timestep": torch.tensor([0.2, 0.5, 0.9])}
+    kwargs = {"x": other["x"][:2], "timestep": other["timestep"][:2]}
+    with torch.no_grad():
+        got, wide = opt(**kwargs), opt(**other)
+    torch.testing.assert_close(wide[:2], got, rtol=1e-4, atol=1e-5)  # the fitted tensors at any batch
+    runner = load_artifact(export_artifact(opt, tmp_path / "artifact"))
+    torch.testing.assert_close(runner(**kwargs), got, rtol=1e-4, atol=1e-5)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_distill_steps_without_calibration_is_a_named_error():
+    from ditopt.passes.pruning.layer_prune import LayerPruneConfig
+    from ditopt.registry import PassContext, get_pass
+
+    model = _model()
+    before = copy.deepcopy(model.state_dict())
+    # Explicit blocks without a bridge need no statistics; distillation does, and optimize says so.
+    with pytest.raises(CalibrationError, match="calibration=fn"):
+        ditopt.optimize(model, _profile(blocks=[2], bridge="none", distill_steps=5), example_inputs=toy_inputs(batch=2))
+    # The pass itself, given no recorded block inputs, names the option and both fixes.
+    graph = ditopt.capture(model, toy_inputs(batch=2))
+    config = LayerPruneConfig(blocks=(2,), bridge="none", distill_steps=5)
+    with pytest.raises(CalibrationError, match="distill_steps = 5.*calibration=fn.*distill_steps = 0"):
+        get_pass("layer_prune").apply(graph, config, PassContext(model=model))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k

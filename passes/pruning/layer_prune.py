@@ -37,6 +37,7 @@ from ditopt.registry import PassConfig, PassContext, PassLevel, PassOutcome, Pas
 from ditopt.search import BudgetSearch
 
 from .bridge import fit_stream_bridge
+from .distillation import Distilled, distill_pruned, with_weights
 from .rewrite import (StreamBridge, block_pairs, bridge_segment, conditioning_module, pass_through_segment,
                       removable, segment_parameters)
 
@@ -57,11 +58,18 @@ class LayerPruneConfig(PassConfig):
     full_steps: Int | None = Field(None, ge=0, le=10_000, description="the removed blocks still run on the first this-many "
                                    "steps of every generation (step-ranged removal; early steps lay out the image and "
                                    "suffer most); searched with the blocks when neither blocks nor ratio is given, else 0")
+    distill_steps: Int = Field(0, ge=0, le=1_000_000, description="> 0: after the removal, Adam steps per removed interval "
+                               "training its bridge and the kept blocks beside it (the epilogue for an interval at the "
+                               "end) toward the original stretch's output on calibration activations (block-wise)")
+    distill_lr: Float = Field(1e-4, gt=0, le=1, description="distillation learning rate")
+    distill_rows: Int = Field(512, ge=2, le=65_536, description="calibration (trajectory, step) rows distilled on (a "
+                              "quarter of the batches held out to keep the best state)")
+    seed: Int = Field(0, ge=0, description="distillation's rows drawn and batch order")
 
     def needs_calibration(self) -> bool:
-        """Measuring importance and fitting a bridge replay calibration; explicit blocks without
-        a bridge do not."""
-        return self.blocks is None or self.bridge == "linear"
+        """Measuring importance, fitting a bridge and distilling replay calibration; explicit
+        blocks without a bridge or distillation do not."""
+        return self.blocks is None or self.bridge == "linear" or self.distill_steps > 0
 
     @model_validator(mode="after")
     def _one_way(self) -> "LayerPruneConfig":
@@ -89,6 +97,7 @@ class Pruner:
     def __init__(self, graph: DiTGraph, config: LayerPruneConfig, replay: CalibrationReplay | None) -> None:
         self.graph, self.config, self.replay = graph, config, replay
         self._bridges: dict[tuple[int, ...], dict[str, StreamBridge | None]] = {}
+        self.distilled: Distilled | None = None  # the trained tensors of one removal set
 
     def bridges(self, interval: tuple[int, ...]) -> dict[str, StreamBridge | None]:
         if interval not in self._bridges:
@@ -121,19 +130,31 @@ class Pruner:
         """`graph` (default: the pass's) with `removed` pruned, from step `full_steps` of each
         generation on; the same rewrite at any shape."""
         g = graph if graph is not None else self.graph
-        originals = {s.name: s.module for s in g.segments if s.block in removed}
+        dist = self.distilled if self.distilled is not None and self.distilled.removed == frozenset(removed) else None
+        trained = set(dist.blocks) if dist else set()
+        originals = {s.name: s.module for s in g.segments if s.block in removed | trained}
         for run in intervals(removed):
             for pos, b in enumerate(run):
                 seg = g.segment_for_block(b)
                 if pos == 0 and self.config.bridge == "linear":
-                    new = bridge_segment(g, seg, self.bridges(run))
+                    new = bridge_segment(g, seg, dist.bridges[run] if dist else self.bridges(run))
                 else:
                     new = pass_through_segment(g, seg)
                 g = g.with_segment(new)
+        if dist:
+            for b, state in dist.blocks.items():
+                # The block's segment and the versions of it later passes add (caching's `:record`).
+                for seg in [s for s in g.segments if s.block == b and s.kind in ("block", "variant")
+                            and not g.is_early_variant(s)]:
+                    reads = {str(n.target) for n in seg.module.graph.nodes if n.op == "get_attr"}
+                    g = g.with_segment(with_weights(seg, {t: v for t, v in state.items() if t in reads}))
+            if dist.epilogue:
+                g = g.with_segment(with_weights(g.epilogue, dist.epilogue))
         if full_steps:
             # Segments a later pass adds to a removed block (caching's `:record`) have no
-            # original: they run pruned on the early steps too (derive gives None).
-            for b in sorted(removed):
+            # original: they run pruned on the early steps too (derive gives None). Distilled
+            # neighbours run their original version there too (the original blocks feed them).
+            for b in sorted(removed | trained):
                 g = g.with_early_steps(EarlySteps(b, full_steps, lambda seg: originals.get(seg.name), "full",
                                                   f"layer_prune full_steps={full_steps}"))
         return g
@@ -211,7 +232,7 @@ def _costs(graph: DiTGraph) -> tuple[int, int]:
 
 
 @register_pass("layer_prune", LayerPruneConfig, needs=("block_inputs",), level=PassLevel.NODE, lossy=True,
-               example={"blocks": [1]})
+               example={"blocks": [1], "distill_steps": 2, "distill_rows": 8})
 def layer_prune(graph: DiTGraph, config: LayerPruneConfig, ctx: PassContext) -> PassResult:
     """Depth pruning: remove the blocks whose measured removal costs least, as many as the budget allows."""
     blocks = [b.index for b in graph.blocks]
@@ -230,6 +251,10 @@ def layer_prune(graph: DiTGraph, config: LayerPruneConfig, ctx: PassContext) -> 
         if stuck:
             raise InvalidProfileError(f"layer_prune cannot remove block {stuck[0]}: {fixed[stuck[0]]}")
     needs_replay = config.needs_calibration()
+    if config.distill_steps and not CalibrationReplay.recorded(ctx.stats):
+        raise CalibrationError(f"layer_prune distill_steps = {config.distill_steps} trains on the block inputs recorded "
+                               "during calibration, and there are none: pass calibration=fn (a function that samples "
+                               "with the model), or set distill_steps = 0")
     if needs_replay and ctx.stats is None:
         raise CalibrationError("layer_prune needs calibration statistics (calibration=fn) to measure block importance "
                                "and fit bridges; or give blocks = [...] with bridge = 'none'")
@@ -277,6 +302,16 @@ def layer_prune(graph: DiTGraph, config: LayerPruneConfig, ctx: PassContext) -> 
             k, full_steps = chosen
             removed = set(order[:k])
     pruned = pruner.build(removed, full_steps=full_steps)
+    if config.distill_steps:
+        report["replayed_error_before_distill"] = replay.error(pruned).to_dict()
+        runs = intervals(removed)
+        bridges = {r: pruner.bridges(r) for r in runs} if config.bridge == "linear" else {}
+        rows = CalibrationReplay(graph, ctx.stats, config.distill_rows, seed=config.seed)
+        pruner.distilled = distill_pruned(graph, pruner.build(removed), rows, runs, bridges, steps=config.distill_steps,
+                                          lr=config.distill_lr, seed=config.seed, full_steps=full_steps)
+        report["distillation"] = pruner.distilled.log
+        del rows
+        pruned = pruner.build(removed, full_steps=full_steps)
     macs0, params0 = _costs(graph)
     macs1, params1 = _costs(pruned)
     # Multiply-adds per step averaged over the generation: the first full_steps run the original.
@@ -296,6 +331,10 @@ def layer_prune(graph: DiTGraph, config: LayerPruneConfig, ctx: PassContext) -> 
                               "conditioned": any(b is not None and b.b is not None for b in fits.values()),
                               "parameters": sum(b.parameters for b in fits.values() if b is not None)}
                              for run in intervals(removed) for fits in [pruner.bridges(run)]]
+        if pruner.distilled is not None:
+            for entry in report["bridges"]:
+                entry["distilled"] = any(f.get("interval") == entry["interval"] and "bridge" in f.get("trained", ())
+                                         and "note" not in f for f in pruner.distilled.log["fits"])
     if replay is not None:
         report["replayed_error"] = replay.error(pruned).to_dict()
         report["replayed_rows"] = replay.rows

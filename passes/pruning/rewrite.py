@@ -141,15 +141,26 @@ def pass_through_segment(graph: DiTGraph, seg: Segment) -> Segment:
     return dataclasses.replace(seg, module=module, inputs=seg.inputs, outputs=tuple(o for _, o in pairs))
 
 
-def bridge_segment(graph: DiTGraph, seg: Segment, bridges: dict[str, StreamBridge | None]) -> Segment:
-    """`bridges`: per updated stream of the block (its input name), the fitted map or None."""
+def bridge_module(graph: DiTGraph, seg: Segment, bridges: dict[str, StreamBridge | None]) -> LinearBridge:
+    """The (untraced) bridge module for block segment `seg`: what `bridge_segment` traces, and
+    what distillation trains (its buffers a{j}, b{j}, bias{j}, j the position in `bridge_streams`)."""
     pairs = block_pairs(graph, seg)
     positions = [seg.inputs.index(i) for i, _ in pairs]
     needs_cond = any(b is not None and b.b is not None for b in bridges.values())
     info = next(b for b in graph.blocks if b.index == seg.block)
     cond = conditioning_module(seg, info.modulation, {i for i, _ in pairs}) if needs_cond else None
-    module = LinearBridge(positions, [bridges.get(i) for i, _ in pairs], cond[0] if cond else None, cond[1] if cond else ())
-    return dataclasses.replace(seg, module=_traced(seg, module), outputs=tuple(o for _, o in pairs))
+    return LinearBridge(positions, [bridges.get(i) for i, _ in pairs], cond[0] if cond else None, cond[1] if cond else ())
+
+
+def bridge_streams(graph: DiTGraph, seg: Segment) -> tuple[str, ...]:
+    """The updated streams of the block (input names), in the bridge module's order."""
+    return tuple(i for i, _ in block_pairs(graph, seg))
+
+
+def bridge_segment(graph: DiTGraph, seg: Segment, bridges: dict[str, StreamBridge | None]) -> Segment:
+    """`bridges`: per updated stream of the block (its input name), the fitted map or None."""
+    module = bridge_module(graph, seg, bridges)
+    return dataclasses.replace(seg, module=_traced(seg, module), outputs=tuple(o for _, o in block_pairs(graph, seg)))
 
 
 def segment_parameters(seg: Segment) -> int:
