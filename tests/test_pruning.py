@@ -223,7 +223,7 @@ def test_distillation_lowers_the_held_out_error_and_leaves_the_model_alone():
     runs = [_prune(_optimize(model, blocks=[1], bridge="none", distill_steps=40, distill_lr=1e-2)) for _ in range(2)]
     rep = runs[0].report
     fit = rep["distillation"]["fits"][0]
-    assert fit["interval"] == [1] and fit["trained"] == ["block0", "block2"] and fit["steps"] == 40
+    assert fit["intervals"] == [[1]] and fit["trained"] == ["block0", "block2"] and fit["steps"] == 40
     assert fit["held_out_after"] < 0.1 * fit["held_out_before"], fit
     assert rep["replayed_error"]["rel_sq_err"] < 0.1 * rep["replayed_error_before_distill"]["rel_sq_err"]
     assert rep["distillation"]["seconds"] >= 0 and "rows" in rep["distillation"]
@@ -241,7 +241,7 @@ def test_distilled_bridge_at_the_end_trains_the_bridge_and_the_kept_block_before
     opt = _optimize(model, blocks=[3], bridge="linear", distill_steps=20, distill_lr=1e-3)
     rep = _prune(opt).report
     fit = rep["distillation"]["fits"][0]
-    assert fit["trained"] == ["block2", "bridge"]
+    assert fit["trained"] == ["block2", "bridge3"]
     assert fit["held_out_after"] <= fit["held_out_before"]
     other = {"x": torch.randn(3, 4, 8, generator=torch.Generator().manual_seed(4)), "timestep": torch.tensor([0.2, 0.5, 0.9])}
     kwargs = {"x": other["x"][:2], "timestep": other["timestep"][:2]}
@@ -270,3 +270,13 @@ def test_distill_steps_without_calibration_is_a_named_error():
         get_pass("layer_prune").apply(graph, config, PassContext(model=model))
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_distillation_of_the_whole_stack_trains_every_kept_block():
+    model = _model(w_scales=(1.0, 0.5, 0.3, 1.0))
+    rep = _prune(_optimize(model, blocks=[1], bridge="none", distill_steps=40, distill_lr=1e-2,
+                           distill_scope="all")).report
+    fit = rep["distillation"]["fits"][0]
+    assert rep["distillation"]["scope"] == "all" and fit["trained"] == ["block0", "block2", "block3"]
+    assert fit["held_out_after"] < 0.1 * fit["held_out_before"], fit
+    assert rep["replayed_error"]["rel_sq_err"] < rep["replayed_error_before_distill"]["rel_sq_err"]

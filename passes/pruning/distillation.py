@@ -1,7 +1,7 @@
 """Distillation of a pruned block stack on calibration activations (`layer_prune`'s
 `distill_steps`): the original model is the teacher, the data is what calibration recorded.
 
-Block-wise, one fit per removed interval. The student is the pruned stretch of the stack:
+`scope = "adjacent"` (the default): block-wise, one fit per removed interval. The student is the pruned stretch of the stack:
 the kept block just before the interval (when no earlier fit has it), the interval's bridge
 (or its pass-through), and the kept block just after it; for an interval at the end of the
 stack, the epilogue in place of that block, so that the last fit trains toward the model's own
@@ -16,6 +16,10 @@ capacity (attention, MLP, modulation) beside the bridge's affine map. A neighbou
 pass gave an early-steps version stays frozen (its two versions would disagree), and with
 `full_steps` the epilogue stays frozen (the early steps run the original blocks into it); the
 neighbours that train run their original version on the early steps too.
+
+`scope = "all"`: one fit of the whole block stack (every bridge, every kept block, the epilogue)
+on the stack's recorded input toward the model's output: more capacity, and the kept blocks far
+from a removal adapt too, at the cost of a backward pass through the whole stack per step.
 
 The trainer is the shared one (ditopt.distill: Adam on copies, best held-out state kept, the
 first quarter of the batches held out, deterministic under the seed, out of inference mode).
@@ -91,11 +95,16 @@ def has_epilogue(graph: DiTGraph) -> bool:
     return any(s.kind == "epilogue" for s in graph.segments) and bool(_weights(graph.epilogue.module))
 
 
-def spans(graph: DiTGraph, runs: list[tuple[int, ...]], full_steps: int) -> list[dict[str, Any]]:
-    """Per interval: the kept block before it it trains (or None), and after it (a block index,
-    EPILOGUE, or None)."""
+def spans(graph: DiTGraph, runs: list[tuple[int, ...]], full_steps: int, scope: str = "adjacent") -> list[dict[str, Any]]:
+    """The fits: per interval ("adjacent"), the kept block before it it trains (or None) and
+    after it (a block index, EPILOGUE, or None); or ("all") one fit of the whole stack, every
+    bridge and every kept block, toward the model's output (the block stack end to end)."""
     blocks = sorted(b.index for b in graph.blocks)
     removed = {b for r in runs for b in r}
+    if scope == "all":
+        epilogue = not full_steps and has_epilogue(graph)
+        return [{"intervals": list(runs), "before": None, "after": EPILOGUE if epilogue else None,
+                 "blocks": blocks}]
     claimed: set[int] = set()
     out = []
     for run in runs:
@@ -107,51 +116,49 @@ def spans(graph: DiTGraph, runs: list[tuple[int, ...]], full_steps: int) -> list
         else:
             hi = EPILOGUE if (run[-1] == blocks[-1] and not full_steps and has_epilogue(graph)) else None
         claimed |= {b for b in (lo, hi) if isinstance(b, int)}
-        out.append({"interval": run, "before": lo, "after": hi})
+        first = lo if lo is not None else run[0]
+        last = blocks[-1] if hi == EPILOGUE else (hi if hi is not None else run[-1])
+        out.append({"intervals": [run], "before": lo, "after": hi, "blocks": list(range(first, last + 1))})
     return out
 
 
 def distill_pruned(graph: DiTGraph, pruned: DiTGraph, replay: CalibrationReplay, runs: list[tuple[int, ...]],
                    bridges: dict[tuple[int, ...], dict[str, StreamBridge | None]], *, steps: int, lr: float, seed: int,
-                   full_steps: int) -> Distilled:
+                   full_steps: int, scope: str = "adjacent") -> Distilled:
     """Distil every interval's stretch of `pruned` (the graph with the removal, bridges
     `bridges`) toward the same stretch of `graph` (the original) on `replay`'s rows."""
     removed = frozenset(b for r in runs for b in r)
     result = Distilled(removed, bridges={r: dict(bridges.get(r, {})) for r in runs})
-    plan = spans(graph, runs, full_steps)
-    wanted = set()
-    for s in plan:
-        first = s["before"] if s["before"] is not None else s["interval"][0]
-        last = max(b.index for b in graph.blocks) if s["after"] == EPILOGUE else (
-            s["after"] if s["after"] is not None else s["interval"][-1])
-        s["blocks"] = list(range(first, last + 1))
-        wanted |= set(s["blocks"])
+    plan = spans(graph, runs, full_steps, scope)
+    wanted = {b for s in plan for b in s["blocks"]}
     io = replay.block_io(wanted)
     fits = []
     for i, s in enumerate(plan):
         fits.append(_fit(graph, pruned, io, s, result, steps=steps, lr=lr, seed=seed + i))
-    result.log = {"steps": steps, "lr": lr, "seed": seed, "rows": replay.rows, "batches": len(next(iter(io.values()))),
+    result.log = {"scope": scope, "steps": steps, "lr": lr, "seed": seed, "rows": replay.rows, "batches": len(next(iter(io.values()))),
                   "seconds": round(sum(f.get("seconds", 0.0) for f in fits), 2), "fits": fits}
     return result
 
 
 def _fit(graph: DiTGraph, pruned: DiTGraph, io: dict[int, list], s: dict[str, Any], result: Distilled, *,
          steps: int, lr: float, seed: int) -> dict[str, Any]:
-    run: tuple[int, ...] = s["interval"]
+    runs: list[tuple[int, ...]] = s["intervals"]
+    run_of = {b: r for r in runs for b in r}
     span_blocks: list[int] = s["blocks"]
-    bridged = any(b is not None for b in result.bridges[run].values())
     # The student's parts, in order: (key prefix or None, module, inputs, outputs, trainable targets).
     with torch.inference_mode(False):
         parts: list[tuple[str | None, torch.nn.Module, tuple[str, ...], tuple[str, ...], list[str]]] = []
         for b in span_blocks:
             seg = pruned.segment_for_block(b)
-            if b not in run:
+            run = run_of.get(b)
+            if run is None:
                 module = _plain(seg.module)
-                parts.append((f"block{b}:", module, seg.inputs, seg.outputs, _weights(module)))
-            elif b == run[0] and bridged:
+                targets = _weights(module) if trainable_block(graph, b) else []
+                parts.append((f"block{b}:", module, seg.inputs, seg.outputs, targets))
+            elif b == run[0] and any(x is not None for x in result.bridges[run].values()):
                 module = _plain(bridge_module(graph, graph.segment_for_block(b), result.bridges[run]))
                 names = [n for n, _ in module.named_buffers() if "." not in n]  # a{j}, b{j}, bias{j}
-                parts.append(("bridge:", module, seg.inputs, seg.outputs, sorted(names)))
+                parts.append((f"bridge{b}:", module, seg.inputs, seg.outputs, sorted(names)))
             else:
                 parts.append((None, seg.module, seg.inputs, seg.outputs, []))
         if s["after"] == EPILOGUE:
@@ -161,7 +168,7 @@ def _fit(graph: DiTGraph, pruned: DiTGraph, io: dict[int, list], s: dict[str, An
         params = {prefix + t: attribute(module, t).detach().clone()
                   for prefix, module, _, _, targets in parts if prefix for t in targets}
         trained = [p[0].rstrip(":") for p in parts if p[0] and p[4]]
-        entry: dict[str, Any] = {"interval": list(run), "trained": trained,
+        entry: dict[str, Any] = {"intervals": [list(r) for r in runs], "trained": trained,
                                  "parameters": int(sum(v.numel() for v in params.values()))}
         if not params:
             entry["skipped"] = "nothing to train (no bridge and no kept neighbour)"
@@ -215,7 +222,8 @@ def _fit(graph: DiTGraph, pruned: DiTGraph, io: dict[int, list], s: dict[str, An
         if not prefix or not targets:
             continue
         values = {t: state[prefix + t] for t in targets}
-        if prefix == "bridge:":
+        if prefix.startswith("bridge"):
+            run = run_of[int(prefix[len("bridge"):-1])]
             streams = bridge_streams(graph, graph.segment_for_block(run[0]))
             new = {}
             for j, name in enumerate(streams):

@@ -61,6 +61,10 @@ class LayerPruneConfig(PassConfig):
     distill_steps: Int = Field(0, ge=0, le=1_000_000, description="> 0: after the removal, Adam steps per removed interval "
                                "training its bridge and the kept blocks beside it (the epilogue for an interval at the "
                                "end) toward the original stretch's output on calibration activations (block-wise)")
+    distill_scope: Literal["adjacent", "all"] = Field("adjacent", description="what distillation trains: 'adjacent', per "
+                                                      "removed interval its bridge and the kept blocks beside it, "
+                                                      "block-wise; 'all', every bridge and every kept block (and the "
+                                                      "epilogue) together toward the model's output")
     distill_lr: Float = Field(1e-4, gt=0, le=1, description="distillation learning rate")
     distill_rows: Int = Field(512, ge=2, le=65_536, description="calibration (trajectory, step) rows distilled on (a "
                               "quarter of the batches held out to keep the best state)")
@@ -308,7 +312,8 @@ def layer_prune(graph: DiTGraph, config: LayerPruneConfig, ctx: PassContext) -> 
         bridges = {r: pruner.bridges(r) for r in runs} if config.bridge == "linear" else {}
         rows = CalibrationReplay(graph, ctx.stats, config.distill_rows, seed=config.seed)
         pruner.distilled = distill_pruned(graph, pruner.build(removed), rows, runs, bridges, steps=config.distill_steps,
-                                          lr=config.distill_lr, seed=config.seed, full_steps=full_steps)
+                                          lr=config.distill_lr, seed=config.seed, full_steps=full_steps,
+                                          scope=config.distill_scope)
         report["distillation"] = pruner.distilled.log
         del rows
         pruned = pruner.build(removed, full_steps=full_steps)
@@ -333,8 +338,8 @@ def layer_prune(graph: DiTGraph, config: LayerPruneConfig, ctx: PassContext) -> 
                              for run in intervals(removed) for fits in [pruner.bridges(run)]]
         if pruner.distilled is not None:
             for entry in report["bridges"]:
-                entry["distilled"] = any(f.get("interval") == entry["interval"] and "bridge" in f.get("trained", ())
-                                         and "note" not in f for f in pruner.distilled.log["fits"])
+                entry["distilled"] = any(f"bridge{entry['interval'][0]}" in f.get("trained", ()) and "note" not in f
+                                         for f in pruner.distilled.log["fits"])
     if replay is not None:
         report["replayed_error"] = replay.error(pruned).to_dict()
         report["replayed_rows"] = replay.rows
