@@ -26,8 +26,8 @@ calibration or validation): class accuracy (the zoo's digit classifier, on the r
 classes) and the classifier-feature Fréchet distance to the zoo's held-out real digits, each
 against the original's, PSNR against the original (reported, not gated), speedup interleaved.
 
-    python benchmarks/bench_layer_prune.py --model dit-digits --ratio 0.5 --distill-steps 3000 \
-        --unseen 200 --out benchmarks/results/layer_prune_distill.json
+    python benchmarks/bench_layer_prune.py --model dit-digits --ratio 0.5 --distill-steps 300 --distill-lr 1e-4 \
+        --unseen 160 --threads 1 --out benchmarks/results/layer_prune_distill.json
 """
 
 from __future__ import annotations
