@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ditopt.fit import bias_features, ridge_solve
 from ditopt.kernels.moe import activate, expert_mask, masked_ffn, route
 
 from .rewrite import ExpertWeights
@@ -116,12 +117,7 @@ def _expert_outputs(a: torch.Tensor, w2t: torch.Tensor, shared: int, experts: in
 
 def fit_router(x: torch.Tensor, target: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Ridge least squares [x, 1] -> target in float64 (the bias undamped): ([E, D], [E])."""
-    f = torch.cat([x.double(), torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)
-    gram = f.T @ f
-    scale = gram.diagonal()[:-1].mean().clamp_min(1e-12)
-    damp = torch.full((f.shape[1],), ridge * float(scale), dtype=torch.float64)
-    damp[-1] = 0.0
-    w = torch.linalg.solve(gram + torch.diag(damp), f.T @ target.double())
+    w = ridge_solve(bias_features(x), target, ridge)
     return w[:-1].T.float().contiguous(), w[-1].float().contiguous()
 
 

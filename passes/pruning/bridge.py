@@ -13,22 +13,15 @@ from __future__ import annotations
 
 import torch
 
+from ditopt.fit import bias_features, ridge_solve
+
 from .rewrite import StreamBridge
 
 
 def fit_stream_bridge(x: torch.Tensor, y: torch.Tensor, m: torch.Tensor | None, ridge: float) -> StreamBridge:
     """x, y: [n, d]; m: [n, dm] or None."""
     d = x.shape[1]
-    parts = [x.double()] + ([m.double()] if m is not None else []) + [torch.ones(x.shape[0], 1, dtype=torch.float64)]
-    f = torch.cat(parts, 1)
-    target = (y - x).double()
-    gram = f.T @ f
-    if ridge > 0:
-        scale = gram.diagonal()[:-1].mean().clamp_min(1e-12)
-        damp = torch.full((f.shape[1],), ridge * float(scale), dtype=torch.float64)
-        damp[-1] = 0.0  # the bias is not damped
-        gram = gram + torch.diag(damp)
-    w = torch.linalg.solve(gram, f.T @ target)
+    w = ridge_solve(bias_features(x, *([m] if m is not None else [])), y - x, ridge)
     a = w[:d].float()
     b = w[d:-1].float() if m is not None else None
     return StreamBridge(a.contiguous(), b.contiguous() if b is not None else None, w[-1].float().contiguous())

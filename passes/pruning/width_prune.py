@@ -42,6 +42,7 @@ from pydantic import Field, model_validator
 from ditopt.calibration.replay import CalibrationReplay
 from ditopt.costs import segment_macs
 from ditopt.errors import CalibrationError, InvalidProfileError
+from ditopt.fit import bias_features, ridge_solve
 from ditopt.graph import AttentionSite, DiTGraph, Segment, attribute, example_args, segment_with_buffers
 from ditopt.passes.moe.rewrite import FFN, LINEAR, find_ffns  # the FFN finder moe_split splits with
 from ditopt.profiles.fields import Float, Int
@@ -198,13 +199,8 @@ def find_layers(graph: DiTGraph) -> tuple[list[Layer], dict[str, str]]:
 # -- the cut and its fit -----------------------------------------------------------------------
 def ridge_fit(x: torch.Tensor, target: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Ridge least squares [x, 1] -> target in float64, the bias undamped: ([d_out, d_in], [d_out])."""
-    f = torch.cat([x.double(), torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)
-    gram = f.T @ f
-    scale = gram.diagonal()[:-1].mean().clamp_min(1e-12)
-    damp = torch.full((f.shape[1],), ridge * float(scale), dtype=torch.float64)
-    damp[-1] = 0.0
     # lstsq (gelsd) rather than solve: with ridge 0 and fewer tokens than units the system is singular.
-    w = torch.linalg.lstsq(gram + torch.diag(damp), f.T @ target.double(), driver="gelsd").solution
+    w = ridge_solve(bias_features(x), target, ridge, singular_ok=True)
     return w[:-1].T.float().contiguous(), w[-1].float().contiguous()
 
 
