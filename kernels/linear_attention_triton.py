@@ -19,14 +19,7 @@ from torch import Tensor
 
 from .linear_attention import value_conv
 
-try:  # pragma: no cover - import guard
-    import triton
-    import triton.language as tl
-    HAS_TRITON = True
-except Exception:  # pragma: no cover
-    triton = None
-    tl = None
-    HAS_TRITON = False
+from ._triton import HAS_TRITON, tl, triton
 
 __all__ = ["HAS_TRITON", "linear_attention_triton"]
 

@@ -12,14 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-try:  # pragma: no cover - import guard
-    import triton
-    import triton.language as tl
-    HAS_TRITON = True
-except Exception:  # pragma: no cover
-    triton = None
-    tl = None
-    HAS_TRITON = False
+from ._triton import HAS_TRITON, tl, triton
 
 __all__ = ["HAS_TRITON", "grouped_matmul_triton", "grouped_matmul_reference", "tile_schedule"]
 

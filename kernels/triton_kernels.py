@@ -23,14 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-try:  # pragma: no cover - import guard
-    import triton
-    import triton.language as tl
-    HAS_TRITON = True
-except Exception:  # pragma: no cover
-    triton = None
-    tl = None
-    HAS_TRITON = False
+from ._triton import HAS_TRITON, tl, triton
 
 __all__ = ["HAS_TRITON", "neighborhood_attention_triton", "block_sparse_attention_triton"]
 
