@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
-import sys
 import time
 from datetime import datetime, timezone
 
@@ -29,7 +27,7 @@ from ditopt.capture import capture
 from ditopt.io import atomic_write_text
 
 import ditopt.passes  # noqa: F401  (registers the "attention" collector)
-from ditopt.bench.measure import _cpu_model
+from ditopt.bench.measure import script_run_record
 
 MODELS = ("dit-digits", "dit-digits-p1", "dit-canvas", "flux-digits")
 
@@ -78,7 +76,7 @@ def markdown(out: dict) -> str:
         f"{out['results'][0]['tile']} tokens, NATTEN-style clamped window), from ditopt's `attention` calibration on real "
         "sampling trajectories, per step bucket (first / middle / last third). \"keys\" is the share of (query, key) "
         "pairs the window keeps: mass well above it is locality. Command: "
-        f"`{out['command']}`; {out['date']} (UTC); {m['processor']}, {m['threads']} thread(s), torch {m['torch']}; "
+        f"`{out['command']}`; {out['date']} (UTC); {m['cpu_model']}, {m['torch_threads']} thread(s), torch {m['torch']}; "
         f"load average at start {[round(v, 2) for v in out['loadavg_at_start']]}.", "",
         "| model | grid | r | keys | mean mass (first / middle / last third) | worst head | block-heads >= 0.95 |",
         "|---|---|---|---|---|---|---|",
@@ -113,10 +111,8 @@ def main() -> None:
             print(f"{name:14s} grid {r['grid']} r={row['radius']} window {row['window_tokens']} tokens, "
                   f"{row['key_share']:.1%} of keys: mean mass by bucket [{mean}], worst head [{worst}], "
                   f">=0.95: {row['heads_at_95_share']:.0%}", flush=True)
-    out = {"command": "python benchmarks/attention_locality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-           "date": started, "loadavg_at_start": load, "loadavg_at_end": os.getloadavg(),
-           "machine": {"torch": torch.__version__, "threads": args.threads, "processor": _cpu_model(),
-                       "logical_cpus": os.cpu_count()},
+    # The project's run record (command, machine, load at the end), with this run's start beside it.
+    out = {**script_run_record("benchmarks/attention_locality.py", None, args.threads), "date": started, "loadavg_at_start": load,
            "results": results}
     if args.out:
         atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")

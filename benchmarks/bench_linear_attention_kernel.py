@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import statistics
-import sys
 import time
 from datetime import datetime, timezone
 
@@ -26,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import ditopt.kernels.ops  # noqa: F401  (registers torch.ops.ditopt.linear_attention)
-from ditopt.bench.measure import _cpu_model
+from ditopt.bench.measure import script_run_record
 from ditopt.io import atomic_write_text
 from ditopt.kernels.linear_attention import linear_attention_macs, linear_attention_reference
 
@@ -67,7 +65,7 @@ def bench(grid: int, heads: int, head_dim: int, conv: int, feature: str, repeats
 
 def markdown(out: dict) -> str:
     m = out["machine"]
-    lines = [f"Command: `{out['command']}`; {out['date']} (UTC); {m['processor']}, {m['threads']} thread(s), "
+    lines = [f"Command: `{out['command']}`; {out['date']} (UTC); {m['cpu_model']}, {m['torch_threads']} thread(s), "
              f"torch {m['torch']}; load average at start {[round(x, 2) for x in out['loadavg_at_start']]}, "
              f"at end {[round(x, 2) for x in out['loadavg_at_end']]}.", "",
              "| image tokens | heads x dim | dense SDPA ms | linear ms | speedup | MAC ratio | max rel. err vs float64 |",
@@ -100,10 +98,8 @@ def main() -> None:
         results.append(r)
         print(f"{grid}x{grid} ({r['tokens']} tokens): dense {r['dense_ms']:.1f} ms, linear {r['linear_ms']:.1f} ms, "
               f"{r['speedup']:.1f}x, err {r['max_rel_err_vs_float64']:.1e}", flush=True)
-    out = {"command": "python benchmarks/bench_linear_attention_kernel.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-           "date": started, "loadavg_at_start": load, "loadavg_at_end": os.getloadavg(),
-           "machine": {"torch": torch.__version__, "threads": args.threads, "processor": _cpu_model(),
-                       "logical_cpus": os.cpu_count()},
+    # The project's run record (command, machine, load at the end), with this run's start beside it.
+    out = {**script_run_record("benchmarks/bench_linear_attention_kernel.py", None, args.threads), "date": started, "loadavg_at_start": load,
            "results": results}
     if args.out:
         atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")
