@@ -118,6 +118,11 @@ class Splitter:
             self.at_k[(ffn.name, k)] = w
         return self.at_k[(ffn.name, k)]
 
+    def release(self, ks: dict[str, int]) -> None:
+        """Keep only the experts `build(ks, graph)` uses; the calibration tokens go."""
+        self.inputs = {}
+        self.at_k = {k: w for k, w in self.at_k.items() if ks.get(k[0]) == k[1]}
+
     def build(self, ks: dict[str, int], graph: DiTGraph | None = None) -> DiTGraph:
         g = graph if graph is not None else self.graph
         by_segment: dict[str, dict[str, tuple]] = {}
@@ -254,8 +259,7 @@ def moe_split(graph: DiTGraph, config: MoESplitConfig, ctx: PassContext) -> Pass
                               saving=None)
     # Replays at other call shapes reuse these experts and routers (split and distilled once);
     # the calibration tokens and the unchosen splits are not kept alive by the optimized module.
-    splitter.inputs = {}
-    splitter.at_k = {k: w for k, w in splitter.at_k.items() if ks.get(k[0]) == k[1]}
+    splitter.release(ks)
     return PassResult(routed, True, report, replay=("moe_split", resolved), outcome=outcome,
                       rewrite=lambda g: splitter.build(ks, g))
 

@@ -308,6 +308,11 @@ class Pruner:
         dtype = {t: attribute(module, t.split(":")[0]).dtype for t in weights}
         return Cut(kept, {t: w.to(dtype[t]).contiguous() for t, w in weights.items()}, num / max(den, 1e-30))
 
+    def release(self, amounts: dict[str, int]) -> None:
+        """Keep only the cuts `build(amounts, graph)` uses; the calibration tokens go."""
+        self.inputs = {}
+        self._cuts = {k: c for k, c in self._cuts.items() if amounts.get(k[0]) == k[1] and k[2] == self.config.correction}
+
     def build(self, amounts: dict[str, int], graph: DiTGraph | None = None,
               correction: str | None = None) -> DiTGraph:
         """`graph` (default: the pass's; another capture of the same model at any shape) with
@@ -640,8 +645,7 @@ def width_prune(graph: DiTGraph, config: WidthPruneConfig, ctx: PassContext) -> 
                               saving=1.0 - macs1 / macs0 if macs0 else None)
     # Replays at other call shapes reuse these cuts and refits (fitted once, on the rows verified);
     # the calibration tokens and the unchosen cuts are not kept alive by the optimized module.
-    pruner.inputs = {}
-    pruner._cuts = {k: c for k, c in pruner._cuts.items() if amounts.get(k[0]) == k[1] and k[2] == config.correction}
+    pruner.release(amounts)
     return PassResult(pruned, True, report, replay=("width_prune", resolved), outcome=outcome,
                       rewrite=lambda g: pruner.build(amounts, g))
 
