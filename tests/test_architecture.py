@@ -125,3 +125,20 @@ def test_the_check_sees_a_circle_and_a_wrong_arrow():
 @pytest.mark.parametrize("folder", list(PACKAGES))
 def test_every_source_folder_is_seen(folder):
     assert any(name.startswith(PACKAGES[folder]) for name in _modules())
+
+
+def test_a_pass_reads_collectors_of_the_core_or_of_its_own_family():
+    # A family is one folder: what its passes need from calibration is recorded by a collector
+    # registered in that folder (caching's residual sketches, attention's masses) or by the core
+    # (block inputs), never by another family's folder.
+    from ditopt.registry import available_passes, get_collector
+
+    def home(module: str) -> str:
+        return layer(module) if layer(module) != "passes" else ".".join(module.split(".")[:3])
+
+    wrong = sorted(f"{name} needs {need!r} from {get_collector(need).__module__}"
+                   for name, spec in available_passes().items() for need in spec.needs
+                   if home(get_collector(need).__module__) not in ("core", home(spec.family)))
+    assert wrong == []
+    assert home("ditopt.passes.caching.collector") == home("ditopt.passes.caching.calibrated_schedule") != "core"
+    assert home("ditopt.passes.attention.collector") != home("ditopt.passes.caching.delta_cache")

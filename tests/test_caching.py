@@ -134,6 +134,58 @@ def test_stats_round_trip(tmp_path):
         loaded.check_graph(other)
 
 
+def test_calibration_records_the_trajectory_and_the_sketches_only_where_needed():
+    # The step count, timesteps, CFG layout and samples are the core's, on every calibration; the
+    # block residual sketches are the caching collector's, recorded where a pass needs them.
+    from ditopt.registry import get_collector
+
+    model = AffineDiT(depth=3, scale=1.0).eval()
+    graph = ditopt.capture(model, toy_inputs())
+    bare = calibrate(model, graph, [], _sampler(6), progress=False)
+    assert bare.tensors == {} and bare.num_steps == 6 and bare.timesteps[:2] == pytest.approx([1.0, 1.0 - 1 / 6])
+    assert bare.meta == {"trajectories": 4, "trajectory_layout": [[0, 0, 2], [1, 0, 2]], "batched_cfg": False}
+    assert bare.reference_samples.shape == (4, 4, 8)
+    assert get_collector("trajectory").__module__ == "ditopt.passes.caching.collector"
+    full = calibrate(model, graph, ["trajectory"], _sampler(6), progress=False)
+    assert full.meta["trajectory"]["blocks"] == ["block.0", "block.1", "block.2"]
+    assert full.tensors["block_residual_sketch"].shape == (4, 6, 3, 32) and full.meta["trajectory"]["stream_shape"] == [4, 8]
+    assert {k: v for k, v in full.meta.items() if k != "trajectory"} == bare.meta
+    assert torch.equal(full.reference_samples, bare.reference_samples)
+    # A calibrated caching pass given stats without the sketches says which collector is missing.
+    profile = {"name": "s", "budget": {"max_rel_err": 1.0}, "passes": [{"name": "calibrated_schedule", "computed_steps": 3}]}
+    with pytest.raises(CalibrationError, match="collector 'trajectory'"):
+        ditopt.optimize(model, profile, example_inputs=toy_inputs(), stats=bare)
+    assert ditopt.optimize(model, profile, example_inputs=toy_inputs(), stats=full).report.passes[0].modified
+
+
+def test_stats_saved_before_the_collector_split_still_load(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from ditopt.passes.caching.schedule import sketch_channels
+
+    model = AffineDiT(depth=3, scale=1.0).eval()
+    graph = ditopt.capture(model, toy_inputs())
+    stats = calibrate(model, graph, ["trajectory"], _sampler(6), progress=False)
+    # Version 1: the sketches were the core's, their meta at the top level.
+    sketch_meta = {k: v for k, v in stats.meta["trajectory"].items() if k != "per_trajectory"}
+    meta = {**{k: v for k, v in stats.meta.items() if k != "trajectory"}, **sketch_meta}
+    header = {"version": 1, "graph_hash": stats.graph_hash, "model_class": stats.model_class,
+              "num_steps": stats.num_steps, "timesteps": stats.timesteps, "meta": meta}
+    tensors = {**stats.tensors, "reference_samples": stats.reference_samples}
+    save_file(tensors, tmp_path / "v1.safetensors", metadata={"ditopt": json.dumps(header)})
+    old = CalibStats.load(tmp_path / "v1.safetensors")
+    assert old.meta == stats.meta and set(old.tensors) == set(stats.tensors)
+    assert torch.equal(sketch_channels(old), sketch_channels(stats))
+    kept = old.restricted_to_samples([1, 3], 4)  # the sketches are subset with the trajectories
+    assert torch.equal(kept.tensors["block_residual_sketch"], stats.tensors["block_residual_sketch"][[1, 3]])
+    header["version"] = 7
+    save_file(tensors, tmp_path / "v7.safetensors", metadata={"ditopt": json.dumps(header)})
+    with pytest.raises(CalibrationError, match="stats version 7 is not 2"):
+        CalibStats.load(tmp_path / "v7.safetensors")
+
+
 def test_schedule_rederived_for_other_step_count():
     model = AffineDiT(depth=2, scale=1.0).eval()
     cfg = dict(name="calibrated_schedule", order=1, computed_steps=4, warmup=2)

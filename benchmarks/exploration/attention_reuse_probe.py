@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 import ditopt
 from ditopt.plan import RunSegments
 from ditopt.registry import PassConfig, PassResult, register_pass
+from ditopt.passes.caching.collector import residual_meta
 from ditopt.passes.caching.features import FORECAST_SUFFIX, forecast_variant, record_variant
 from ditopt.passes.caching.common import block_names as _block_names, replace_blocks
 from ditopt.passes.caching.schedule import fit_forecast_weights, quantile_schedule, sketch_channels, span_residual_sketch
@@ -79,7 +80,7 @@ def proto(graph, config, ctx):
     mask = [s in set(config.compute_steps) for s in range(steps)]
     residual = span_residual_sketch(stats, 0, len(names) - 1)
     ch = sketch_channels(stats)
-    weights = fit_forecast_weights(residual, mask, list(times), 3, ch, int(stats.meta["stream_shape"][-1]))
+    weights = fit_forecast_weights(residual, mask, list(times), 3, ch, int(residual_meta(stats)["stream_shape"][-1]))
     feats = {}
     for n in names:
         seg = graph.segment(n)

@@ -2,9 +2,12 @@
 serialisable statistics of the trajectory.
 
 `calibrate(model, graph, needs, fn)` wraps the captured graph in a runtime whose plan records,
-per step and CFG branch, what the requested collectors need; `fn(instrumented)` is the user's
-sampling code (for the zoo: `lambda m: bundle.sample(classes, seeds, model=m)`). What `fn`
-returns (final samples) is kept as the reference for end-to-end checks.
+per step and CFG branch, the trajectory (the core's step recorder, `steps.py`: step count,
+timesteps, CFG batch layout) and what the requested collectors need (registered by the pass
+families that read them: caching's "trajectory" residual sketches, "attention", and the core's
+"block_inputs"); `fn(instrumented)` is the user's sampling code (for the zoo:
+`lambda m: bundle.sample(classes, seeds, model=m)`). What `fn` returns (final samples) is kept
+as the reference for end-to-end checks.
 
 Stats are stamped with the graph's structure hash and the number of steps, saved as one
 safetensors file (tensors + JSON metadata, no pickle), and reused when the hash matches.
@@ -21,16 +24,14 @@ import torch
 from torch import nn
 
 from ..errors import CalibrationError
-from ..graph import DiTGraph, latent_halves_equal
+from ..graph import DiTGraph
 from ..io import atomic_write_bytes
-from ..plan import RunSegments, Stage, StepContext
 from ..runtime import OptimizedDiT
-from .streams import SpanIO, span_io
+from .steps import StepLog
 
-STATS_VERSION = 1
-# Tensors indexed [trajectory, ...]: what a restriction to some samples' trajectories subsets.
-PER_TRAJECTORY = ("block_residual_sketch", "block_residual_norm")
-SKETCH_SIZE = 2048  # residual elements kept per block and step: enough to estimate norms of differences
+# 2: the block residual sketches are collector "trajectory"'s (passes/caching), their meta under
+# meta["trajectory"]; version 1 (core-recorded, meta at the top level) loads as version 2.
+STATS_VERSION = 2
 
 
 @dataclass
@@ -90,7 +91,7 @@ class CalibStats:
         if owners is None:
             return None
         keep_set = set(keep)
-        per_trajectory = set(PER_TRAJECTORY) | self.collector_per_trajectory()
+        per_trajectory = self.collector_per_trajectory()
         rows = torch.tensor([i for i, owner in enumerate(owners) if owner in keep_set], dtype=torch.long)
         count = len(owners)
         tensors = {
@@ -103,8 +104,8 @@ class CalibStats:
         return CalibStats(self.graph_hash, self.model_class, self.num_steps, list(self.timesteps), tensors, meta, reference)
 
     def collector_per_trajectory(self) -> set[str]:
-        """Tensors a plugin collector declared as indexed [trajectory, ...] in the core's
-        trajectory order (its meta's `per_trajectory`), so a restriction subsets them too."""
+        """Tensors a collector declared as indexed [trajectory, ...] in the core's trajectory
+        order (its meta's `per_trajectory`): what a restriction to some samples subsets."""
         return {n for m in self.meta.values() if isinstance(m, dict) for n in m.get("per_trajectory", ())}
 
     def check_graph(self, graph: DiTGraph) -> None:
@@ -140,79 +141,23 @@ class CalibStats:
         with safe_open(str(path), framework="pt") as f:
             header = json.loads((f.metadata() or {}).get("ditopt", "{}"))
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-        if header.get("version") != STATS_VERSION:
-            raise CalibrationError(f"{path}: stats version {header.get('version')} is not {STATS_VERSION}; re-run calibration")
+        version = header.get("version")
+        if version == 1:
+            header = _from_version_1(header, tensors)
+        elif version != STATS_VERSION:
+            raise CalibrationError(f"{path}: stats version {version} is not {STATS_VERSION}; re-run calibration")
         ref = tensors.pop("reference_samples", None)
         return cls(header["graph_hash"], header["model_class"], header["num_steps"], header["timesteps"], tensors, header["meta"], ref)
 
 
-class TrajectoryRecorder(Stage):
-    """Runs the blocks one by one and records, per call, what the caching passes need:
-    a fixed random sketch of each block's residual on the image stream and its norm."""
-
-    kind = "calibration-recorder"
-
-    def __init__(self, io: SpanIO, block_names: tuple[str, ...], sink: "Recording") -> None:
-        self.io, self.block_names, self.sink = io, block_names, sink
-
-    def segment_names(self) -> tuple[str, ...]:
-        return self.block_names
-
-    def run(self, graph: DiTGraph, env: dict[str, Any], ctx: StepContext) -> None:
-        stream_in = self.io.primary_input
-        residuals = []
-        for name in self.block_names:
-            seg = graph.segment(name)
-            before = env[stream_in] if stream_in in env else None
-            seg.run(env)
-            # The primary stream's name changes block to block: follow the block's own pairing.
-            out_name = self.sink.block_stream[name]
-            after = env[out_name]
-            residuals.append(self.sink.sketch(after - before) if before is not None else None)
-            stream_in = out_name
-        self.sink.add(ctx, residuals, batched_cfg=latent_halves_equal(graph, env))
-        ctx.record.setdefault("computed", []).extend(self.block_names)
-
-
-class Recording:
-    """Host-side store filled during calibration."""
-
-    def __init__(self, graph: DiTGraph, seed: int = 0) -> None:
-        self.block_stream = {seg.name: span_io(graph, (seg.name,)).primary_output for seg in graph.block_segments}
-        self.seed = seed
-        self.index: torch.Tensor | None = None
-        self.row_shape: tuple[int, ...] = ()  # one batch row of the first sketched stream
-        self.calls: list[dict[str, Any]] = []
-
-    def sketch(self, residual: torch.Tensor) -> torch.Tensor:
-        flat = residual.detach().float().reshape(residual.shape[0], -1)
-        if self.index is None:
-            gen = torch.Generator().manual_seed(self.seed)
-            k = min(SKETCH_SIZE, flat.shape[1])
-            self.index = torch.randperm(flat.shape[1], generator=gen)[:k].sort().values
-            self.row_shape = tuple(residual.shape[1:])
-        return flat[:, self.index.to(flat.device)].cpu()
-
-    def add(self, ctx: StepContext, residuals: list[torch.Tensor], batched_cfg: bool = False) -> None:
-        self.calls.append(
-            {"generation": ctx.generation, "step": ctx.step, "branch": ctx.branch, "timestep": ctx.timestep, "res": torch.stack(residuals, 1),
-             "batched_cfg": batched_cfg}
-        )
-
-
-class TrajectoryCollector:
-    """The built-in collector: block residual sketches per step and branch (caching passes)."""
-
-    name = "trajectory"
-
-    def __init__(self, graph: DiTGraph) -> None:
-        self.recording = Recording(graph)
-
-    def instrument(self, g: DiTGraph) -> DiTGraph:
-        blocks = tuple(s.name for s in g.block_segments)
-        recorder = TrajectoryRecorder(span_io(g, blocks), blocks, self.recording)
-        plan = (RunSegments((g.prologue.name,)), recorder, RunSegments((g.epilogue.name,)))
-        return g.evolve(plan=plan)
+def _from_version_1(header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Version 1 recorded the block residual sketches in the core, their meta at the top level:
+    the same tensors, the meta moved to where collector "trajectory" keeps it."""
+    meta = dict(header["meta"])
+    if "block_residual_sketch" in tensors:
+        meta["trajectory"] = {**{k: meta.pop(k) for k in ("blocks", "sketch", "stream_shape") if k in meta},
+                              "per_trajectory": ["block_residual_sketch", "block_residual_norm"]}
+    return {**header, "version": STATS_VERSION, "meta": meta}
 
 
 def calibrate(
@@ -225,85 +170,50 @@ def calibrate(
 ) -> CalibStats:
     """Run `fn` (the user's sampling loop) on an instrumented runtime and return stats.
 
-    The trajectory (step count, timesteps, block residual sketches) is always recorded. Other
-    names in `needs` are collectors registered by plugins (`ditopt.registry.register_collector`):
-    a factory `f(graph)` returning an object with `instrument(graph) -> graph` (add recording
-    stages or outputs; never change results) and `summarise() -> (tensors, meta)`.
+    The trajectory (step count, timesteps, CFG batch layout, the samples `fn` returns) is always
+    recorded. The names in `needs` are collectors registered by the pass families that read
+    them (`ditopt.registry.register_collector`): a factory `f(graph)` returning an object with
+    `instrument(graph) -> graph` (add recording stages or outputs; never change results) and
+    `summarise() -> (tensors, meta)`; its meta is kept as `stats.meta[name]`, and the tensors its
+    meta lists as `per_trajectory` follow the core's trajectory order.
     """
     from ..capture import capture
     from ..registry import get_collector
 
-    trajectory = TrajectoryCollector(graph)
-    extra = []
+    log = StepLog()
+    collectors = []
     for name in needs:
-        if name == "trajectory":
-            continue
         try:
-            extra.append(get_collector(name)(graph))
+            collectors.append(get_collector(name)(graph))
         except Exception as exc:  # unknown collector: say which
             raise CalibrationError(f"cannot set up calibration collector {name!r}: {exc}") from exc
 
     def build(kwargs: dict[str, Any]) -> DiTGraph:
-        g = trajectory.instrument(capture(model, kwargs))
-        for collector in extra:
+        g = log.instrument(capture(model, kwargs))
+        for collector in collectors:
             g = collector.instrument(g)
         return g
 
     instrumented = OptimizedDiT(model, build)
     with torch.no_grad():
         samples = fn(instrumented)
-    if not trajectory.recording.calls:
-        raise CalibrationError("the calibration function never called the model it was given; it must sample with that model")
-    stats = _summarise(graph, trajectory.recording, samples)
-    for collector in extra:
+    steps, timesteps, layout, trajectories = log.trajectory()
+    stats = CalibStats(
+        graph_hash=graph.meta.get("capture_hash", graph.structure_hash()),
+        model_class=graph.model_class,
+        num_steps=steps,
+        timesteps=timesteps,
+        meta={
+            "trajectories": trajectories,
+            "trajectory_layout": layout,
+            # Every call had equal latent halves: CFG batched into one call (rows of the first
+            # half unconditional). Lets calibrated_schedule try conditional-only steps.
+            "batched_cfg": log.batched_cfg(),
+        },
+        reference_samples=samples.detach().cpu() if isinstance(samples, torch.Tensor) else None,
+    )
+    for collector in collectors:
         tensors, meta = collector.summarise()
         stats.tensors.update(tensors)
         stats.meta[collector.name] = meta
     return stats
-
-
-def _summarise(graph: DiTGraph, recording: Recording, samples: Any) -> CalibStats:
-    calls = recording.calls
-    steps = max(c["step"] for c in calls) + 1
-    # One trajectory per (generation, branch, row): rows of a batched call are separate trajectories.
-    trajectories: dict[tuple[int, int], dict[int, torch.Tensor]] = {}
-    timesteps: dict[int, float] = {}
-    for c in calls:
-        trajectories.setdefault((c["generation"], c["branch"]), {})[c["step"]] = c["res"]
-        if c["timestep"] is not None:
-            timesteps.setdefault(c["step"], c["timestep"])
-    complete = [t for t in trajectories.values() if len(t) == steps]
-    # (generation, branch, rows) of each complete trajectory group, in stacking order; set only
-    # when every generation was recorded whole, so rows can be matched to returned samples.
-    layout = [[g, b, int(next(iter(t.values())).shape[0])] for (g, b), t in trajectories.items() if len(t) == steps]
-    if len(complete) != len(trajectories):
-        layout = None
-    if not complete:
-        raise CalibrationError("no complete sampling trajectory was recorded: the calibration function must run whole generations")
-    # [trajectories, steps, blocks, sketch]; rows of a batch become trajectories too.
-    stacked = torch.cat([torch.stack([t[s] for s in range(steps)], 0).transpose(0, 1) for t in complete], 0)
-    norms = stacked.norm(dim=-1)
-    tensors = {"block_residual_sketch": stacked.half(), "block_residual_norm": norms}
-    if recording.index is not None:
-        # Which element of a batch row each sketch column is (flat index into `stream_shape`):
-        # lets a pass fit per-channel quantities from the sketch.
-        tensors["sketch_index"] = recording.index.clone()
-    reference = samples.detach().cpu() if isinstance(samples, torch.Tensor) else None
-    return CalibStats(
-        graph_hash=graph.meta.get("capture_hash", graph.structure_hash()),
-        model_class=graph.model_class,
-        num_steps=steps,
-        timesteps=[timesteps.get(s, float("nan")) for s in range(steps)],
-        tensors=tensors,
-        meta={
-            "trajectories": int(stacked.shape[0]),
-            "blocks": [s.name for s in graph.block_segments],
-            "sketch": int(stacked.shape[-1]),
-            "stream_shape": list(recording.row_shape),
-            "trajectory_layout": layout,
-            # Every call had equal latent halves: CFG batched into one call (rows of the first
-            # half unconditional). Lets calibrated_schedule try conditional-only steps.
-            "batched_cfg": all(c["batched_cfg"] for c in calls),
-        },
-        reference_samples=reference,
-    )

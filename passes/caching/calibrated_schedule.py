@@ -14,6 +14,7 @@ from ditopt.graph import DiTGraph
 from ditopt.registry import PassContext, PassLevel, PassOutcome, PassResult, register_pass
 from ditopt.search import BudgetSearch, smallest_passing
 
+from .collector import NAME as RESIDUALS, residual_meta
 from .common import STEP_SCHEDULE, Auto, CachingConfig, block_names, caching_report, forecast_plan, replace_blocks, require_plain
 from .schedule import (cond_only_placement, fit_forecast_weights, forecast_errors, quantile_schedule,
                        span_residual_sketch, step_changes, sketch_channels, weighted_forecast_errors)
@@ -95,7 +96,7 @@ class CalibratedScheduleConfig(CachingConfig):
         return self
 
 
-@register_pass("calibrated_schedule", CalibratedScheduleConfig, needs=("trajectory",), level=PassLevel.PLAN, lossy=True, ensures=STEP_SCHEDULE, conflicts=STEP_SCHEDULE,
+@register_pass("calibrated_schedule", CalibratedScheduleConfig, needs=(RESIDUALS,), level=PassLevel.PLAN, lossy=True, ensures=STEP_SCHEDULE, conflicts=STEP_SCHEDULE,
                example={"computed_steps": 3})
 def calibrated_schedule(graph: DiTGraph, config: CalibratedScheduleConfig, ctx: PassContext) -> PassResult:
     """Calibrated static schedule with Taylor forecasting, searched against the PSNR budget."""
@@ -120,7 +121,7 @@ def calibrated_schedule(graph: DiTGraph, config: CalibratedScheduleConfig, ctx: 
         candidates += [("taylor", o) for o in orders]
 
     channels = sketch_channels(stats) if config.per_channel else None
-    num_channels = int(stats.meta["stream_shape"][-1]) if channels is not None else None
+    num_channels = int(residual_meta(stats)["stream_shape"][-1]) if channels is not None else None
 
     fitted: dict[tuple[bool, ...], tuple] = {}  # the chosen mask's weights are not fitted twice
 

@@ -11,6 +11,7 @@ from ditopt.profiles.fields import Int
 from ditopt.graph import DiTGraph
 from ditopt.registry import PassContext, PassLevel, PassResult, register_pass
 
+from .collector import NAME as RESIDUALS
 from .common import STEP_SCHEDULE, CachingConfig, block_names, caching_report, replace_blocks, require_plain
 from .schedule import periodic_schedule, span_residual_sketch
 from .stage import CachedSpan, StaticSchedule
@@ -27,7 +28,7 @@ class DeltaCacheConfig(CachingConfig):
     boundary: Int | None = Field(None, ge=1, description="first step of the late phase (default: from stats)")
 
 
-@register_pass("delta_cache", DeltaCacheConfig, needs=("trajectory",), level=PassLevel.PLAN, lossy=True, ensures=STEP_SCHEDULE, conflicts=STEP_SCHEDULE, example={})
+@register_pass("delta_cache", DeltaCacheConfig, needs=(RESIDUALS,), level=PassLevel.PLAN, lossy=True, ensures=STEP_SCHEDULE, conflicts=STEP_SCHEDULE, example={})
 def delta_cache(graph: DiTGraph, config: DeltaCacheConfig, ctx: PassContext) -> PassResult:
     """Δ-DiT: rear span cached in the early phase, front span in the late phase."""
     require_plain(graph, "delta_cache")

@@ -1,6 +1,7 @@
 """Choosing which steps compute, from calibration statistics.
 
-The calibration run recorded a fixed random sketch of every block's residual at every step.
+The calibration run recorded a fixed random sketch of every block's residual at every step
+(collector "trajectory", `collector.py`).
 From it: how fast the residual moves at each step (computed steps are spaced evenly in
 cumulative change), and the teacher-forced forecast error of any schedule (reported as a
 prediction). The budget search then bisects on the number of computed steps with end-to-end
@@ -18,11 +19,17 @@ import math
 import torch
 
 from ditopt.calibration import CalibStats
+from ditopt.errors import CalibrationError
+
+from .collector import NAME, residual_meta
 
 
 def span_residual_sketch(stats: CalibStats, first: int, last: int) -> torch.Tensor:
     """[trajectories, steps, sketch] residual of blocks first..last (inclusive)."""
-    res = stats.require("block_residual_sketch").float()
+    if "block_residual_sketch" not in stats.tensors:
+        raise CalibrationError(f"calibration stats have no block residual sketches: calibrate with collector {NAME!r} "
+                               "(optimize does so for a profile with a calibrated caching pass)")
+    res = stats.tensors["block_residual_sketch"].float()
     return res[:, :, first : last + 1].sum(dim=2)
 
 
@@ -60,7 +67,7 @@ def sketch_channels(stats: CalibStats) -> torch.Tensor | None:
     """Channel (last dimension of the image stream) of each sketch column, or None when the
     stats do not say which elements were sketched."""
     index = stats.tensors.get("sketch_index")
-    shape = stats.meta.get("stream_shape") or []
+    shape = residual_meta(stats).get("stream_shape") or []
     if index is None or len(shape) < 2:
         return None
     return index.long() % int(shape[-1])
