@@ -46,9 +46,12 @@ class CalibStats:
     meta: dict[str, Any] = field(default_factory=dict)
     reference_samples: torch.Tensor | None = None
 
-    def require(self, name: str) -> torch.Tensor:
+    def require(self, name: str, collector: str | None = None) -> torch.Tensor:
+        """Tensor `name`; a CalibrationError naming the collector that records it when absent."""
         if name not in self.tensors:
-            raise CalibrationError(f"calibration stats have no {name!r}; re-run calibration with the collector that provides it")
+            by = f"collector {collector!r}" if collector else "the collector that provides it"
+            raise CalibrationError(f"calibration stats have no {name!r}; re-run calibration with {by} "
+                                   "(optimize calibrates with the collectors its profile's passes need)")
         return self.tensors[name]
 
     def trajectory_samples(self, num_samples: int) -> list[int] | None:

@@ -19,17 +19,13 @@ import math
 import torch
 
 from ditopt.calibration import CalibStats
-from ditopt.errors import CalibrationError
 
 from .collector import NAME, residual_meta
 
 
 def span_residual_sketch(stats: CalibStats, first: int, last: int) -> torch.Tensor:
     """[trajectories, steps, sketch] residual of blocks first..last (inclusive)."""
-    if "block_residual_sketch" not in stats.tensors:
-        raise CalibrationError(f"calibration stats have no block residual sketches: calibrate with collector {NAME!r} "
-                               "(optimize does so for a profile with a calibrated caching pass)")
-    res = stats.tensors["block_residual_sketch"].float()
+    res = stats.require("block_residual_sketch", NAME).float()
     return res[:, :, first : last + 1].sum(dim=2)
 
 
