@@ -292,3 +292,21 @@ def register_export_lowering(op: Any, fn: Callable) -> None:
 def export_lowerings() -> dict[Any, Callable]:
     load_plugins()
     return dict(_EXPORT_LOWERINGS)
+
+
+# ONNX translations: a custom op that has a direct ONNX form (the quantized linears as
+# QuantizeLinear / DequantizeLinear around a Gemm) maps to a factory `translate(opset) -> fn`,
+# `fn` an onnxscript-traced function handed to torch.onnx's `custom_translation_table`; such an op
+# is not re-traced through an export lowering. `min_opset(*args)` (optional) gives the lowest
+# default-domain opset a call with those arguments can be expressed at (int4: 21), or None.
+_ONNX_TRANSLATIONS: dict[Any, tuple[Callable, Callable | None]] = {}
+
+
+def register_onnx_translation(op: Any, translate: Callable, min_opset: Callable | None = None) -> None:
+    """Export `op` (an OpOverload) as the ONNX nodes `translate(opset)(*args)` emits."""
+    _ONNX_TRANSLATIONS[op] = (translate, min_opset)
+
+
+def onnx_translations() -> dict[Any, tuple[Callable, Callable | None]]:
+    load_plugins()
+    return dict(_ONNX_TRANSLATIONS)

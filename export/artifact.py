@@ -32,6 +32,7 @@ import ditopt
 from ditopt.capture import call_key, normalize_call
 from ditopt.errors import ArtifactError, InputMismatchError
 from ditopt.graph import Constant, DiTGraph, Segment
+from ditopt.registry import onnx_translations
 from ditopt.runtime import OptimizedDiT
 
 from .integrity import file_table, sha256_file, walk_entries
@@ -94,6 +95,7 @@ def export_artifact(
         _clean_stale(place)
         _check_target(place, force)
         half, no_half = _half_program(optimized_or_graph, graph, example_inputs)
+        opset = _export_opset([graph] + ([half] if half is not None else []), opset)
         tmp = _make_tmp(place)
         try:
             (tmp / SEGMENTS_DIR).mkdir()
@@ -113,6 +115,8 @@ def export_artifact(
             manifest["notes"] += _plan_notes(graph, half, no_half)
             files, _ = walk_entries(tmp)
             manifest["files"] = file_table(tmp, [f for f in files if f != MANIFEST_NAME])
+            manifest["size_bytes"] = sum(entry["size"] for entry in manifest["files"].values())
+            manifest["initializer_bytes"] = _initializer_bytes(tmp, manifest)
             write_manifest(tmp, manifest)
             if verify_with is not None:
                 manifest["verification"] = _verify(optimized_or_graph, tmp, verify_with, verify_tol)
@@ -449,7 +453,7 @@ def _export_segment(seg: Segment, root: Path, opset: int | None, subdir: str = "
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             module = _lower_for_onnx(_lower_custom_ops(seg.module, args))
-            program = torch.onnx.export(module, args, dynamo=True, opset_version=opset, verbose=False)
+            program = _onnx_program(module, args, opset)
         _name_io(program.model, seg.inputs, seg.outputs)
         program.save(str(path), external_data=True)
     except ArtifactError:
@@ -481,7 +485,8 @@ def _lower_custom_ops(module: fx.GraphModule, args: tuple) -> fx.GraphModule:
 
     from ditopt.registry import export_lowerings
 
-    lowerings = export_lowerings()
+    translated = onnx_translations()  # exported as themselves (custom_translation_table), not lowered
+    lowerings = {op: fn for op, fn in export_lowerings().items() if op not in translated}
     if not any(n.op == "call_function" and n.target in lowerings for n in module.graph.nodes):
         return module
     # Then functionalized: the CPU paths write into slices of preallocated outputs (out=, index
@@ -490,6 +495,134 @@ def _lower_custom_ops(module: fx.GraphModule, args: tuple) -> fx.GraphModule:
     with torch.no_grad():
         lowered = make_fx(module, decomposition_table=lowerings)(*args)
         return make_fx(torch.func.functionalize(lowered))(*args)
+
+
+def _onnx_program(module: fx.GraphModule, args: tuple, opset: int | None) -> Any:
+    """torch.onnx's export of a (lowered) segment. Ops with an ONNX translation (the quantized
+    linears) go through `custom_translation_table`; a segment holding one is optimized here
+    rather than by the exporter, with the same passes, except that nothing computed from a
+    low-bit initializer is constant-folded: the exporter's folding would turn a small layer's
+    codes back into a float weight (TLQ's table lookup) or int64 indices."""
+    translations = onnx_translations()
+    table = {op: translate(opset or _default_opset()) for op, (translate, _) in translations.items()}
+    quantized = any(n.op == "call_function" and n.target in translations for n in module.graph.nodes)
+    program = torch.onnx.export(module, args, dynamo=True, opset_version=opset, verbose=False,
+                                custom_translation_table=table, optimize=not quantized)
+    if quantized:
+        import onnxscript
+
+        keep = _from_low_bit_initializers(program.model)
+        onnxscript.optimizer.optimize_ir(program.model, should_fold=lambda node: False if node in keep else None)
+        onnxscript.rewriter.onnx_fusions.fuse(program.model)
+        _pack_low_bit_initializers(program.model)
+    return program
+
+
+def _from_low_bit_initializers(model: Any) -> set[Any]:
+    """The nodes whose inputs derive from an 8- or 4-bit integer initializer (the weights' codes),
+    Shape and Size aside."""
+    import onnx_ir as ir
+
+    low = {ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT4, ir.DataType.UINT4}
+    derived = {id(v) for v in model.graph.initializers.values() if v.dtype in low}
+    nodes = set()
+    for node in model.graph:
+        if node.op_type in ("Shape", "Size") or not any(v is not None and id(v) in derived for v in node.inputs):
+            continue
+        nodes.add(node)
+        derived.update(id(v) for v in node.outputs)
+    return nodes
+
+
+def _default_opset() -> int:
+    """The opset torch.onnx exports at when given none."""
+    try:
+        from torch.onnx import _constants
+
+        return int(_constants.ONNX_DEFAULT_OPSET)
+    except (ImportError, AttributeError, ValueError):
+        return 20
+
+
+def _export_opset(graphs: list[DiTGraph], opset: int | None) -> int | None:
+    """The opset to export every segment at: `opset` as given, or the exporter's default, raised
+    where an op with an ONNX translation needs a newer one (int4 weights: 21). A given opset
+    too old for such an op is an ArtifactError naming it."""
+    translations = onnx_translations()
+    need, where = 0, ""
+    for graph in graphs:
+        for seg in graph.segments:
+            for node in seg.module.graph.nodes:
+                entry = translations.get(node.target) if node.op == "call_function" else None
+                if entry is None or entry[1] is None:
+                    continue
+                version = entry[1](*node.args, **node.kwargs)
+                if version is not None and version > need:
+                    need, where = version, f"{node.target} in segment {seg.name} ({_describe_call(node)})"
+    if not need or (opset is None and need <= _default_opset()):
+        return opset
+    if opset is None:
+        return need
+    if opset < need:
+        raise ArtifactError(
+            f"opset = {opset} cannot express {where}: int4 / uint4 DequantizeLinear with blocked scales arrives in "
+            f"opset {need}. Export with opset >= {need} (or leave opset unset), or quantize those weights to int8"
+        )
+    return opset
+
+
+def _describe_call(node: fx.Node) -> str:
+    return ", ".join(repr(a) for a in node.args if isinstance(a, (str, int)) and not isinstance(a, bool))
+
+
+def _pack_low_bit_initializers(model: Any) -> None:
+    """Fold each Cast of an initializer to int4 / uint4 into an int4 / uint4 initializer (two codes
+    a byte on disk). The quantized linears' translations emit these Casts, as torch has no 4-bit
+    buffers, and the exporter's constant folding stops at 8192 elements."""
+    import ml_dtypes
+    import onnx_ir as ir
+
+    kinds = {ir.DataType.UINT4: ml_dtypes.uint4, ir.DataType.INT4: ml_dtypes.int4}
+    graph = model.graph
+    for node in list(graph):
+        if node.op_type != "Cast" or node.domain not in ("", "ai.onnx") or "to" not in node.attributes:
+            continue
+        kind = ir.DataType(node.attributes["to"].as_int())
+        src = node.inputs[0]
+        if kind not in kinds or src is None or not src.is_initializer() or src.const_value is None:
+            continue
+        codes = src.const_value.numpy()
+        if codes.size and (codes.min() < (0 if kind == ir.DataType.UINT4 else -8) or codes.max() > (15 if kind == ir.DataType.UINT4 else 7)):
+            continue  # a real conversion, not codes already in range: leave it to the runtime
+        out = node.outputs[0]
+        packed = ir.Value(name=f"{src.name}_{kind.name.lower()}", shape=ir.Shape(codes.shape), type=ir.TensorType(kind),
+                          const_value=ir.Tensor(codes.astype(kinds[kind]), dtype=kind, name=f"{src.name}_{kind.name.lower()}"))
+        graph.register_initializer(packed)
+        out.replace_all_uses_with(packed)
+        graph.remove(node, safe=True)
+        if not src.uses():
+            del graph.initializers[src.name]
+
+
+def _initializer_bytes(root: Path, manifest: dict[str, Any]) -> dict[str, int]:
+    """Bytes of the ONNX segments' initializers by element type (int8, uint4, float, ...): what
+    the quantized weights take against the float ones."""
+    import onnx
+
+    from .runner import _session_files
+
+    sizes = {onnx.TensorProto.UINT4: 0.5, onnx.TensorProto.INT4: 0.5}
+    totals: dict[str, float] = {}
+    for _, seg in _session_files(manifest):
+        model = onnx.load(str(root / seg["file"]), load_external_data=False)
+        for t in model.graph.initializer:
+            n = 1
+            for d in t.dims:
+                n *= d
+            width = sizes.get(t.data_type) or onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+            name = onnx.TensorProto.DataType.Name(t.data_type).lower()
+            totals[name] = totals.get(name, 0) + n * width
+    return {k: int(-(-v // 1)) for k, v in sorted(totals.items())}
 
 
 def _lower_for_onnx(module: fx.GraphModule) -> fx.GraphModule:

@@ -247,6 +247,8 @@ class Manifest(_Model):
     half_program: HalfProgram | None = None
     verification: Verification | None = None
     files: dict[RelPath, FileEntry]
+    size_bytes: Dim | None = None  # the listed files' total size at export (everything but manifest.json; informational)
+    initializer_bytes: dict[str, Dim] | None = None  # ONNX initializer bytes by element type (int8, uint4, float, ...)
     manifest_sha256: Hex64
 
     @model_validator(mode="after")

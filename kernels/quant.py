@@ -19,7 +19,10 @@ smaller than 16 (the rotation would barely mix).
 
 Real integer execution: ``torch.ops.ditopt.int8_linear`` quantizes the activation per token and
 multiplies int8 x int8 -> int32 with ``torch._int_mm`` (CPU and CUDA), then rescales; equal to the
-fake-quant (Q/DQ) path up to float rounding of the accumulation.
+fake-quant (Q/DQ) path up to float rounding of the accumulation. Every other quantized linear is
+``torch.ops.ditopt.qdq_linear``: the weight held as its codes and scales and dequantized per call,
+the activation quantized-dequantized per token. Both ops export to ONNX as QuantizeLinear /
+DequantizeLinear around a Gemm (kernels/quant_onnx.py), so the artifact stores the codes.
 """
 
 from __future__ import annotations
@@ -30,10 +33,10 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from ditopt.registry import register_export_lowering
 
 __all__ = ["quantize_int8", "quantize_int4", "quantize_tlq", "fake_quant_activation", "hadamard",
-           "rotation_block", "int8_accumulate", "int8_linear", "int8_linear_reference", "QuantizedWeight", "quantize_weight"]
+           "rotation_block", "int8_accumulate", "int8_linear", "int8_linear_reference", "qdq_linear", "QuantizedWeight",
+           "quantize_weight"]
 
 WEIGHT_FORMATS = ("none", "int8", "int4", "tlq4", "tlq3")
 WEIGHT_BITS = {"none": 32, "int8": 8, "int4": 4, "tlq4": 4, "tlq3": 3}
@@ -202,6 +205,14 @@ def fake_quant_activation(x: Tensor, bits: int) -> Tensor:
     return q * scale
 
 
+def dequantize_codes(fmt: str, codes: Tensor, scale: Tensor | None, zero: Tensor | None, group_size: int) -> Tensor:
+    """The float weight [O, I] that `fmt`'s codes and scales decode to (`QuantizedWeight.dequantize`);
+    "none": `codes` is the float weight itself."""
+    if fmt == "none":
+        return codes.float()
+    return QuantizedWeight(fmt, codes, scale, zero.float() if zero is not None else None, group_size or None).dequantize()
+
+
 def rotation_block(n: int) -> int:
     """The Hadamard block for width n: n itself when a power of two, else the largest power of
     two dividing n; ValueError when that is under 16."""
@@ -263,10 +274,28 @@ def int8_linear_reference(x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor 
     return _w8a8(x, codes, scale, bias, lambda q, c: q.long() @ c.long().t(), torch.float64).float()
 
 
-def _int8_linear_exportable(x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
-    """The W8A8 arithmetic in standard ops (ONNX has no ditopt op): the per-token quantized
-    activation times the int8 codes, as floats (exact integers below 2^24), rescaled."""
-    return _w8a8(x, codes, scale, bias, lambda q, c: q @ c.float().t(), torch.float32).to(x.dtype)
 
 
-register_export_lowering(torch.ops.ditopt.int8_linear.default, _int8_linear_exportable)
+@torch.library.custom_op("ditopt::qdq_linear", mutates_args=())
+def qdq_linear(x: Tensor, codes: Tensor, scale: Tensor | None, zero: Tensor | None, bias: Tensor | None, fmt: str,
+               group_size: int, act_bits: int) -> Tensor:
+    """The fake-quant (Q/DQ) linear: the weight decoded from its codes (`dequantize_codes`: int8
+    per row, int4 per group with zero points, TLQ through its table, "none" a float weight), the
+    activation quantized-dequantized per token at `act_bits` (0: float), then a float GEMM."""
+    w = dequantize_codes(fmt, codes, scale, zero, group_size).to(x.dtype)
+    if act_bits:
+        x = fake_quant_activation(x, act_bits)
+    return torch.nn.functional.linear(x, w, bias.to(x.dtype) if bias is not None else None)
+
+
+@qdq_linear.register_fake
+def _qdq_linear_fake(x, codes, scale, zero, bias, fmt, group_size, act_bits):
+    return x.new_empty(*x.shape[:-1], codes.shape[0])
+
+
+@register_flop_formula(torch.ops.ditopt.qdq_linear)
+def _qdq_linear_flops(x_shape, codes_shape, *args, out_shape=None, **kwargs) -> int:
+    return _int8_linear_flops(x_shape, codes_shape)
+
+
+from ditopt.kernels import quant_onnx  # noqa: E402,F401  (registers the ops' ONNX translations)

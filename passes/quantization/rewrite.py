@@ -6,8 +6,9 @@ plan says how to compute it: weight format, activation bits, and an orthogonal i
 (smoothing scales s and a rotation R, `y = ((x / s) R) ((W s) R)^T + b = x W^T + b`). The rewrite
 replaces the node by
 
-* fake quantization (Q/DQ): the dequantized rotated weight as a new buffer, the activation
-  quantized-dequantized per token; the quality path, and how W4 runs here;
+* `ditopt::qdq_linear` (fake quantization, Q/DQ): the rotated weight's codes and scales as new
+  buffers, decoded per call, the activation quantized-dequantized per token; the quality path,
+  and how W4 runs here;
 * `ditopt::int8_linear` (W8A8): int8 codes and scales as buffers, the integer GEMM on the
   activation quantized per token; the speed path.
 
@@ -23,7 +24,7 @@ import torch
 import torch.fx as fx
 
 from ditopt.graph import DiTGraph, Segment, attribute, segment_with_buffers
-from ditopt.kernels.quant import QuantizedWeight, fake_quant_activation, quantize_weight
+from ditopt.kernels.quant import QuantizedWeight, quantize_weight
 
 LINEAR = torch.ops.aten.linear.default
 
@@ -151,9 +152,17 @@ def quantize_segment(seg: Segment, layers: dict[str, PreparedLayer], integer_w8a
             out = graph.call_function(torch.ops.ditopt.int8_linear.default,
                                       (x, buffer(tag + "_codes", layer.weight.codes), buffer(tag + "_scale", layer.weight.scale), bias))
         else:
-            if plan.activations:
-                x = graph.call_function(fake_quant_activation, (x, plan.activations))
-            out = graph.call_function(LINEAR, (x, buffer(tag + "_w", layer.dequantized), bias))
+            # Codes and scales, not the dequantized weight: what the runtime holds and what the
+            # ONNX export stores (int8 / uint4 initializers feeding DequantizeLinear).
+            q = layer.weight
+            if q is None:
+                codes, scale, zero, fmt, group = buffer(tag + "_w", layer.dequantized), None, None, "none", 0
+            else:
+                codes, scale = buffer(tag + "_codes", q.codes), buffer(tag + "_scale", q.scale)
+                zero = buffer(tag + "_zero", q.zero.to(torch.uint8)) if q.zero is not None else None
+                fmt, group = q.fmt, q.group_size or 0
+            out = graph.call_function(torch.ops.ditopt.qdq_linear.default,
+                                      (x, codes, scale, zero, bias, fmt, group, plan.activations))
         out.meta = dict(node.meta)
         env[node] = out
     return segment_with_buffers(seg, graph, buffers)
