@@ -13,3 +13,17 @@ def calibrated_plain_dit() -> dict:
     kw = plain_dit_inputs(batch=2)
     return {"model": PlainDiT(hidden=64, depth=2).eval(), "example_inputs": kw,
             "calibration": arch_sampler(kw, samples=4), "validation": arch_sampler(kw, samples=4, seed=12)}
+
+
+# W8A8 is lossy: no quantized model reaches 200 dB against the float one, so this gate cannot pass.
+UNREACHABLE = """
+name = "w8a8-200db"
+version = 1
+[budget]
+min_psnr_db = 200
+[[passes]]
+name = "quantize"
+weights = "int8"
+activations = "int8"
+rotation = "hadamard"
+"""

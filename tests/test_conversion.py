@@ -10,21 +10,9 @@ from typer.testing import CliRunner
 
 from ditopt.cli import app
 from ditopt.cli.conversion import SCHEMA, SCHEMA_VERSION
+from conversion_models import UNREACHABLE
 
 runner = CliRunner()
-
-# W8A8 is lossy: no quantized model reaches 200 dB against the float one, so this gate cannot pass.
-UNREACHABLE = """
-name = "w8a8-200db"
-version = 1
-[budget]
-min_psnr_db = 200
-[[passes]]
-name = "quantize"
-weights = "int8"
-activations = "int8"
-rotation = "hadamard"
-"""
 
 
 def test_gate_passes_artifact_report_and_markdown(tmp_path):

@@ -1,5 +1,6 @@
-"""Every example in examples/ runs (at reduced size) and does what it says; the CI workflow is
-well-formed and its script converts a model."""
+"""Every example in examples/ runs (at reduced size) and does what it says; the CI files (GitHub
+Actions workflow, GitLab CI job) pass their schemas and mean what they say, and the script they
+call converts a model, or fails the job with the report and no artifact when the gate misses."""
 
 from __future__ import annotations
 
@@ -8,12 +9,18 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from conversion_models import UNREACHABLE
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+CI = EXAMPLES / "ci"
+# check-jsonschema's schemas ship inside the package (no network): GitHub's workflow schema and GitLab's.
+SCHEMAS = {"convert.yml": "vendor.github-workflows", "gitlab-ci.yml": "vendor.gitlab-ci"}
 
 
 def load_example(name: str):
@@ -57,7 +64,7 @@ def test_export_and_serve_samples_from_a_fresh_process(tmp_path):
 
 
 def test_ci_workflow_is_well_formed():
-    workflow = yaml.safe_load((EXAMPLES / "ci" / "convert.yml").read_text())
+    workflow = yaml.safe_load((CI / "convert.yml").read_text())
     triggers = workflow.get("on", workflow.get(True))  # YAML 1.1 reads a bare `on` as true
     assert "push" in triggers
     (job,) = workflow["jobs"].values()
@@ -81,10 +88,84 @@ def test_ci_script_converts_and_writes_the_job_summary(tmp_path):
     summary = tmp_path / "step_summary.md"
     summary.write_text("earlier step\n")
     env = {**os.environ, "GITHUB_STEP_SUMMARY": str(summary), "DITOPT_OUT": str(tmp_path / "convert")}
-    run = subprocess.run(["bash", str(EXAMPLES / "ci" / "convert.sh"), "tiny-dit", "identity"], env=env,
+    run = subprocess.run(["bash", str(CI / "convert.sh"), "tiny-dit", "identity"], env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads((tmp_path / "convert" / "report.json").read_text())
     assert report["passed"] and (tmp_path / "convert" / "artifact" / "manifest.json").is_file()
     text = summary.read_text()
     assert text.startswith("earlier step\n") and "### ditopt export: tiny-dit" in text  # appended, not replaced
+
+
+def schema_check(path: Path, schema: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema", schema, str(path)],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_ci_files_pass_their_schema(name):
+    run = schema_check(CI / name, SCHEMAS[name])
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+# Each broken copy still parses as YAML: only the schema check catches what is wrong.
+BROKEN = [
+    ("convert.yml", "    steps:", "    step:", "'step' was unexpected"),
+    ("convert.yml", "timeout-minutes: 60", "timeout-minutes: sixty", "sixty"),
+    ("gitlab-ci.yml", "  script:", "  scripts:", "'scripts' was unexpected"),
+    ("gitlab-ci.yml", "    when: always", "    when: sometimes", "sometimes"),
+]
+
+
+@pytest.mark.parametrize("name, old, new, named", BROKEN)
+def test_schema_check_fails_on_a_broken_copy(tmp_path, name, old, new, named):
+    text = (CI / name).read_text()
+    assert text.count(old) == 1
+    broken = tmp_path / name
+    broken.write_text(text.replace(old, new))
+    yaml.safe_load(broken.read_text())
+    run = schema_check(broken, SCHEMAS[name])
+    assert run.returncode == 1 and named in run.stdout, run.stdout + run.stderr
+
+
+def gitlab_job() -> dict:
+    (job,) = yaml.safe_load((CI / "gitlab-ci.yml").read_text()).values()  # one job, no global keys
+    return job
+
+
+def test_gitlab_job_mirrors_the_workflow():
+    job = gitlab_job()
+    (workflow_job,) = yaml.safe_load((CI / "convert.yml").read_text())["jobs"].values()
+    assert job["variables"] == workflow_job["env"]  # same model, profile and output folder
+    assert job["script"] == ["bash examples/ci/convert.sh"] and "allow_failure" not in job  # a gate miss fails the job
+    out = job["variables"]["DITOPT_OUT"]
+    assert job["artifacts"]["when"] == "always"  # the report is kept on failure too
+    assert sorted(job["artifacts"]["paths"]) == [f"{out}/artifact/", f"{out}/report.json", f"{out}/summary.md"]
+    assert any("summary.md" in line for line in job["after_script"])  # GitLab has no job summary: the log
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("ditopt") is None, reason="needs bash and the ditopt command")
+def test_gitlab_job_fails_on_a_gate_miss_and_keeps_report_and_summary(tmp_path):
+    """The job's own script and after_script, as GitLab runs them, on a profile whose gate cannot pass."""
+    job = gitlab_job()
+    profile = tmp_path / "w8a8-200db.toml"
+    profile.write_text(UNREACHABLE)
+    out = tmp_path / "convert"
+    tests = str(Path(__file__).resolve().parent)
+    env = {**os.environ, **job["variables"], "DITOPT_MODEL": "conversion_models:calibrated_plain_dit",
+           "DITOPT_PROFILE": str(profile), "DITOPT_OUT": str(out),
+           "PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))}
+    env.pop("GITHUB_STEP_SUMMARY", None)
+    run = lambda lines: subprocess.run(["bash", "-e", "-c", "\n".join(lines)], cwd=EXAMPLES.parent, env=env,
+                                       capture_output=True, text=True, timeout=600)
+    script = run(job["script"])
+    assert script.returncode == 1, script.stdout[-2000:] + script.stderr[-2000:]
+    assert "quality gate failed" in script.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"] is False and report["artifact"] is None
+    after = run(job["after_script"])
+    assert after.returncode == 0 and "**FAILED**" in after.stdout
+    # what GitLab keeps (`when: always`): the report and the summary; the artifact path is empty
+    prefix = job["variables"]["DITOPT_OUT"]
+    kept = sorted(p for p in job["artifacts"]["paths"] if (out / p[len(prefix) + 1:]).exists())
+    assert kept == [f"{prefix}/report.json", f"{prefix}/summary.md"]
