@@ -10,7 +10,14 @@ TensorRT's ONNX parser needs of a segment, each broken rule one line naming the 
   (`dynamic`: name -> (min, opt, max)), from which the optimization profile is built;
 * Q/DQ (explicit quantization): every QuantizeLinear feeds only DequantizeLinear nodes, its
   scale is a constant, its zero point (when given) is constant zero, its output type is int8
-  or float8 (TensorRT's symmetric int8 / fp8).
+  or float8 (TensorRT's symmetric int8 / fp8). A computed scale is what `quantize`'s dynamic
+  per-token activations export to (valid ONNX, which onnxruntime runs); TensorRT takes static
+  scales only: `quantize activation_scales = "static"` calibrates one per layer.
+* pre-quantized weights (a DequantizeLinear of an initializer): signed int8 / int4 / float8
+  codes with a constant scale and a zero zero point (TensorRT's IDequantizeLayer rejects
+  asymmetric weights, so `quantize`'s uint4 int4 format does not pass), feeding the linear
+  operator (MatMul, Gemm, Conv), where TensorRT fuses the pair, directly or through a
+  Transpose / Reshape.
 
 `build_engines` builds, with the TensorRT Python API, one serialized engine per segment of an
 artifact (precision flags, one optimization profile from the artifact's declared shapes, a
@@ -36,6 +43,8 @@ TENSORRT_MIN_OPSET = 9
 TENSORRT_MAX_OPSET = 25
 DEFAULT_DOMAINS = ("", "ai.onnx")
 QUANT_TYPES = {"INT8", "FLOAT8E4M3FN"}
+WEIGHT_TYPES = {"INT8", "INT4", "FLOAT8E4M3FN"}  # pre-quantized weights TensorRT reads (signed, symmetric)
+LINEAR_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose"}
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16", "int8", "fp8")
 ENGINE_INDEX = "engines.json"
 TIMING_CACHE = "timing.cache"
@@ -124,7 +133,8 @@ def check_onnx_for_tensorrt(model: Any, dynamic: dict[str, tuple[int, int, int]]
             problems.append(f"{where} feeds {sorted({u.op_type for u in users}) or 'nothing'}: TensorRT needs a "
                             "DequantizeLinear right after every QuantizeLinear (Q/DQ pairs)")
         if len(node.input) < 2 or node.input[1] not in consts:
-            problems.append(f"{where}: its scale is computed, not a constant (TensorRT needs constant scales)")
+            problems.append(f"{where}: its scale is computed, not a constant (dynamic quantization, as quantize's per-token "
+                            "activations): TensorRT needs constant scales; quantize with activation_scales = 'static'")
         if len(node.input) > 2 and node.input[2]:
             zero = consts.get(node.input[2])
             if zero is None:
@@ -135,6 +145,35 @@ def check_onnx_for_tensorrt(model: Any, dynamic: dict[str, tuple[int, int, int]]
                     problems.append(f"{where}: quantizes to {kind}; TensorRT takes int8 or float8 (e4m3)")
                 elif kind == "INT8" and numpy_helper.to_array(zero).any():
                     problems.append(f"{where}: non-zero zero point (TensorRT's int8 is symmetric)")
+    initializers = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or node.domain not in DEFAULT_DOMAINS or node.input[0] not in initializers:
+            continue
+        where = f"DequantizeLinear {node.name or node.output[0]} of the weight {node.input[0]}"
+        kind = elem_names.get(initializers[node.input[0]].data_type, "?")
+        if kind not in WEIGHT_TYPES:
+            problems.append(f"{where}: {kind} codes; TensorRT's quantized weights are {', '.join(sorted(WEIGHT_TYPES))} "
+                            "(signed, symmetric): quantize those weights to int8")
+        if len(node.input) < 2 or node.input[1] not in consts:
+            problems.append(f"{where}: its scale is computed, not a constant")
+        if len(node.input) > 2 and node.input[2]:
+            zero = consts.get(node.input[2])
+            if zero is None or numpy_helper.to_array(zero).astype("int32").any():
+                problems.append(f"{where}: a zero point that is not constant zero (asymmetric weights); TensorRT's "
+                                "IDequantizeLayer takes symmetric ones")
+        users, seen = list(consumers.get(node.output[0], [])), set()
+        while any(u.op_type in ("Transpose", "Reshape") for u in users):  # through layout ops to the linear op
+            step = []
+            for u in users:
+                if u.op_type in ("Transpose", "Reshape") and id(u) not in seen:
+                    seen.add(id(u))
+                    step += consumers.get(u.output[0], [])
+                elif u.op_type not in ("Transpose", "Reshape"):
+                    step.append(u)
+            users = step
+        if not users or any(u.op_type not in LINEAR_OPS for u in users):
+            problems.append(f"{where} feeds {sorted({u.op_type for u in users}) or 'nothing'}: TensorRT needs a "
+                            f"pre-quantized weight's DequantizeLinear to feed the linear operator ({', '.join(sorted(LINEAR_OPS))})")
     return problems
 
 

@@ -199,6 +199,12 @@ def _per_token(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     return torch.round(x / scale).clamp(-qmax, qmax), scale
 
 
+def static_codes(x: Tensor, scale: Tensor) -> Tensor:
+    """int8 codes (as floats) of x at a static per-tensor scale: round half to even, saturating to
+    [-128, 127] as ONNX QuantizeLinear and TensorRT do (values past the calibrated range clip)."""
+    return torch.round(x / scale.to(x.dtype)).clamp(-128, 127)
+
+
 def fake_quant_activation(x: Tensor, bits: int) -> Tensor:
     """Quantize-dequantize per token (last dimension), symmetric, dynamic."""
     q, scale = _per_token(x, bits)
@@ -233,11 +239,14 @@ def hadamard(n: int) -> Tensor:
     return torch.block_diag(*([h] * (n // b))).float() if n != b else h.float()
 
 
-def _w8a8(x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None, accumulate, dtype: torch.dtype) -> Tensor:
+def _w8a8(x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None, accumulate, dtype: torch.dtype,
+          act_scale: Tensor | None = None) -> Tensor:
     """The W8A8 linear with `accumulate(q, codes)` doing the integer product, rescaled in `dtype`:
-    one formula for the op (int32), its exact reference (int64) and its export (float)."""
+    one formula for the op (int32), its exact reference (int64) and its export (float).
+    `act_scale`: a static per-tensor activation scale (`static_codes`) instead of per token."""
     shape = x.shape
-    q, sx = _per_token(x.reshape(-1, shape[-1]).float(), 8)
+    x2 = x.reshape(-1, shape[-1]).float()
+    q, sx = _per_token(x2, 8) if act_scale is None else (static_codes(x2, act_scale), act_scale.float().reshape(1, 1))
     y = accumulate(q, codes).to(dtype) * sx.to(dtype) * scale[None, :].to(dtype)
     if bias is not None:
         y = y + bias.to(dtype)
@@ -250,14 +259,16 @@ def int8_accumulate(q: Tensor, codes: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("ditopt::int8_linear", mutates_args=())
-def int8_linear(x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+def int8_linear(x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None = None,
+                act_scale: Tensor | None = None) -> Tensor:
     """W8A8 linear: x [..., I] float, codes [O, I] int8 (per-channel weight scale [O]): the
     activation is quantized per token, multiplied in int8 -> int32, rescaled to x's dtype."""
-    return _w8a8(x, codes, scale, bias, lambda q, c: int8_accumulate(q.to(torch.int8), c), torch.float32).to(x.dtype)
+    return _w8a8(x, codes, scale, bias, lambda q, c: int8_accumulate(q.to(torch.int8), c), torch.float32,
+                 act_scale).to(x.dtype)
 
 
 @int8_linear.register_fake
-def _int8_linear_fake(x, codes, scale, bias=None):
+def _int8_linear_fake(x, codes, scale, bias=None, act_scale=None):
     return x.new_empty(*x.shape[:-1], codes.shape[0])
 
 
@@ -269,27 +280,31 @@ def _int8_linear_flops(x_shape, codes_shape, *args, out_shape=None, **kwargs) ->
     return 2 * rows * codes_shape[0] * codes_shape[1]
 
 
-def int8_linear_reference(x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+def int8_linear_reference(x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None = None,
+                          act_scale: Tensor | None = None) -> Tensor:
     """The same arithmetic in int64 (exact accumulation), for tests."""
-    return _w8a8(x, codes, scale, bias, lambda q, c: q.long() @ c.long().t(), torch.float64).float()
+    return _w8a8(x, codes, scale, bias, lambda q, c: q.long() @ c.long().t(), torch.float64, act_scale).float()
 
 
 
 
 @torch.library.custom_op("ditopt::qdq_linear", mutates_args=())
 def qdq_linear(x: Tensor, codes: Tensor, scale: Tensor | None, zero: Tensor | None, bias: Tensor | None, fmt: str,
-               group_size: int, act_bits: int) -> Tensor:
+               group_size: int, act_bits: int, act_scale: Tensor | None = None) -> Tensor:
     """The fake-quant (Q/DQ) linear: the weight decoded from its codes (`dequantize_codes`: int8
     per row, int4 per group with zero points, TLQ through its table, "none" a float weight), the
-    activation quantized-dequantized per token at `act_bits` (0: float), then a float GEMM."""
+    activation quantized-dequantized per token at `act_bits` (0: float), or at the static int8
+    scale `act_scale`, then a float GEMM."""
     w = dequantize_codes(fmt, codes, scale, zero, group_size).to(x.dtype)
-    if act_bits:
+    if act_scale is not None:
+        x = static_codes(x, act_scale) * act_scale.to(x.dtype)
+    elif act_bits:
         x = fake_quant_activation(x, act_bits)
     return torch.nn.functional.linear(x, w, bias.to(x.dtype) if bias is not None else None)
 
 
 @qdq_linear.register_fake
-def _qdq_linear_fake(x, codes, scale, zero, bias, fmt, group_size, act_bits):
+def _qdq_linear_fake(x, codes, scale, zero, bias, fmt, group_size, act_bits, act_scale=None):
     return x.new_empty(*x.shape[:-1], codes.shape[0])
 
 

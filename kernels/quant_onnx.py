@@ -17,7 +17,9 @@ Each call becomes, on the activation flattened to [M, I]::
   per-axis QuantizeLinear along the token axis). A4 uses the same int8 lanes with scale
   absmax / 7, so its codes stay in [-7, 7]: the 4-bit grid, identical to the PyTorch path at every
   opset. TensorRT's explicit quantization takes constant scales only, so
-  `export.tensorrt.check_onnx_for_tensorrt` names these dynamic ones.
+  `export.tensorrt.check_onnx_for_tensorrt` names these dynamic ones; with
+  `activation_scales = "static"` the pass calibrates one int8 scale per layer, exported as a
+  per-tensor QuantizeLinear / DequantizeLinear with a constant scale and zero point 0.
 
 The arithmetic is the PyTorch ops' own (round half to even, the same divisions), so onnxruntime
 reproduces the activation codes exactly and differs only in the float GEMM's accumulation order.
@@ -61,6 +63,14 @@ def _activation_qdq(op: Any, opset: int, x2: Any, bits: int) -> Any:
     return op.DequantizeLinear(q, scale, axis=0)
 
 
+def _static_qdq(op: Any, x2: Any, scale: Any) -> Any:
+    """Per-tensor int8 Q/DQ at a constant (calibrated, 0-d) scale, zero point 0: TensorRT's form."""
+    from onnx import TensorProto, helper
+
+    zero = op.Constant(value=helper.make_tensor("zero", TensorProto.INT8, [], [0]))
+    return op.DequantizeLinear(op.QuantizeLinear(x2, scale, zero), scale, zero)
+
+
 def _weight(op: Any, opset: int, fmt: str, codes: Any, scale: Any, zero: Any, group_size: int) -> Any:
     from onnx import TensorProto
 
@@ -97,9 +107,10 @@ def _flat(op: Any, x: Any, codes: Any) -> tuple[Any, Any]:
 def translate_int8_linear(opset: int) -> Callable:
     op = _opset(opset)
 
-    def int8_linear(x, codes, scale, bias=None):
+    def int8_linear(x, codes, scale, bias=None, act_scale=None):
         x2, out = _flat(op, x, codes)
-        return _linear(op, x, _weight(op, opset, "int8", codes, scale, None, 0), bias, _activation_qdq(op, opset, x2, 8), out)
+        x2 = _activation_qdq(op, opset, x2, 8) if act_scale is None else _static_qdq(op, x2, act_scale)
+        return _linear(op, x, _weight(op, opset, "int8", codes, scale, None, 0), bias, x2, out)
 
     return int8_linear
 
@@ -107,16 +118,18 @@ def translate_int8_linear(opset: int) -> Callable:
 def translate_qdq_linear(opset: int) -> Callable:
     op = _opset(opset)
 
-    def qdq_linear(x, codes, scale, zero, bias, fmt, group_size, act_bits):
+    def qdq_linear(x, codes, scale, zero, bias, fmt, group_size, act_bits, act_scale=None):
         x2, out = _flat(op, x, codes)
-        if act_bits:
+        if act_scale is not None:
+            x2 = _static_qdq(op, x2, act_scale)
+        elif act_bits:
             x2 = _activation_qdq(op, opset, x2, act_bits)
         return _linear(op, x, _weight(op, opset, fmt, codes, scale, zero, group_size), bias, x2, out)
 
     return qdq_linear
 
 
-def _qdq_linear_min_opset(x, codes, scale, zero, bias, fmt, group_size, act_bits) -> int | None:
+def _qdq_linear_min_opset(x, codes, scale, zero, bias, fmt, group_size, act_bits, act_scale=None) -> int | None:
     return INT4_OPSET if fmt == "int4" else None
 
 

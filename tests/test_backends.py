@@ -190,6 +190,29 @@ def test_tensorrt_structural_check_on_hand_built_graphs():
     assert any("non-zero zero point" in p for p in check_onnx_for_tensorrt(_model(asym, [x], [y], [scale, shifted])))
 
 
+def test_tensorrt_check_of_pre_quantized_weights():
+    """A weight's DequantizeLinear: signed symmetric codes with a constant scale, feeding the
+    linear operator (directly or through a Transpose) pass; uint4 codes with zero points (the
+    asymmetric int4 format) or a DQ feeding something else do not."""
+    x, y = _f32("x", [2, 8]), _f32("y", [2, 4])
+    scale = numpy_helper.from_array(np.full(4, 0.1, dtype=np.float32), "ws")
+    codes = numpy_helper.from_array(np.arange(32, dtype=np.int8).reshape(4, 8) - 16, "w")
+    dq = helper.make_node("DequantizeLinear", ["w", "ws"], ["wd"], axis=0)
+    gemm = _model([dq, helper.make_node("Gemm", ["x", "wd"], ["y"], transB=1)], [x], [y], [codes, scale])
+    assert check_onnx_for_tensorrt(gemm) == []
+    through = [dq, helper.make_node("Transpose", ["wd"], ["wt"], perm=[1, 0]), helper.make_node("MatMul", ["x", "wt"], ["y"])]
+    assert check_onnx_for_tensorrt(_model(through, [x], [y], [codes, scale])) == []
+    elsewhere = [dq, helper.make_node("Relu", ["wd"], ["y"])]
+    assert any("feeds ['Relu']" in p for p in check_onnx_for_tensorrt(_model(elsewhere, [x], [_f32("y", [4, 8])], [codes, scale])))
+    u4 = helper.make_tensor("w4", TensorProto.UINT4, [4, 8], np.arange(32) % 16)
+    z4 = helper.make_tensor("z4", TensorProto.UINT4, [4, 2], np.full(8, 8))
+    s4 = numpy_helper.from_array(np.full((4, 2), 0.1, dtype=np.float32), "s4")
+    blocked = [helper.make_node("DequantizeLinear", ["w4", "s4", "z4"], ["wd"], axis=1, block_size=4),
+               helper.make_node("Gemm", ["x", "wd"], ["y"], transB=1)]
+    problems = check_onnx_for_tensorrt(_model(blocked, [x], [y], [u4, s4, z4], opset=21))
+    assert any("UINT4 codes" in p for p in problems) and any("asymmetric" in p for p in problems)
+
+
 @pytest.fixture(scope="module")
 def tiny_artifact(tmp_path_factory):
     from ditopt.export import export_artifact

@@ -54,6 +54,10 @@ class QuantizeConfig(PassConfig):
     outlier_ratio: Float = Field(8.0, gt=1, description="ARS: channel absmax over median at or above which a layer "
                                  "counts as having salient outliers (smoothing before the rotation)")
     smooth_alpha: Float = Field(0.5, ge=0, le=1, description="SmoothQuant migration strength")
+    activation_scales: Literal["dynamic", "static"] = Field(
+        "dynamic", description="int8 activation scales: per token at run time, or 'static': one per layer from the "
+                               "calibration inputs' absmax (after the layer's rotation), what TensorRT's explicit int8 "
+                               "quantization needs (it takes constant scales only); needs calibration=, int8 activations")
     integer_w8a8: bool = Field(True, description="run W8A8 layers through the int8 GEMM (torch._int_mm) rather than Q/DQ")
     margin_db: Float = Field(0.5, ge=0, description="PSNR margin over the budget on the search's samples")
     rows: Int = Field(64, ge=2, le=4096, description="calibration rows the sensitivities are measured on")
@@ -65,7 +69,7 @@ class QuantizeConfig(PassConfig):
         """Sensitivity (search) and the smoothing / ARS statistics replay calibration."""
         if self.layers is not None:  # each layer's format names its own transform
             return any(LayerPlan.parse(v).rotation in ("smoothquant", "outlier") for v in self.layers.values())
-        return self.searched() or self.rotation in ("smoothquant", "ars")
+        return self.searched() or self.rotation in ("smoothquant", "ars") or self.activation_scales == "static"
 
     @model_validator(mode="after")
     def _valid(self) -> "QuantizeConfig":
@@ -78,6 +82,12 @@ class QuantizeConfig(PassConfig):
                 raise ValueError(f"layer format {text!r}: weights one of {', '.join(WEIGHT_BITS)}, activations none, int8 or int4")
             if plan.rotation not in ("none", "hadamard", "smoothquant", "outlier"):
                 raise ValueError(f"layer format {text!r}: rotation none, hadamard, smoothquant or outlier")
+        if self.activation_scales == "static":
+            acts = [self.activations] if not self.searched() else [f"int{LayerPlan.parse(self.low).activations}"]
+            acts += [f"int{LayerPlan.parse(v).activations}" for v in (self.layers or {}).values()]
+            if "int4" in acts:
+                raise ValueError("activation_scales = 'static' calibrates int8 activation scales (TensorRT's int8); "
+                                 "int4 activations stay dynamic per token: use activation_scales = 'dynamic' or int8 activations")
         return self
 
 
@@ -96,6 +106,7 @@ class Quantizer:
         self.graph, self.config, self.sites, self.stats = graph, config, sites, stats
         self._prepared: dict[tuple[str, LayerPlan], PreparedLayer] = {}
         self._rotations: dict[int, torch.Tensor] = {}
+        self._act_scales: dict[tuple[str, str], torch.Tensor] | None = None  # (target, rotation) -> static scale
 
     def layer(self, site: Site, plan: LayerPlan) -> PreparedLayer:
         key = (site.target, plan)
@@ -122,14 +133,54 @@ class Quantizer:
             self._prepared[key] = prepare(w, plan, smooth, rot, self.config.group_size, importance)
         return self._prepared[key]
 
+    def calibrate_static(self, replay: CalibrationReplay, plan_sets: list[dict[str, LayerPlan]]) -> None:
+        """One static int8 scale per (layer, input transform) the plans use: the absmax over the
+        calibration rows of the layer's input after its smoothing and rotation, over 127. One
+        replay of the float graph reads every layer's input."""
+        wanted: dict[str, dict[str, PreparedLayer]] = {}
+        for plans in plan_sets:
+            for site in self.sites:
+                plan = plans.get(site.target)
+                if plan is not None and plan.activations == 8:
+                    wanted.setdefault(site.target, {})[plan.rotation] = self.layer(site, plan)
+        by_segment: dict[str, dict[str, str]] = {}
+        for site in self.sites:
+            if site.target in wanted:
+                for node in site.nodes:
+                    by_segment.setdefault(site.segment, {})[node] = site.target
+        amax: dict[tuple[str, str], torch.Tensor] = {}
+
+        def sink(target: str, x: torch.Tensor) -> None:
+            x2 = x.detach().float().reshape(-1, x.shape[-1])
+            for rotation, layer in wanted[target].items():
+                t = x2 / layer.smooth if layer.smooth is not None else x2
+                t = t @ layer.rotation if layer.rotation is not None else t
+                key = (target, rotation)
+                amax[key] = torch.maximum(amax.get(key, torch.zeros(())), t.abs().amax())
+
+        replay.read(by_segment, sink)
+        self._act_scales = {k: (v.clamp_min(1e-8) / 127.0).reshape(()) for k, v in amax.items()}
+
+    @property
+    def calibrated(self) -> bool:
+        return self._act_scales is not None
+
+    def static_scales(self, plans: dict[str, LayerPlan]) -> dict[str, float]:
+        return {s.name: float(self._act_scales[(s.target, plans[s.target].rotation)]) for s in self.sites
+                if self._act_scales is not None and s.target in plans and (s.target, plans[s.target].rotation) in self._act_scales}
+
     def build(self, plans: dict[str, LayerPlan], graph: DiTGraph | None = None) -> DiTGraph:
         g = graph if graph is not None else self.graph
         by_segment: dict[str, dict[str, PreparedLayer]] = {}
+        scales: dict[str, torch.Tensor] = {}
         for site in self.sites:
             if site.target in plans and not plans[site.target].is_float:
                 by_segment.setdefault(site.segment, {})[site.target] = self.layer(site, plans[site.target])
+                key = (site.target, plans[site.target].rotation)
+                if self._act_scales is not None and key in self._act_scales:
+                    scales[site.target] = self._act_scales[key]
         for name, layers in by_segment.items():
-            g = g.with_segment(quantize_segment(g.segment(name), layers, self.config.integer_w8a8))
+            g = g.with_segment(quantize_segment(g.segment(name), layers, self.config.integer_w8a8, scales or None))
         return g
 
 
@@ -206,6 +257,8 @@ def quantize(graph: DiTGraph, config: QuantizeConfig, ctx: PassContext) -> PassR
         low_w, low_a = config.low.split("/")[:2]
         low = {s.target: plan_of(low_w, low_a, s) for s in sites}
         mid = {s.target: plan_of("int8", "int8", s) for s in sites}
+        if config.activation_scales == "static":
+            quantizer.calibrate_static(replay, [low, mid])
         sens_low = {s.target: replay.error(quantizer.build({s.target: low[s.target]})).total for s in sites}
         sens_mid = {s.target: replay.error(quantizer.build({s.target: mid[s.target]})).total for s in sites}
         report["sensitivity"] = {s.name: {config.low: sens_low[s.target], "int8/int8": sens_mid[s.target]} for s in sites}
@@ -244,6 +297,13 @@ def quantize(graph: DiTGraph, config: QuantizeConfig, ctx: PassContext) -> PassR
     plans = {t: p for t, p in plans.items() if not p.is_float}
     if not plans:
         return PassResult(graph, False, {**report, "skipped": "every layer planned in float"})
+    if config.activation_scales == "static":
+        if replay is None:
+            raise CalibrationError("quantize activation_scales = 'static' calibrates the scales on the recorded block "
+                                   "inputs: pass calibration=fn")
+        if not quantizer.calibrated:
+            quantizer.calibrate_static(replay, [plans])
+        report["static_activation_scales"] = quantizer.static_scales(plans)
     quantized = quantizer.build(plans)
     bits, float_bits = _plan_bits(plans, sites)
     packed = _packed_bytes(quantizer, plans)

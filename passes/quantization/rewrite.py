@@ -124,8 +124,10 @@ def prepare(weight: torch.Tensor, plan: LayerPlan, smooth: torch.Tensor | None, 
     return PreparedLayer(plan, smooth, rotation, q, q.dequantize())
 
 
-def quantize_segment(seg: Segment, layers: dict[str, PreparedLayer], integer_w8a8: bool) -> Segment:
-    """`seg` with each linear whose weight target is in `layers` replaced as its plan says."""
+def quantize_segment(seg: Segment, layers: dict[str, PreparedLayer], integer_w8a8: bool,
+                     act_scales: dict[str, torch.Tensor] | None = None) -> Segment:
+    """`seg` with each linear whose weight target is in `layers` replaced as its plan says;
+    `act_scales` (weight target -> 0-d scale): static int8 activation scales for those layers."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     buffers: dict[str, torch.Tensor] = {}
@@ -148,9 +150,12 @@ def quantize_segment(seg: Segment, layers: dict[str, PreparedLayer], integer_w8a
         if layer.rotation is not None:
             x = graph.call_function(torch.ops.aten.matmul.default, (x, buffer(tag + "_rot", layer.rotation)))
         plan = layer.plan
+        static = (act_scales or {}).get(target) if plan.activations == 8 else None
+        act_scale = buffer(tag + "_act_scale", static) if static is not None else None
         if plan.runs_int8_gemm(integer_w8a8):
             out = graph.call_function(torch.ops.ditopt.int8_linear.default,
-                                      (x, buffer(tag + "_codes", layer.weight.codes), buffer(tag + "_scale", layer.weight.scale), bias))
+                                      (x, buffer(tag + "_codes", layer.weight.codes), buffer(tag + "_scale", layer.weight.scale), bias,
+                                       act_scale))
         else:
             # Codes and scales, not the dequantized weight: what the runtime holds and what the
             # ONNX export stores (int8 / uint4 initializers feeding DequantizeLinear).
@@ -162,7 +167,7 @@ def quantize_segment(seg: Segment, layers: dict[str, PreparedLayer], integer_w8a
                 zero = buffer(tag + "_zero", q.zero.to(torch.uint8)) if q.zero is not None else None
                 fmt, group = q.fmt, q.group_size or 0
             out = graph.call_function(torch.ops.ditopt.qdq_linear.default,
-                                      (x, codes, scale, zero, bias, fmt, group, plan.activations))
+                                      (x, codes, scale, zero, bias, fmt, group, plan.activations, act_scale))
         out.meta = dict(node.meta)
         env[node] = out
     return segment_with_buffers(seg, graph, buffers)
