@@ -325,8 +325,14 @@ def _build_ditopt(ctx: BuildContext, params: dict[str, Any]) -> Runner:
     profile = params["profile"]
     calibrated = params.get("calibrate") or isinstance(profile, str) or (
         isinstance(profile, dict) and (profile.get("budget") or {}).get("min_psnr_db") is not None)
-    # Stats are shared between settings that need the same collectors (the trajectory by default).
-    stats_key = "ditopt_stats:" + ",".join(params.get("collectors", ("trajectory",)))
+    # Stats are shared between settings whose passes need the same collectors: the key is what
+    # the profile's passes declare, so a calibration without (say) the caching sketches is never
+    # handed to a profile that reads them.
+    from ditopt.profiles import load_profile
+    from ditopt.registry import get_pass
+
+    needs = sorted({n for e in load_profile(profile).passes for n in get_pass(e.name).needs})
+    stats_key = "ditopt_stats:" + ",".join(needs)
     kwargs: dict[str, Any] = {"example_inputs": bundle.make_inputs(2)}
     if calibrated:
         kwargs["calibration"] = lambda m: bundle.sample(ctx.calibration_classes, ctx.calibration_seeds, steps=ctx.steps, model=m)
@@ -413,10 +419,14 @@ def _attention_profile(name: str, attention: dict, budget_db: float | None = Non
     return {"name": name, "budget": budget, "passes": passes}
 
 
-def _linear_attention_profile(name: str, budget_db: float, schedule: bool = True) -> dict:
+def _linear_attention_profile(name: str, budget_db: float, schedule: bool = True, joint_steps: int = 0) -> dict:
     """linear_attention under a PSNR budget, which chooses its layers and feature map; with the
-    calibrated schedule too (``schedule``), both searched against the same budget."""
-    passes: list[dict[str, Any]] = [{"name": "linear_attention", "feature": "auto"}]
+    calibrated schedule too (``schedule``), both searched against the same budget; with
+    ``joint_steps``, every candidate set trained end to end after the layer-wise stage."""
+    la: dict[str, Any] = {"name": "linear_attention", "feature": "auto"}
+    if joint_steps:
+        la["joint_steps"] = joint_steps
+    passes: list[dict[str, Any]] = [la]
     passes += [{"name": "calibrated_schedule", "order": "auto"}] if schedule else []
     return {"name": name, "budget": {"min_psnr_db": budget_db, "max_rel_err": 1.0}, "passes": passes + list(_EXACT_PASSES)}
 
@@ -494,13 +504,17 @@ def _specs() -> dict[str, dict[str, Any]]:
                                             profile=_attention_profile("na-auto", {"name": "neighborhood_attention"}, 30.0,
                                                                        forced=False, schedule=False))]},
         # Linear attention distilled from the model's own layers (layer-wise, on recorded block
-        # inputs), the layers and feature map chosen by the one budget search at 30 dB; alone, and
-        # composed with the calibrated cache schedule under the same budget.
+        # inputs; "joint": then end to end through the stack), the layers and feature map chosen by
+        # the one budget search at 30 dB; alone, and composed with the calibrated cache schedule
+        # under the same budget.
         "ditopt-linear-attention": {"family": "ditopt linear_attention", "provider": "ditopt", "build": _build_ditopt,
                                     "settings": [S("LA auto 35dB", calibrate=True, collectors=("block_inputs",),
                                                    profile=_linear_attention_profile("la-auto-35dB", 35.0, schedule=False)),
                                                  S("LA auto 30dB", calibrate=True, collectors=("block_inputs",),
                                                    profile=_linear_attention_profile("la-auto-30dB", 30.0, schedule=False)),
+                                                 S("LA auto 30dB joint", calibrate=True, collectors=("block_inputs",),
+                                                   profile=_linear_attention_profile("la-auto-30dB-joint", 30.0, schedule=False,
+                                                                                     joint_steps=200)),
                                                  S("LA auto+balanced 30dB", calibrate=True, collectors=("block_inputs", "trajectory"),
                                                    profile=_linear_attention_profile("la-auto+balanced-30dB", 30.0))]},
     }
