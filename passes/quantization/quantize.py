@@ -314,8 +314,9 @@ def quantize(graph: DiTGraph, config: QuantizeConfig, ctx: PassContext) -> PassR
         "weight_bytes_float": float_bits // 8, "weight_bytes_packed": packed,
         "weight_compression": (float_bits / 8) / packed,
         "execution": {"int8_gemm": gemm, "fake_quant": len(plans) - gemm},
-        "execution_note": ("W8A8 layers run the int8 GEMM; other formats are simulated (Q/DQ): their packed bytes are what "
-                           "an artifact would store, while the runtime holds dequantized float weights"),
+        "execution_note": ("W8A8 layers run the int8 GEMM; other formats run as Q/DQ (codes and scales held and decoded per "
+                           "call, a float GEMM); packed bytes count TLQ as its 6 parameters per group, while the runtime "
+                           "and the ONNX export hold its decoded table"),
     })
     if replay is not None:
         report["replayed_error"] = replay.error(quantized).to_dict()
