@@ -193,3 +193,9 @@ def test_joint_stage_trains_the_replaced_layers_together_toward_the_output(calib
     again = joint.rewrite(graph)
     assert torch.equal(getattr(again.segment_for_block(0).module, conv), w_joint)
     assert joint.graph.epilogue.module is graph.epilogue.module
+    # optimize may capture, rewrite and search inside inference mode: every weight the stack
+    # multiplies by is then an inference tensor, which autograd cannot save.
+    with torch.inference_mode():
+        inside = spec.apply(ditopt.capture(model, kwargs), spec.config.model_validate(
+            {**base, "joint_steps": 3, "joint_rows": 8}), ctx)
+    assert next(iter(inside.report["distillation"]["joint"].values()))["steps"] == 3

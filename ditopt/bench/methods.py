@@ -514,7 +514,7 @@ def _specs() -> dict[str, dict[str, Any]]:
                                                    profile=_linear_attention_profile("la-auto-30dB", 30.0, schedule=False)),
                                                  S("LA auto 30dB joint", calibrate=True, collectors=("block_inputs",),
                                                    profile=_linear_attention_profile("la-auto-30dB-joint", 30.0, schedule=False,
-                                                                                     joint_steps=200)),
+                                                                                     joint_steps=100)),
                                                  S("LA auto+balanced 30dB", calibrate=True, collectors=("block_inputs", "trajectory"),
                                                    profile=_linear_attention_profile("la-auto+balanced-30dB", 30.0))]},
     }

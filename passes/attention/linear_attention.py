@@ -233,8 +233,10 @@ class LinearRewriter:
                 self._joint_data = [({n: _plain(v) for n, v in env.items()}, [_plain(o) for o in ref])
                                     for (_, env), ref in zip(replay.envs(), refs)]
             data = self._joint_data
-            modules = {s.name: _trainable_copy(s.module) if s.kind == "block" and s.block in plan else s.module
-                       for s in segments}
+            # Frozen segments too: autograd saves their weights, which are inference tensors when
+            # optimize runs (or the graph was rewritten) inside inference mode.
+            modules = {s.name: _trainable_copy(s.module) if (s.kind == "block" and s.block in plan) or _holds_inference(s.module)
+                       else s.module for s in segments}
         targets = {b: self._targets(modules[start.segment_for_block(b).name], b) for b in plan}
         params = {f"{b}|{t}": attribute(modules[start.segment_for_block(b).name], t) for b in plan for t in targets[b]}
 
@@ -261,7 +263,7 @@ class LinearRewriter:
         # most per unit of error (measured on dit-canvas: the first 5 of 50 steps replaced alone
         # cost as much PSNR as the last 5 at a thousandth of their error), so a plain energy-
         # weighted loss would trade them away for the rows with the largest error.
-        with torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():
             start_rows = [row_errors(params, env0, want).clamp_min(1e-12) for env0, want in data]
 
         def error(live: dict[str, torch.Tensor], i: int) -> torch.Tensor:
@@ -305,6 +307,11 @@ def _plain(x: Any) -> Any:
     return x.clone() if isinstance(x, torch.Tensor) else x
 
 
+def _holds_inference(module: torch.nn.Module) -> bool:
+    return any(t.is_inference() for t in (*module.parameters(), *module.buffers())) or any(
+        isinstance(v, torch.Tensor) and v.is_inference() for m in module.modules() for v in vars(m).values())
+
+
 def _trainable_copy(module: torch.nn.Module) -> torch.nn.Module:
     """A deep copy without inference tensors (autograd saves the frozen weights it multiplies by)."""
     with torch.inference_mode(False):
@@ -314,6 +321,10 @@ def _trainable_copy(module: torch.nn.Module) -> torch.nn.Module:
                 if isinstance(value, torch.Tensor) and value.is_inference():
                     holder[name] = (torch.nn.Parameter(value.clone(), requires_grad=False)
                                     if isinstance(value, torch.nn.Parameter) else value.clone())
+        for m in module.modules():  # constants an export leaves as plain attributes
+            for name, value in list(vars(m).items()):
+                if isinstance(value, torch.Tensor) and value.is_inference():
+                    setattr(m, name, value.clone())
     return module
 
 
