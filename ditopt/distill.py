@@ -12,6 +12,7 @@ re-run a pass for a new input shape inside it, where autograd records nothing).
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Callable
 
@@ -46,6 +47,24 @@ def distill(params: dict[str, torch.Tensor], loss: Callable[[dict[str, torch.Ten
                         best, best_state = now, {k: v.detach().clone() for k, v in live.items()}
     return best_state, {"held_out_before": before, "held_out_after": best, "steps": steps,
                         "seconds": round(time.perf_counter() - start, 2)}
+
+
+def plain_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of `module` without inference tensors (parameters, buffers and plain tensor
+    attributes): autograd saves the frozen weights a student multiplies by, and those are
+    inference tensors when a pass runs inside inference mode."""
+    with torch.inference_mode(False):
+        module = copy.deepcopy(module)
+        for m in module.modules():
+            for holder in (m._parameters, m._buffers):
+                for name, value in list(holder.items()):
+                    if isinstance(value, torch.Tensor) and value.is_inference():
+                        holder[name] = (torch.nn.Parameter(value.clone(), requires_grad=False)
+                                        if isinstance(value, torch.nn.Parameter) else value.clone())
+            for name, value in list(vars(m).items()):
+                if isinstance(value, torch.Tensor) and value.is_inference():
+                    setattr(m, name, value.clone())
+    return module
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,7 @@ import torch.fx as fx
 from pydantic import Field, model_validator
 
 from ditopt.calibration.replay import CalibrationReplay
-from ditopt.distill import distill, relative_error
+from ditopt.distill import distill, plain_copy, relative_error
 from ditopt.errors import CalibrationError, InvalidProfileError
 from ditopt.graph import AttentionSite, DiTGraph, attribute
 from ditopt.kernels.linear_attention import FEATURES, linear_attention_macs
@@ -186,7 +186,7 @@ class LinearRewriter:
         # autograd needs plain copies of the data and of the student's frozen weights.
         with torch.inference_mode(False):
             io = [(tuple(_plain(a) for a in args), tuple(_plain(o) for o in outs)) for args, outs in self._io[block]]
-            student = _trainable_copy(self.rewrite(self.graph, block, feature, None).segment_for_block(block).module)
+            student = plain_copy(self.rewrite(self.graph, block, feature, None).segment_for_block(block).module)
         params = {t: attribute(student, t) for t in self._targets(student, block)}
         held = max(1, len(io) // 4) if len(io) > 1 else 0
         train, judge = io[held:] or io, io[:held] or io
@@ -235,7 +235,7 @@ class LinearRewriter:
             data = self._joint_data
             # Frozen segments too: autograd saves their weights, which are inference tensors when
             # optimize runs (or the graph was rewritten) inside inference mode.
-            modules = {s.name: _trainable_copy(s.module) if (s.kind == "block" and s.block in plan) or _holds_inference(s.module)
+            modules = {s.name: plain_copy(s.module) if (s.kind == "block" and s.block in plan) or _holds_inference(s.module)
                        else s.module for s in segments}
         targets = {b: self._targets(modules[start.segment_for_block(b).name], b) for b in plan}
         params = {f"{b}|{t}": attribute(modules[start.segment_for_block(b).name], t) for b in plan for t in targets[b]}
@@ -310,22 +310,6 @@ def _plain(x: Any) -> Any:
 def _holds_inference(module: torch.nn.Module) -> bool:
     return any(t.is_inference() for t in (*module.parameters(), *module.buffers())) or any(
         isinstance(v, torch.Tensor) and v.is_inference() for m in module.modules() for v in vars(m).values())
-
-
-def _trainable_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """A deep copy without inference tensors (autograd saves the frozen weights it multiplies by)."""
-    with torch.inference_mode(False):
-        module = copy.deepcopy(module)
-        for holder in (d for m in module.modules() for d in (m._parameters, m._buffers)):
-            for name, value in list(holder.items()):
-                if isinstance(value, torch.Tensor) and value.is_inference():
-                    holder[name] = (torch.nn.Parameter(value.clone(), requires_grad=False)
-                                    if isinstance(value, torch.nn.Parameter) else value.clone())
-        for m in module.modules():  # constants an export leaves as plain attributes
-            for name, value in list(vars(m).items()):
-                if isinstance(value, torch.Tensor) and value.is_inference():
-                    setattr(m, name, value.clone())
-    return module
 
 
 def _ladder(errors: dict[int, float]) -> list[list[int]]:

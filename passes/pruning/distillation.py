@@ -35,7 +35,7 @@ import torch
 import torch.fx as fx
 
 from ditopt.calibration.replay import CalibrationReplay
-from ditopt.distill import distill, relative_error
+from ditopt.distill import distill, plain_copy, relative_error
 from ditopt.graph import DiTGraph, Segment, attribute
 
 from .rewrite import StreamBridge, bridge_module, bridge_streams
@@ -60,21 +60,6 @@ def _weights(module: torch.nn.Module) -> list[str]:
     return sorted({str(n.target) for n in module.graph.nodes if n.op == "get_attr"
                    and isinstance(attribute(module, str(n.target)), torch.Tensor)
                    and attribute(module, str(n.target)).is_floating_point()})
-
-
-def _plain(module: torch.nn.Module) -> torch.nn.Module:
-    """A deep copy whose tensors are plain (not inference) tensors: autograd saves them."""
-    module = copy.deepcopy(module)
-    for m in module.modules():
-        for holder in (m._parameters, m._buffers):
-            for name, value in list(holder.items()):
-                if isinstance(value, torch.Tensor) and value.is_inference():
-                    holder[name] = (torch.nn.Parameter(value.clone(), requires_grad=False)
-                                    if isinstance(value, torch.nn.Parameter) else value.clone())
-        for name, value in list(vars(m).items()):
-            if isinstance(value, torch.Tensor) and value.is_inference():
-                setattr(m, name, value.clone())
-    return module
 
 
 def with_weights(seg: Segment, state: dict[str, torch.Tensor]) -> Segment:
@@ -152,18 +137,18 @@ def _fit(graph: DiTGraph, pruned: DiTGraph, io: dict[int, list], s: dict[str, An
             seg = pruned.segment_for_block(b)
             run = run_of.get(b)
             if run is None:
-                module = _plain(seg.module)
+                module = plain_copy(seg.module)
                 targets = _weights(module) if trainable_block(graph, b) else []
                 parts.append((f"block{b}:", module, seg.inputs, seg.outputs, targets))
             elif b == run[0] and any(x is not None for x in result.bridges[run].values()):
-                module = _plain(bridge_module(graph, graph.segment_for_block(b), result.bridges[run]))
+                module = plain_copy(bridge_module(graph, graph.segment_for_block(b), result.bridges[run]))
                 names = [n for n, _ in module.named_buffers() if "." not in n]  # a{j}, b{j}, bias{j}
                 parts.append((f"bridge{b}:", module, seg.inputs, seg.outputs, sorted(names)))
             else:
                 parts.append((None, seg.module, seg.inputs, seg.outputs, []))
         if s["after"] == EPILOGUE:
             epi = graph.epilogue
-            module = _plain(epi.module)
+            module = plain_copy(epi.module)
             parts.append(("epilogue:", module, epi.inputs, epi.outputs, _weights(module)))
         params = {prefix + t: attribute(module, t).detach().clone()
                   for prefix, module, _, _, targets in parts if prefix for t in targets}
