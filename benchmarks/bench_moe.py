@@ -135,7 +135,7 @@ def layerwise(args) -> dict:
     from ditopt.kernels.moe import activate, expert_mask, masked_ffn
     from ditopt.passes.moe.moe_split import _by_segment
     from ditopt.passes.moe.rewrite import find_ffns
-    from ditopt.passes.moe.split import distill, skip_offsets, split_ffn
+    from ditopt.passes.moe.split import distill_experts, skip_offsets, split_ffn
 
     bundle = zoo.load(args.model)
     graph = capture(bundle.model, bundle.make_inputs(2))
@@ -173,7 +173,7 @@ def layerwise(args) -> dict:
                    "moe_db": db(rel(moe)), "width_prune_db": db(rel(width))}
             if args.distill_steps and k in (2, 3, 4):
                 y_fit = dense(fit)
-                wd, _ = distill(fit, y_fit, w, ffn.activation, k, args.distill_steps)
+                wd, _ = distill_experts(fit, y_fit, w, ffn.activation, k, args.distill_steps)
                 got = masked_ffn(test, wd.w1, wd.b1, wd.w2t, wd.b2, wd.offsets,
                                  expert_mask(test, wd.router_w, wd.router_b, experts, k), wd.shared, ffn.activation)
                 row["moe_distilled_db"] = db(rel(got))

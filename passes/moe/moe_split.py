@@ -31,7 +31,7 @@ from ditopt.registry import PassConfig, PassContext, PassLevel, PassOutcome, Pas
 from ditopt.search import BudgetSearch
 
 from .rewrite import FFN, ExpertWeights, find_ffns, has_routed_experts, kept, rewrite_segment
-from .split import distill, skip_offsets, split_ffn, split_stats
+from .split import distill_experts, skip_offsets, split_ffn, split_stats
 
 
 class MoESplitConfig(PassConfig):
@@ -113,8 +113,8 @@ class Splitter:
             if self.config.distill_steps:
                 w1, b1, w2, b2 = self.dense[ffn.name]
                 y = activate(x @ w1.T + (b1 if b1 is not None else 0), ffn.activation) @ w2.T + (b2 if b2 is not None else 0)
-                w, self.distill_log[f"{ffn.name}@{k}"] = distill(x, y, w, ffn.activation, k, self.config.distill_steps,
-                                                                 self.config.distill_lr, seed=self.config.seed)
+                w, self.distill_log[f"{ffn.name}@{k}"] = distill_experts(
+                    x, y, w, ffn.activation, k, self.config.distill_steps, self.config.distill_lr, seed=self.config.seed)
             self.at_k[(ffn.name, k)] = w
         return self.at_k[(ffn.name, k)]
 
@@ -252,7 +252,7 @@ def moe_split(graph: DiTGraph, config: MoESplitConfig, ctx: PassContext) -> Pass
                           "an exported ONNX artifact computes every expert and masks (same outputs, no speed-up)",
     })
     if splitter.distill_log:
-        report["distillation"] = {"steps": config.distill_steps, "fits": splitter.distill_log}
+        report["distillation"] = {"steps": config.distill_steps, "lr": config.distill_lr, "fits": splitter.distill_log}
     resolved = config.model_copy(update={"layers": dict(ks), "top_k": None})
     if search is not None:
         outcome = PassOutcome(predicted_psnr_db=report["predicted_psnr_db"], target_psnr_db=search.target_psnr_db,

@@ -14,9 +14,9 @@
   (GELU); on dit-digits' FFNs about 0.5 to 1 dB better than zero.
 * Router: a ridge least-squares map from [x, 1] to each expert's departure from its mean,
   ||a_e W2_e^T - mean_e||, on the calibration tokens; a token runs the experts it predicts largest.
-* Distillation (optional): the experts' weights and offsets trained by Adam towards the dense
-  FFN's outputs on the calibration tokens under the router's fixed choice; a held-out quarter
-  of the tokens keeps the best state.
+* Distillation (optional): the experts' weights and offsets trained towards the dense FFN's
+  outputs on the calibration tokens under the router's fixed choice, by the core's distillation
+  (ditopt.distill, as the other lossy passes); a held-out quarter of the tokens keeps the best state.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ditopt.distill import distill, relative_error
 from ditopt.fit import bias_features, ridge_solve
 from ditopt.kernels.moe import activate, expert_mask, masked_ffn, route
 
@@ -142,51 +143,43 @@ def split_stats(x: torch.Tensor, w: ExpertWeights, activation: str, top_k: int) 
                       float(norms.topk(top_k, dim=1).values.sum() / total))
 
 
-def distill(x: torch.Tensor, y: torch.Tensor, w: ExpertWeights, activation: str, top_k: int, steps: int,
-            lr: float = 1e-3, batch: int = 1024, seed: int = 0) -> tuple[ExpertWeights, dict[str, float]]:
+def distill_experts(x: torch.Tensor, y: torch.Tensor, w: ExpertWeights, activation: str, top_k: int, steps: int,
+                    lr: float = 1e-3, batch: int = 1024, seed: int = 0) -> tuple[ExpertWeights, dict[str, float]]:
     """Train the experts (weights, biases, offsets) towards the dense outputs y on tokens x under
-    the router's fixed choice. Three quarters of the
-    tokens train, one quarter judges; the best judged state is kept. Returns the new weights and
-    the held-out relative squared error before and after."""
-    # A runtime may re-run the pass for a new input shape inside the user's inference mode, whose
-    # tensors autograd cannot record: train outside it, on copies.
-    with torch.inference_mode(False), torch.enable_grad():
-        return _distill(x.clone(), y.clone(), w, activation, top_k, steps, lr, batch, seed)
-
-
-def _distill(x: torch.Tensor, y: torch.Tensor, w: ExpertWeights, activation: str, top_k: int, steps: int, lr: float,
-             batch: int, seed: int) -> tuple[ExpertWeights, dict[str, float]]:
+    the router's fixed choice, with the core's distillation (ditopt.distill: Adam on copies, the
+    best held-out state, inside or outside inference mode). Three quarters of the tokens train, in
+    shuffled batches of at most `batch` (mean squared error), one quarter judges (relative squared
+    error, 20 checks). Returns the new weights and the log (held-out error before and after,
+    steps, batches, seconds)."""
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(x.shape[0], generator=gen)
     cut = max(1, x.shape[0] * 3 // 4)
-    tr, te = perm[:cut], perm[cut:] if cut < x.shape[0] else perm[:cut]
-    x, y = x.float(), y.float()
-    params = {k: getattr(w, k).detach().clone().requires_grad_(True) for k in ("w1", "b1", "w2t", "b2", "offsets")}
-    chosen = expert_mask(x, w.router_w, w.router_b, w.experts, top_k)
+    train, judge = perm[:cut], perm[cut:] if cut < x.shape[0] else perm[:cut]
+    # Autograd saves the tokens and the routing mask: inside the caller's inference mode they
+    # would be inference tensors, so the copies are made outside it.
+    with torch.inference_mode(False):
+        x, y = x.float().clone(), y.float().clone()
+        chosen = expert_mask(x, w.router_w, w.router_b, w.experts, top_k)
+        # Equal-sized batches: the core draws them uniformly, so every training token weighs the same.
+        parts = [(x[i], y[i], chosen[i]) for i in train.tensor_split(-(-len(train) // batch))]
+        held = (x[judge], y[judge], chosen[judge])
 
-    def error(idx: torch.Tensor) -> float:
-        with torch.no_grad():
-            got = masked_ffn(x[idx], params["w1"], params["b1"], params["w2t"], params["b2"], params["offsets"],
-                             chosen[idx], w.shared, activation)
-            return float((got - y[idx]).pow(2).sum() / y[idx].pow(2).sum().clamp_min(1e-30))
+    def run(live: dict[str, torch.Tensor], xb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return masked_ffn(xb, live["w1"], live["b1"], live["w2t"], live["b2"], live["offsets"], mask, w.shared,
+                          activation)
 
-    before = best = error(te)
-    best_state = {k: v.detach().clone() for k, v in params.items()}
-    opt = torch.optim.Adam(params.values(), lr=lr)
-    check = max(steps // 20, 1)
-    for step in range(steps):
-        idx = tr[torch.randint(len(tr), (min(batch, len(tr)),), generator=gen)]
-        got = masked_ffn(x[idx], params["w1"], params["b1"], params["w2t"], params["b2"], params["offsets"],
-                         chosen[idx], w.shared, activation)
-        loss = (got - y[idx]).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if (step + 1) % check == 0:
-            now = error(te)
-            if now < best:
-                best, best_state = now, {k: v.detach().clone() for k, v in params.items()}
+    def loss(live: dict[str, torch.Tensor], i: int) -> torch.Tensor:
+        xb, yb, mask = parts[i]
+        return (run(live, xb, mask) - yb).pow(2).mean()
+
+    def held_out(live: dict[str, torch.Tensor]) -> float:
+        return float(relative_error(run(live, held[0], held[2]), held[1]))
+
+    params = {k: getattr(w, k) for k in ("w1", "b1", "w2t", "b2", "offsets")}
+    state, log = distill(params, loss, held_out, steps, len(parts), lr, seed, checks=20)
     # The router stays: the experts were trained for the tokens it sends them.
-    trained = ExpertWeights(**{k: v.contiguous() for k, v in best_state.items()}, router_w=w.router_w,
+    trained = ExpertWeights(**{k: v.contiguous() for k, v in state.items()}, router_w=w.router_w,
                             router_b=w.router_b, shared=w.shared, experts=w.experts)
-    return trained, {"held_out_rel_sq_err_before": before, "held_out_rel_sq_err_after": best}
+    return trained, {"held_out_rel_sq_err_before": log["held_out_before"],
+                     "held_out_rel_sq_err_after": log["held_out_after"], "steps": steps, "batches": len(parts),
+                     "seconds": log["seconds"]}
