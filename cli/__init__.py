@@ -115,9 +115,9 @@ def optimize(
         _fail(exc)
     data = optimized.report.to_dict()
     if report is not None:
-        heatmap = write_attention_heatmap(getattr(optimized, "stats", None), report, substituted_tile(data))
-        if heatmap is not None and not as_json:
-            console.print(f"attention heatmap: {heatmap}")
+        for title, path in write_report_figures(getattr(optimized, "stats", None), report, data):
+            if not as_json:
+                console.print(f"{title}: {path}")
     if as_json:
         _emit_json(data)
     else:
@@ -129,30 +129,20 @@ def optimize(
         raise typer.Exit(EXIT_QUALITY)
 
 
-def substituted_tile(report: dict[str, Any]) -> Optional[int]:
-    """The tile an applied attention pass of this report chose (its 'auto' pick may differ from
-    the default tile for the grid), or None."""
-    from ditopt.registry import available_passes
+def write_report_figures(stats: Any, report: Path, data: dict[str, Any]) -> list[tuple[str, Path]]:
+    """Next to a report, every figure a pass family registered (`register_report_figure`) that the
+    calibration holds something for, as REPORT<suffix> (the attention family's REPORT.attention.png:
+    what a user checks before trusting a substitution): (title, path) per figure written."""
+    from ditopt.registry import report_figures
 
-    # The registry says which passes read the attention calibration; the CLI names none.
-    readers = {name for name, spec in available_passes().items() if "attention" in spec.needs}
-    for entry in report.get("passes", []):
-        tile = (entry.get("report") or {}).get("tile")
-        if entry.get("name") in readers and entry.get("applied") and isinstance(tile, int):
-            return tile
-    return None
-
-
-def write_attention_heatmap(stats: Any, report: Path, tile: Optional[int] = None) -> Optional[Path]:
-    """Next to a report, the layer x head map of calibrated attention locality (REPORT.attention.png),
-    when the calibration measured attention: what a user checks before trusting a substitution.
-    Drawn at `tile` (the one the pass chose) when the calibration measured it."""
-    if stats is None or "attention" not in getattr(stats, "meta", {}):
-        return None
-    from ditopt.passes.attention import attention_heatmap
-
-    measured = stats.meta["attention"].get("tiles", [])
-    return Path(attention_heatmap(stats, report.with_suffix(".attention.png"), tile if tile in measured else None))
+    if stats is None:
+        return []
+    written = []
+    for figure in report_figures().values():
+        path = figure.draw(stats, data, report.with_suffix(figure.suffix))
+        if path is not None:
+            written.append((figure.title, Path(path)))
+    return written
 
 
 def _print_report(data: dict[str, Any]) -> None:

@@ -310,3 +310,39 @@ def register_onnx_translation(op: Any, translate: Callable, min_opset: Callable 
 def onnx_translations() -> dict[Any, tuple[Callable, Callable | None]]:
     load_plugins()
     return dict(_ONNX_TRANSLATIONS)
+
+
+# Report figures: a family that can draw its calibration for a user to check (the attention
+# family's layer x head map of attention locality) registers the drawing; `ditopt optimize
+# --report R.json` writes every registered figure next to the report as R<suffix>, naming no family.
+@dataclass(frozen=True)
+class ReportFigure:
+    """`draw(stats, report, path)`: writes the figure to `path` and returns it, or returns None when
+    the calibration holds nothing it can draw. `report` is the optimization report as a dict (what
+    the passes chose); `title` is what the CLI prints beside the path."""
+
+    title: str
+    suffix: str
+    draw: Callable[[Any, dict[str, Any], Any], Any]
+
+
+_REPORT_FIGURES: dict[str, ReportFigure] = {}
+
+
+def register_report_figure(title: str, suffix: str) -> Callable:
+    """Decorator: register `fn(stats, report, path) -> path | None` as the figure `title`, written
+    next to a report as REPORT<suffix> (e.g. ".attention.png")."""
+
+    def decorator(fn: Callable) -> Callable:
+        known = next((f for f in _REPORT_FIGURES.values() if f.suffix == suffix and f.title != title), None)
+        if known is not None:
+            raise ValueError(f"report figure suffix {suffix!r} is already used by {known.title!r}")
+        _REPORT_FIGURES[title] = ReportFigure(title, suffix, fn)
+        return fn
+
+    return decorator
+
+
+def report_figures() -> dict[str, ReportFigure]:
+    load_plugins()
+    return dict(sorted(_REPORT_FIGURES.items()))

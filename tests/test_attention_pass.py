@@ -330,26 +330,50 @@ def test_collector_over_a_sampling_loop(tmp_path):
         torch.testing.assert_close(stats.reference_samples, sample(model))
     png = attention_heatmap(stats, tmp_path / "heat.png")
     assert (tmp_path / "heat.png").stat().st_size > 1000 and png.endswith(".png")
-    # `ditopt optimize --report R` writes it next to the report, only when attention was measured
-    from ditopt.cli import write_attention_heatmap
-
-    assert write_attention_heatmap(stats, tmp_path / "r.json") == tmp_path / "r.attention.png"
-    assert (tmp_path / "r.attention.png").stat().st_size > 1000
-    assert write_attention_heatmap(None, tmp_path / "s.json") is None and not (tmp_path / "s.attention.png").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["heat.png", "r.attention.png"]  # no temp files left
-    # It draws the tile the pass chose (when measured), not the grid's default.
+    # `ditopt optimize --report R` writes it next to the report (the family registers it as a
+    # report figure; the CLI writes whatever is registered), only when attention was measured
     from PIL import Image
 
-    from ditopt.cli import substituted_tile
+    from ditopt.cli import write_report_figures
+    from ditopt.passes.attention.collector import substituted_tile
 
+    nothing_chosen = {"passes": []}
+    assert write_report_figures(stats, tmp_path / "r.json", nothing_chosen) == [("attention heatmap", tmp_path / "r.attention.png")]
+    assert (tmp_path / "r.attention.png").stat().st_size > 1000
+    assert write_report_figures(None, tmp_path / "s.json", nothing_chosen) == [] and not (tmp_path / "s.attention.png").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["heat.png", "r.attention.png"]  # no temp files left
+    # It draws the tile the pass chose (when measured), not the grid's default.
     chose4 = {"passes": [{"name": "caching", "applied": True, "report": {}},
                          {"name": "neighborhood_attention", "applied": True, "report": {"tile": 4}}]}
-    assert substituted_tile(chose4) == 4 and substituted_tile({"passes": []}) is None
+    assert substituted_tile(chose4) == 4 and substituted_tile(nothing_chosen) is None
     assert Image.open(tmp_path / "r.attention.png").text["Title"] == "attention mass kept, tile 2"
-    write_attention_heatmap(stats, tmp_path / "r.json", substituted_tile(chose4))
+    write_report_figures(stats, tmp_path / "r.json", chose4)
     assert Image.open(tmp_path / "r.attention.png").text["Title"] == "attention mass kept, tile 4"
-    write_attention_heatmap(stats, tmp_path / "r.json", 8)  # not measured: the default tile
+    chose8 = {"passes": [{"name": "neighborhood_attention", "applied": True, "report": {"tile": 8}}]}
+    write_report_figures(stats, tmp_path / "r.json", chose8)  # not measured: the default tile
     assert Image.open(tmp_path / "r.attention.png").text["Title"] == "attention mass kept, tile 2"
+    # Stats without attention measurements (hand-made, or a model without a 2-D grid) draw nothing.
+    assert write_report_figures(hand_stats(graph, 1.0), tmp_path / "t.json", nothing_chosen) == []
+
+
+def test_the_cli_writes_whatever_figures_are_registered(tmp_path, monkeypatch):
+    from ditopt import registry
+    from ditopt.cli import write_report_figures
+
+    registry.load_plugins()
+    seen = []
+
+    def draw(stats, report, path):
+        seen.append((stats, report))
+        path.write_text("figure")
+        return path
+
+    monkeypatch.setitem(registry._REPORT_FIGURES, "test figure", registry.ReportFigure("test figure", ".test.txt", draw))
+    written = write_report_figures("stats", tmp_path / "r.json", {"passes": []})
+    assert ("test figure", tmp_path / "r.test.txt") in written and seen == [("stats", {"passes": []})]
+    assert (tmp_path / "r.test.txt").read_text() == "figure"
+    with pytest.raises(ValueError, match="already used"):
+        registry.register_report_figure("another", ".test.txt")(draw)
 
 
 @pytest.mark.parametrize("arch", ["dit", "flux"])
@@ -556,3 +580,4 @@ def test_export_refuses_dense_steps(tmp_path):
     with pytest.raises(ArtifactError, match="dense_steps=0"):
         export_artifact(g, tmp_path / "artifact")
     assert not (tmp_path / "artifact").exists()
+

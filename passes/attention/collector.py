@@ -18,7 +18,7 @@ import torch.fx as fx
 
 from ditopt.graph import DiTGraph
 from ditopt.plan import Stage, StepContext
-from ditopt.registry import register_collector
+from ditopt.registry import available_passes, register_collector, register_report_figure
 
 from .masses import attention_masses
 
@@ -215,3 +215,25 @@ def attention_heatmap(stats: Any, path: str, tile: int | None = None) -> str:
     fig.savefig(png, format="png", dpi=100, metadata={"Title": f"attention mass kept, tile {tile}"})
     plt.close(fig)
     return str(atomic_write_bytes(path, png.getvalue()))  # never a half-written PNG
+
+
+def substituted_tile(report: dict[str, Any]) -> int | None:
+    """The tile an applied attention pass of this report chose (its 'auto' pick may differ from
+    the default tile for the grid), or None."""
+    readers = {name for name, spec in available_passes().items() if "attention" in spec.needs}
+    for entry in report.get("passes", []):
+        tile = (entry.get("report") or {}).get("tile")
+        if entry.get("name") in readers and entry.get("applied") and isinstance(tile, int):
+            return tile
+    return None
+
+
+@register_report_figure("attention heatmap", ".attention.png")
+def attention_report_figure(stats: Any, report: dict[str, Any], path: Any) -> str | None:
+    """The heatmap beside an optimization report, when the calibration measured attention: drawn at
+    the tile the report's attention pass chose when that tile was measured, else the default one."""
+    meta = (getattr(stats, "meta", None) or {}).get("attention")
+    if not meta or not meta.get("tiles"):  # not calibrated, or no site on a 2-D grid was measured
+        return None
+    tile = substituted_tile(report)
+    return attention_heatmap(stats, path, tile if tile in meta.get("tiles", []) else None)
