@@ -141,6 +141,7 @@ def test_only_calibrated_local_blocks_are_rewritten():
     assert layer["radius"] == 1 and layer["tile"] == 2 and layer["density"] == pytest.approx(36 / 64)
     assert result.report["dense"][0]["block"] == 0 and "broad" in result.report["dense"][0]["reason"]
     assert result.report["predicted_attention_flop_saving"] == pytest.approx(0.5 * (1 - 36 / 64))
+    assert result.report["chosen_by"].startswith("calibrated mass") and result.replay is None  # no budget: no search
 
 
 def tile_stats(graph, window_mass: dict[int, list[float]], num_steps: int = 3) -> CalibStats:
@@ -581,3 +582,108 @@ def test_export_refuses_dense_steps(tmp_path):
         export_artifact(g, tmp_path / "artifact")
     assert not (tmp_path / "artifact").exists()
 
+
+# -- under a PSNR budget: the one budget search picks the layers ----------------------------------
+@pytest.fixture(scope="module")
+def budgeted():
+    """A 4-block DiT on an 8x8 grid, calibrated by hand: blocks 1, 3, 0 local (most local first),
+    block 2 broad (below min_mass 0.95: never a candidate); a 3-step sampler of 2 seeds."""
+    import diffusers
+
+    torch.manual_seed(0)
+    model = diffusers.DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=4,
+        sample_size=16, patch_size=2, num_embeds_ada_norm=10, norm_num_groups=1,
+    ).eval()
+    kwargs = {"hidden_states": torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1)),
+              "timestep": torch.tensor([500]), "class_labels": torch.tensor([3])}
+    graph = capture(model, kwargs)
+    stats = bucket_stats(graph, {0: [0.97] * 3, 1: [0.99] * 3, 2: [0.9] * 3, 3: [0.98] * 3}, 3)
+    x0 = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+
+    def sample(m):  # batch 2: the search measures candidates at another shape than the example's
+        x = x0.clone()
+        for t in (900, 600, 300):
+            x = x - 0.1 * m(hidden_states=x, timestep=torch.tensor([t, t]), class_labels=torch.tensor([3, 5]))[0][:, :4]
+        return x
+
+    return model, kwargs, graph, stats, sample
+
+
+def optimize_under(budget_db, budgeted, name="neighborhood_attention", **config):
+    from ditopt import optimize
+
+    model, kwargs, _, stats, sample = budgeted
+    profile = {"name": "budgeted", "budget": {"min_psnr_db": budget_db, "max_rel_err": 1.0},
+               "passes": [{"name": name, "tile": 2, "max_cost": None, **config}]}
+    return optimize(model, profile, example_inputs=kwargs, calibration=sample, stats=stats, on_gate_miss="return")
+
+
+def test_a_psnr_budget_keeps_as_many_local_layers_as_it_allows(budgeted):
+    from ditopt import profile_from_report
+    from ditopt.profiles import Budget
+
+    model, kwargs, graph, stats, _ = budgeted
+    loose = optimize_under(20.0, budgeted, radius=1).report.passes[0]
+    assert loose.applied and loose.report["chosen_by"] == "budget search"
+    assert loose.report["candidates"] == [1, 3, 0]  # highest calibrated mass first; broad block 2 never one
+    assert loose.report["substituted"] == [0, 1, 3] and loose.resolved["blocks"] == [0, 1, 3]
+    assert [d["block"] for d in loose.report["dense"]] == [2] and "broad" in loose.report["dense"][0]["reason"]
+    psnr = {t["setting"]: t["psnr_db"] for t in loose.report["trials"]}
+    assert all(t["sampled"] for t in loose.report["trials"]) and loose.report["target_psnr_db"] == pytest.approx(20.5)
+    assert loose.outcome.predicted_psnr_db == psnr["blocks [0, 1, 3]"] >= loose.outcome.target_psnr_db == 20.5
+    # Tighter than all three candidates together measured, looser than the most local one alone:
+    # the search must keep fewer layers (the target is the budget plus margin_db 0.5).
+    assert psnr["blocks [0, 1, 3]"] < psnr["blocks [1]"]
+    target = (psnr["blocks [0, 1, 3]"] + psnr["blocks [1]"]) / 2
+    tight_run = optimize_under(target - 0.5, budgeted, radius=1)
+    tight = tight_run.report.passes[0]
+    assert tight.report["target_psnr_db"] == pytest.approx(target)
+    assert tight.modified and 1 <= len(tight.report["substituted"]) < len(loose.report["substituted"])
+    assert tight.report["predicted_psnr_db"] >= target and set(tight.report["substituted"]) <= {1, 3}
+    left = [d for d in tight.report["dense"] if d["block"] != 2]
+    assert left and all("left dense by the budget search" in d["reason"] for d in left)
+    assert tight.report["predicted_attention_flop_saving"] < loose.report["predicted_attention_flop_saving"]
+    # The resolved config replays the choice without searching (no evaluator here), to the same model.
+    replay = profile_from_report(tight_run.report.to_dict()).passes[0]
+    assert list(replay.config.blocks) == tight.report["substituted"] and replay.config.tile == 2
+    spec = get_pass("neighborhood_attention")
+    no_search = PassContext(model=model, stats=stats, budget=Budget(min_psnr_db=target - 0.5))
+    replayed = spec.apply(graph, replay.config, no_search)
+    assert replayed.report["chosen_by"] == "blocks as given" and replayed.report["substituted"] == tight.report["substituted"]
+    assert [ops_in(s) for s in graph.block_segments] == [[SDPA]] * 4  # the input graph is untouched
+    assert [ops_in(s) == [NEIGHBORHOOD] for s in replayed.graph.block_segments] == [b in tight.report["substituted"] for b in range(4)]
+    with torch.no_grad():
+        out = tight_run(**kwargs)[0]
+    torch.testing.assert_close(run_graph(replayed.graph, kwargs), out, atol=1e-6, rtol=0)
+    dense = reference(model, kwargs)
+    assert 1e-5 < ((out - dense).norm() / dense.norm()).item() < 0.1  # substituted, and close to the original
+    assert not spec.apply(replayed.graph, replay.config, no_search).modified  # applying it twice changes nothing
+
+
+def test_under_a_budget_nothing_fires_where_no_layer_meets_it(budgeted):
+    from ditopt.errors import CalibrationError
+    from ditopt.profiles import Budget
+
+    model, kwargs, graph, stats, _ = budgeted
+    # The search runs (block-sparse too) and even the most local layer alone misses: every layer dense.
+    record = optimize_under(200.0, budgeted, name="block_sparse_attention", rho=0.5).report.passes[0]
+    assert not record.modified and record.report["substituted"] == [] and record.outcome is None
+    assert [t["setting"] for t in record.report["trials"]] == ["blocks [1]"]  # the last rung, measured first
+    assert "even the one layer of highest calibrated mass (block 1) misses" in record.report["skipped"]
+    assert [d["block"] for d in record.report["dense"]] == [0, 1, 2, 3]
+    # No candidate at all: nothing to search, so no evaluator is needed.
+    spec = get_pass("neighborhood_attention")
+    ctx = PassContext(model=model, stats=hand_stats(graph, 0.6), budget=Budget(min_psnr_db=30.0))
+    broad = spec.apply(graph, spec.config(tile=2), ctx)
+    assert not broad.modified and broad.graph is graph and "nothing to search" in broad.report["skipped"]
+    # Explicit blocks keep today's rule under a budget (no search: this context has no evaluator) ...
+    ctx = PassContext(model=model, stats=stats, budget=Budget(min_psnr_db=30.0))
+    given = spec.apply(graph, spec.config(tile=2, radius=1, max_cost=None, blocks=(0, 1, 2, 3)), ctx)
+    assert given.report["substituted"] == [0, 1, 3] and given.replay is None and given.report["chosen_by"] == "blocks as given"
+    # ... and left to the search on that output, no candidate is left: nothing to search.
+    again = spec.apply(given.graph, spec.config(tile=2, radius=1, max_cost=None), ctx)
+    assert not again.modified and "blocks [0, 1, 3] are already substituted" in again.report["skipped"]
+    # Left to the search but nothing to search with: a clear error, not a silent mass-only choice.
+    with pytest.raises(CalibrationError, match="neighborhood_attention without blocks searches"):
+        spec.apply(graph, spec.config(tile=2, radius=1, max_cost=None), ctx)

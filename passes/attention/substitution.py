@@ -1,6 +1,12 @@
 """What the attention substitution passes share: the config base and the per-layer choice from the
 "attention" calibration (the mass each pattern keeps, what the substitute costs), and the rewrite
-of the chosen layers. Each pass (neighborhood_attention, block_sparse_attention) is its own module."""
+of the chosen layers. Each pass (neighborhood_attention, block_sparse_attention) is its own module.
+
+Which layers: with `blocks` given, those of them the calibrated mass allows; with `blocks` unset
+and no PSNR budget, every layer the mass allows (min_mass, max_cost); with `blocks` unset under a
+PSNR budget (`budget.min_psnr_db`), the layers the mass allows are only the candidates and the one
+budget search (ditopt.search) keeps as many of them as the budget allows, most local first. The
+report's `chosen_by` says which rule decided."""
 
 from __future__ import annotations
 
@@ -17,7 +23,8 @@ from ditopt.kernels.neighborhood import neighborhood_density
 from ditopt.kernels.ops import block_sparse_attention_macs, neighborhood_attention_macs
 from ditopt.plan import EarlySteps
 from ditopt.profiles.fields import Float, Int, check_in, check_unique
-from ditopt.registry import PassConfig, PassContext, PassResult
+from ditopt.registry import PassConfig, PassContext, PassOutcome, PassResult
+from ditopt.search import BudgetSearch
 
 from .collector import RADII, RHOS, TILES, auto_tile, measurable_sites
 from .rewrite import replace_attention, restore_dense, substitutable, substituted
@@ -47,9 +54,10 @@ class AttentionConfig(PassConfig):
     reorder: Literal["once", "per_layer"] = Field("once", description="tile-major token order: once after the prologue (falls back to per layer when unsupported), or permute q/k/v inside each substituted attention")
     tile: Union[Annotated[Int, Field(ge=1)], AutoOr] = Field("auto", description="tile edge in tokens (the kernels' tile-major layout), one of the calibrated tiles 2, 4, 8; auto: 8 or 4 (at least 4 tiles per axis), whichever keeps fewer multiply-adds per the calibration (see _pick_tile)")
     min_mass: Float = Field(0.95, ge=0.0, le=1.0, description="a layer stays dense when its calibrated attention mass is below this")
-    blocks: tuple[Annotated[Int, Field(ge=0)], ...] | None = Field(None, description="restrict to these block indices (default: all)")
+    blocks: tuple[Annotated[Int, Field(ge=0)], ...] | None = Field(None, description="substitute only these block indices (where the calibrated mass allows); unset: every such layer, or under a PSNR budget (budget.min_psnr_db) the ones the budget search keeps (what the search resolves to)")
     dense_steps: Union[Annotated[Int, Field(ge=0)], AutoOr] = Field(0, description=DENSE_STEPS_HELP)
     max_cost: Annotated[Float, Field(gt=0.0)] | None = Field(0.9, description=MAX_COST_HELP)
+    margin_db: Float = Field(0.5, ge=0, description="with blocks unset under a PSNR budget: PSNR margin over the pass's share of the budget on the search's samples")
 
     @model_validator(mode="after")
     def _calibrated_values(self) -> "AttentionConfig":
@@ -183,12 +191,75 @@ def _pick_tile(graph: DiTGraph, config: Any, ctx: PassContext, pattern: str, sit
 
 
 def substitute(graph: DiTGraph, config: Any, ctx: PassContext, pattern: str) -> PassResult:
-    """Shared driver: per site, decide from calibration; reorder tokens once when asked;
-    rewrite; report."""
-    original = graph
-    steps = ctx.stats.num_steps if ctx.stats is not None else ctx.num_steps
-    kept = lambda flops, record: _kept_flops(flops, record, steps)  # noqa: E731
+    """Shared driver. Under a PSNR budget with `blocks` unset, the one budget search picks which of
+    the layers the calibrated mass allows are substituted (`_searched`); otherwise every such layer
+    is, as configured."""
+    if config.blocks is None and getattr(ctx.budget, "min_psnr_db", None) is not None:
+        return _searched(graph, config, ctx, pattern)
+    result = _substitute(graph, config, ctx, pattern)
+    result.report["chosen_by"] = ("blocks as given" if config.blocks is not None
+                                  else "calibrated mass (min_mass; the profile has no PSNR budget)")
+    return result
 
+
+def _searched(graph: DiTGraph, config: Any, ctx: PassContext, pattern: str) -> PassResult:
+    """The layers the mass rule allows are the candidates; the budget search bisects over the ladder
+    "the k candidates of highest calibrated mass" (k from all to one) and keeps the largest set whose
+    samples meet the target. It resolves to `blocks` (and the tile it chose), which replays without
+    searching."""
+    name = f"{pattern}_attention"
+    tile, decisions = _decide(graph, config, ctx, pattern)
+    # The mass kept is the calibrated stand-in for a layer's error: most local layers go first.
+    chosen_records = {d[1]: d[3][2] for d in decisions if d[0] == "substitute"}
+    order = sorted(chosen_records, key=lambda b: (-chosen_records[b]["mass"], chosen_records[b]["cost"], b))
+    at_tile = type(config).model_validate({**config.model_dump(), "tile": tile})
+
+    def resolved(plan: tuple[int, ...]) -> Any:
+        return type(config).model_validate({**at_tile.model_dump(), "blocks": list(plan)})
+
+    info: dict[str, Any] = {"chosen_by": "budget search", "candidates": order}
+    if not order:
+        result = _rewrite(graph, config, ctx, pattern, tile, decisions)
+        done = [d[1] for d in decisions if d[0] == "done"]
+        result.report.update(info, skipped=(
+            "no candidate layer, nothing to search: " + (f"blocks {done} are already substituted; " if done else "")
+            + f"the calibrated mass (min_mass {config.min_mass}) or the cost guard keeps every other layer dense"))
+        return result
+    plans = [tuple(sorted(order[:k])) for k in range(len(order), 0, -1)]
+    search = BudgetSearch.start(ctx, name, config.margin_db, what="without blocks")
+    # Each candidate is what its resolved config replays: the pass with `blocks`, on the capture the
+    # evaluator hands it (the sampling shape, after the profile's earlier passes).
+    plan = search.cheapest(plans, key=lambda p: resolved(p).model_dump_json(),
+                           build=lambda p: (lambda g: _substitute(g, resolved(p), ctx, pattern).graph),
+                           describe=lambda p: {"setting": f"blocks {list(p)}"})
+    info.update(trials=search.trials, target_psnr_db=search.target_psnr_db)
+    if plan is None:
+        why = (f"even the one layer of highest calibrated mass (block {order[0]}) misses the target of "
+               f"{search.target_psnr_db:.2f} dB on the search's samples; every layer stays dense")
+        result = _rewrite(graph, config, ctx, pattern, tile, decisions, allowed=(), why_not=why)
+        result.report.update(info, skipped=why)
+        return result
+    kept = f"the layer of highest calibrated mass (block {plan[0]}) meets" if len(plan) == 1 else (
+        f"the {len(plan)} layers of highest calibrated mass (blocks {list(plan)}) meet")
+    why = f"left dense by the budget search: {kept} {search.target_psnr_db:.2f} dB and the next larger set missed it"
+    result = _rewrite(graph, at_tile, ctx, pattern, tile, decisions, allowed=plan, why_not=why)
+    predicted = search.memo[resolved(plan).model_dump_json()]
+    result.report.update(info, predicted_psnr_db=predicted)
+    outcome = PassOutcome(predicted_psnr_db=predicted, target_psnr_db=search.target_psnr_db,
+                          saving=result.report["predicted_attention_flop_saving"])
+    return PassResult(result.graph, result.modified, result.report, replay=(name, resolved(plan)), outcome=outcome)
+
+
+def _substitute(graph: DiTGraph, config: Any, ctx: PassContext, pattern: str) -> PassResult:
+    """Every layer the calibrated mass allows, substituted."""
+    tile, decisions = _decide(graph, config, ctx, pattern)
+    return _rewrite(graph, config, ctx, pattern, tile, decisions)
+
+
+def _decide(graph: DiTGraph, config: Any, ctx: PassContext, pattern: str) -> tuple[int, list[tuple]]:
+    """The tile, and per site of `config.blocks` one of ("done", block, site, record) (an earlier
+    substitution), ("dense", block, site, reason) or ("substitute", block, site, (op, args, record))."""
+    steps = ctx.stats.num_steps if ctx.stats is not None else ctx.num_steps
     measured = {b for b, _ in measurable_sites(graph)}
 
     def cannot(block: int, site: AttentionSite) -> str | None:
@@ -197,22 +268,39 @@ def substitute(graph: DiTGraph, config: Any, ctx: PassContext, pattern: str) -> 
 
     open_sites = [(b, s) for b, s in _sites(graph, config.blocks) if substituted(graph, b, s) is None and cannot(b, s) is None]
     tile = _pick_tile(graph, config, ctx, pattern, open_sites, steps)
-    layers, dense, chosen, total_flops, kept_flops = [], [], [], 0.0, 0.0
+    decisions: list[tuple] = []
     for block, site in _sites(graph, config.blocks):
-        flops = attention_flops(site)
-        total_flops += flops
         previous = substituted(graph, block, site)
         if previous is not None:
-            layers.append({"block": block, **previous, "note": "already substituted"})
-            kept_flops += kept(flops, previous)
+            decisions.append(("done", block, site, previous))
             continue
         reason = cannot(block, site)
         choice = None if reason else _choose(graph, site, block, config, ctx, pattern, tile)
         if isinstance(choice, str) or choice is None:
-            dense.append({"block": block, "kind": site.kind, "reason": reason or choice})
+            decisions.append(("dense", block, site, reason or choice))
+        else:
+            decisions.append(("substitute", block, site, choice))
+    return tile, decisions
+
+
+def _rewrite(graph: DiTGraph, config: Any, ctx: PassContext, pattern: str, tile: int, decisions: list[tuple],
+             allowed: tuple[int, ...] | None = None, why_not: str = "") -> PassResult:
+    """Apply `decisions` (only the blocks in `allowed` when given; the others stay dense for
+    `why_not`): reorder tokens once when asked, rewrite, report."""
+    original = graph
+    steps = ctx.stats.num_steps if ctx.stats is not None else ctx.num_steps
+    layers, dense, chosen, total_flops, kept_flops = [], [], [], 0.0, 0.0
+    for what, block, site, detail in decisions:
+        flops = attention_flops(site)
+        total_flops += flops
+        if what == "done":
+            layers.append({"block": block, **detail, "note": "already substituted"})
+            kept_flops += _kept_flops(flops, detail, steps)
+        elif what == "dense" or (allowed is not None and block not in allowed):
+            dense.append({"block": block, "kind": site.kind, "reason": detail if what == "dense" else why_not})
             kept_flops += flops
-            continue
-        chosen.append((block, site, choice, flops))
+        else:
+            chosen.append((block, site, detail, flops))
     token_order = graph.meta.get("token_order")
     if chosen and config.reorder == "once" and token_order is None:
         reordered, why = reorder_tokens_once(graph, chosen[0][2][2]["tile"])
@@ -240,7 +328,7 @@ def substitute(graph: DiTGraph, config: Any, ctx: PassContext, pattern: str) -> 
             rule = EarlySteps(block, record["dense_steps"], restore_dense, "dense", f"{pattern} attention dense_steps")
             graph = graph.with_early_steps(rule)
         layers.append({"block": block, **record})
-        kept_flops += kept(flops, record)
+        kept_flops += _kept_flops(flops, record, steps)
     report = {
         "pattern": pattern,
         "tile": tile,
