@@ -357,6 +357,8 @@ def _build_ditopt(ctx: BuildContext, params: dict[str, Any]) -> Runner:
             "stages": rep.get("stages"),
             # scalar search results (e.g. target / measured calibration PSNR), not the trial lists
             "search": {k: v for k, v in rep.items() if isinstance(v, (int, float, str, bool)) and k != "predicted_block_saving"},
+            # per candidate set the end-to-end distillation trained: held-out loss before/after, seconds
+            "joint": (rep.get("distillation") or {}).get("joint"),
         })
         if "substituted" in rep:  # attention passes: which layers changed, and why the others did not
             info["passes"][-1]["substituted"] = rep["substituted"]
