@@ -4,7 +4,7 @@
     pipe.transformer = ditopt.optimize(pipe.transformer, "identity")
 """
 
-from ._version import __version__
+from ._version import __version__ as __version__  # re-exported
 
 from .backends import BackendError
 

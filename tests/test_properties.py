@@ -110,16 +110,16 @@ def profiles(draw):
 def _given_bools_stay_bools(data: dict, profile: Profile) -> None:
     """No value of a valid profile was coerced from a boolean, a string or a fractional float."""
     for entry, raw in zip(profile.passes, data["passes"]):
-        for key, given in raw.items():
+        for key, raw_value in raw.items():
             if key == "name":
                 continue
             got = getattr(entry.config, key)
-            if isinstance(given, bool):
-                assert isinstance(got, bool), (entry.name, key, given, got)
-            if isinstance(given, str):
-                assert isinstance(got, str), (entry.name, key, given, got)
-            if isinstance(given, float):
-                assert isinstance(got, float) or got is None, (entry.name, key, given, got)
+            if isinstance(raw_value, bool):
+                assert isinstance(got, bool), (entry.name, key, raw_value, got)
+            if isinstance(raw_value, str):
+                assert isinstance(got, str), (entry.name, key, raw_value, got)
+            if isinstance(raw_value, float):
+                assert isinstance(got, float) or got is None, (entry.name, key, raw_value, got)
 
 
 @PROFILE_SETTINGS
