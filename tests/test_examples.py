@@ -66,7 +66,7 @@ def test_export_and_serve_samples_from_a_fresh_process(tmp_path):
 def test_ci_workflow_is_well_formed():
     workflow = yaml.safe_load((CI / "convert.yml").read_text())
     triggers = workflow.get("on", workflow.get(True))  # YAML 1.1 reads a bare `on` as true
-    assert "push" in triggers
+    assert "push" in triggers and "pull_request" in triggers
     (job,) = workflow["jobs"].values()
     assert job["runs-on"] and isinstance(job["steps"], list)
     for step in job["steps"]:
@@ -81,6 +81,51 @@ def test_ci_workflow_is_well_formed():
     assert f"{out}/report.json" in uploads["conversion-report"]["with"]["path"]
     assert uploads["ditopt-artifact"]["with"]["path"] == f"{out}/artifact"
     assert "GITHUB_STEP_SUMMARY" in script.read_text()
+    # the pull-request comment: on pull requests only, after a gate miss too, never failing the job
+    (comment,) = [s for s in job["steps"] if "gh pr comment" in s.get("run", "")]
+    assert comment["if"] == "always() && github.event_name == 'pull_request'" and comment["continue-on-error"] is True
+    assert comment["env"]["GH_TOKEN"] == "${{ github.token }}"
+    assert workflow["permissions"] == {"contents": "read", "pull-requests": "write"}
+
+
+class Recorder:
+    """A stand-in for a command (gh, curl) on PATH: writes its arguments, one a line, to LOG."""
+
+    def __init__(self, tmp_path: Path, name: str) -> None:
+        self.bin, self.log = tmp_path / "bin", tmp_path / f"{name}.args"
+        self.bin.mkdir(exist_ok=True)
+        tool = self.bin / name
+        tool.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "{self.log}"\n')
+        tool.chmod(0o755)
+
+    def path(self) -> str:
+        return os.pathsep.join([str(self.bin), os.environ["PATH"]])
+
+    def args(self) -> list[str] | None:
+        return self.log.read_text().splitlines() if self.log.exists() else None
+
+
+def run_shell(script: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-e", "-c", script], cwd=EXAMPLES.parent, env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_pr_comment_step_posts_the_summary_file(tmp_path):
+    """The step's own script, with a stand-in gh: what it is given. GitHub running it is not tested."""
+    (job,) = yaml.safe_load((CI / "convert.yml").read_text())["jobs"].values()
+    (comment,) = [s for s in job["steps"] if "gh pr comment" in s.get("run", "")]
+    gh = Recorder(tmp_path, "gh")
+    out = tmp_path / "convert"
+    env = {**os.environ, "PATH": gh.path(), "DITOPT_OUT": str(out), "PR_NUMBER": "17",
+           "GITHUB_REPOSITORY": "owner/repo", "GH_TOKEN": "unused"}
+    nothing = run_shell(comment["run"], env)  # the conversion stopped before writing a summary
+    assert nothing.returncode == 0 and gh.args() is None and "nothing to comment" in nothing.stdout
+    out.mkdir()
+    (out / "summary.md").write_text("### ditopt export: m with `p`: **FAILED**\n")
+    posted = run_shell(comment["run"], env)
+    assert posted.returncode == 0, posted.stderr
+    assert gh.args() == ["pr", "comment", "17", "--repo", "owner/repo", "--body-file", str(out / "summary.md")]
 
 
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("ditopt") is None, reason="needs bash and the ditopt command")
@@ -112,6 +157,7 @@ def test_ci_files_pass_their_schema(name):
 BROKEN = [
     ("convert.yml", "    steps:", "    step:", "'step' was unexpected"),
     ("convert.yml", "timeout-minutes: 60", "timeout-minutes: sixty", "sixty"),
+    ("convert.yml", "  pull-requests: write", "  pull-requests: post", "post"),
     ("gitlab-ci.yml", "  script:", "  scripts:", "'scripts' was unexpected"),
     ("gitlab-ci.yml", "    when: always", "    when: sometimes", "sometimes"),
 ]
@@ -156,6 +202,7 @@ def test_gitlab_job_fails_on_a_gate_miss_and_keeps_report_and_summary(tmp_path):
            "DITOPT_PROFILE": str(profile), "DITOPT_OUT": str(out),
            "PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))}
     env.pop("GITHUB_STEP_SUMMARY", None)
+    env.pop("DITOPT_NOTE_TOKEN", None)  # no merge-request note from this test
     run = lambda lines: subprocess.run(["bash", "-e", "-c", "\n".join(lines)], cwd=EXAMPLES.parent, env=env,
                                        capture_output=True, text=True, timeout=600)
     script = run(job["script"])
@@ -169,3 +216,27 @@ def test_gitlab_job_fails_on_a_gate_miss_and_keeps_report_and_summary(tmp_path):
     prefix = job["variables"]["DITOPT_OUT"]
     kept = sorted(p for p in job["artifacts"]["paths"] if (out / p[len(prefix) + 1:]).exists())
     assert kept == [f"{prefix}/report.json", f"{prefix}/summary.md"]
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_gitlab_merge_request_note_only_with_token_and_merge_request(tmp_path):
+    """The after_script's note command, with a stand-in curl: posted to the merge request's notes
+    with the summary as body when DITOPT_NOTE_TOKEN and CI_MERGE_REQUEST_IID are set, else not run.
+    GitLab accepting it is not tested."""
+    (note,) = [line for line in gitlab_job()["after_script"] if "curl" in line]
+    curl = Recorder(tmp_path, "curl")
+    out = tmp_path / "convert"
+    out.mkdir()
+    (out / "summary.md").write_text("### ditopt export: m with `p`: **passed**\n")
+    base = {**os.environ, "PATH": curl.path(), "DITOPT_OUT": str(out), "CI_API_V4_URL": "https://gitlab.example/api/v4",
+            "CI_PROJECT_ID": "42"}
+    for missing in ("DITOPT_NOTE_TOKEN", "CI_MERGE_REQUEST_IID"):
+        env = {**base, "DITOPT_NOTE_TOKEN": "tok", "CI_MERGE_REQUEST_IID": "7"}
+        del env[missing]
+        assert run_shell(note, env).returncode == 0 and curl.args() is None, missing
+    run = run_shell(note, {**base, "DITOPT_NOTE_TOKEN": "tok", "CI_MERGE_REQUEST_IID": "7"})
+    assert run.returncode == 0, run.stderr
+    args = curl.args()
+    assert args[-1] == "https://gitlab.example/api/v4/projects/42/merge_requests/7/notes"
+    assert args[args.index("--header") + 1] == "PRIVATE-TOKEN: tok" and args[args.index("--request") + 1] == "POST"
+    assert args[args.index("--data-urlencode") + 1] == f"body@{out / 'summary.md'}" and "--fail" in args
