@@ -30,14 +30,41 @@ def load_example(name: str):
     return module
 
 
-def test_deploy_diffusers_drops_the_optimized_transformer_into_the_pipeline(tmp_path):
-    result = load_example("deploy_diffusers").main(["--small", "--repeats", "1", "--json", str(tmp_path / "r.json")])
+def test_deploy_diffusers_drops_the_optimized_transformer_into_the_pipeline(tmp_path, capsys):
+    example = load_example("deploy_diffusers")
+    result = example.main(["--small", "--samples", "3", "--repeats", "1", "--json", str(tmp_path / "r.json")])
     assert result["pipeline_transformer_is_optimized"] and result["passed"]
     assert [p["name"] for p in result["passes"]] == ["quantize"] and result["passes"][0]["applied"]
-    # the budget held on the held-out seeds, and on a seed neither calibration nor validation saw
+    # the budget held on as many held-out samples as calibration drew, and on a seed neither saw
+    assert result["calibration_samples"] == 3 and result["held_out_samples"] == 3 and result["steps"] == 6
     assert result["held_out_psnr_lower_db"] >= 30 and result["psnr_db_new_seed"] >= 30
     assert result["seconds_per_generation"]["original"] > 0 and result["seconds_per_generation"]["optimized"] > 0
     assert json.loads((tmp_path / "r.json").read_text())["speedup"] == result["speedup"]
+    printed = capsys.readouterr().out.splitlines()
+    assert json.loads(printed[-1]) == json.loads(json.dumps(result))
+    assert any("3 held-out samples (other seeds; classes [3, 4, 5], calibration drew [0, 1, 2])" in line for line in printed)
+    assert example.written_here(tmp_path / "r.json")  # its own result: a rerun may overwrite it
+
+
+def test_deploy_diffusers_default_profile_is_balanced_with_a_narrowed_search():
+    """The full-size default (not run here: 30 s on 2 idle cores, minutes on busy ones)."""
+    import ditopt
+
+    quick, balanced = ditopt.load_profile(load_example("deploy_diffusers").balanced_quick()), ditopt.load_profile("balanced")
+    assert quick.name == "balanced-quick" and quick.budget == balanced.budget and quick.backend == balanced.backend
+    assert [e.name for e in quick.passes] == [e.name for e in balanced.passes]
+    for mine, preset in zip(quick.passes, balanced.passes):
+        changed = {k: v for k, v in mine.config.model_dump().items() if preset.config.model_dump()[k] != v}
+        assert changed == ({"forecast": "fitted", "warmup": 2} if mine.name == "calibrated_schedule" else {}), mine.name
+
+
+def test_deploy_diffusers_refuses_to_overwrite_a_file_it_did_not_write(tmp_path, capsys):
+    other = tmp_path / "notes.json"
+    other.write_text('{"mine": true}\n')
+    with pytest.raises(SystemExit) as stop:
+        load_example("deploy_diffusers").main(["--small", "--json", str(other)])
+    assert stop.value.code == 2 and "not a result this example wrote" in capsys.readouterr().err
+    assert other.read_text() == '{"mine": true}\n'
 
 
 def test_custom_dit_with_a_hand_written_profile():
