@@ -36,6 +36,12 @@ def smallest_passing(lo: int, hi: int, passes: Callable[[int], bool]) -> int | N
     return lo
 
 
+def prefix_ladder(order: list[int]) -> list[list[int]]:
+    """The settings "the k best of `order`" (best first), from all of them down to the best one,
+    each sorted: the ladder a pass that replaces whole layers bisects over."""
+    return [sorted(order[:k]) for k in range(len(order), 0, -1)]
+
+
 @dataclass
 class BudgetSearch:
     """A pass's search against the PSNR budget: the target, memoized measurements, the trials.

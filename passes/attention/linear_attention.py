@@ -44,7 +44,7 @@ from ditopt.graph import AttentionSite, DiTGraph, attribute
 from ditopt.kernels.linear_attention import FEATURES, linear_attention_macs
 from ditopt.profiles.fields import Float, Int
 from ditopt.registry import PassConfig, PassContext, PassLevel, PassOutcome, PassResult, register_pass
-from ditopt.search import BudgetSearch
+from ditopt.search import BudgetSearch, prefix_ladder
 
 from .rewrite import replace_attention, substitutable, substituted
 from .substitution import attention_flops
@@ -314,12 +314,6 @@ def _holds_inference(module: torch.nn.Module) -> bool:
         isinstance(v, torch.Tensor) and v.is_inference() for m in module.modules() for v in vars(m).values())
 
 
-def _ladder(errors: dict[int, float]) -> list[list[int]]:
-    """Block sets from all candidates down to the single best, each the k of least error."""
-    order = sorted(errors, key=lambda b: (errors[b], b))
-    return [sorted(order[:k]) for k in range(len(order), 0, -1)]
-
-
 @register_pass("linear_attention", LinearAttentionConfig, needs=("block_inputs",), level=PassLevel.NODE, lossy=True,
                example={"layers": {"0": "elu"}, "distill_steps": 4, "rows": 4})
 def linear_attention(graph: DiTGraph, config: LinearAttentionConfig, ctx: PassContext) -> PassResult:
@@ -356,7 +350,8 @@ def linear_attention(graph: DiTGraph, config: LinearAttentionConfig, ctx: PassCo
             b: {f: replay.error(rewriter.layerwise({b: f}, graph)).total for f in features} for b in sorted(sites)}
         best = {b: min(features, key=lambda f: (e[f], features.index(f))) for b, e in errors.items()}
         report["sensitivity"] = {str(b): e for b, e in errors.items()}
-        plans = _ladder({b: errors[b][best[b]] for b in errors})
+        least = {b: errors[b][best[b]] for b in errors}
+        plans = prefix_ladder(sorted(least, key=lambda b: (least[b], b)))  # the k layers of least error
 
         def key(i: int) -> tuple:
             return ("linear_attention", config.conv_size, config.distill_steps, config.distill_lr, config.rows,

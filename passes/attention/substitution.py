@@ -24,7 +24,7 @@ from ditopt.kernels.ops import block_sparse_attention_macs, neighborhood_attenti
 from ditopt.plan import EarlySteps
 from ditopt.profiles.fields import Float, Int, check_in, check_unique
 from ditopt.registry import PassConfig, PassContext, PassOutcome, PassResult
-from ditopt.search import BudgetSearch
+from ditopt.search import BudgetSearch, prefix_ladder
 
 from .collector import RADII, RHOS, TILES, auto_tile, measurable_sites
 from .rewrite import replace_attention, restore_dense, substitutable, substituted
@@ -214,7 +214,7 @@ def _searched(graph: DiTGraph, config: Any, ctx: PassContext, pattern: str) -> P
     order = sorted(chosen_records, key=lambda b: (-chosen_records[b]["mass"], chosen_records[b]["cost"], b))
     at_tile = type(config).model_validate({**config.model_dump(), "tile": tile})
 
-    def resolved(plan: tuple[int, ...]) -> Any:
+    def resolved(plan: list[int]) -> Any:
         return type(config).model_validate({**at_tile.model_dump(), "blocks": list(plan)})
 
     info: dict[str, Any] = {"chosen_by": "budget search", "candidates": order}
@@ -225,7 +225,7 @@ def _searched(graph: DiTGraph, config: Any, ctx: PassContext, pattern: str) -> P
             "no candidate layer, nothing to search: " + (f"blocks {done} are already substituted; " if done else "")
             + f"the calibrated mass (min_mass {config.min_mass}) or the cost guard keeps every other layer dense"))
         return result
-    plans = [tuple(sorted(order[:k])) for k in range(len(order), 0, -1)]
+    plans = prefix_ladder(order)
     search = BudgetSearch.start(ctx, name, config.margin_db, what="without blocks")
     # Each candidate is what its resolved config replays: the pass with `blocks`, on the capture the
     # evaluator hands it (the sampling shape, after the profile's earlier passes).
@@ -236,7 +236,7 @@ def _searched(graph: DiTGraph, config: Any, ctx: PassContext, pattern: str) -> P
     if plan is None:
         why = (f"even the one layer of highest calibrated mass (block {order[0]}) misses the target of "
                f"{search.target_psnr_db:.2f} dB on the search's samples; every layer stays dense")
-        result = _rewrite(graph, config, ctx, pattern, tile, decisions, allowed=(), why_not=why)
+        result = _rewrite(graph, config, ctx, pattern, tile, decisions, allowed=[], why_not=why)
         result.report.update(info, skipped=why)
         return result
     kept = f"the layer of highest calibrated mass (block {plan[0]}) meets" if len(plan) == 1 else (
@@ -284,7 +284,7 @@ def _decide(graph: DiTGraph, config: Any, ctx: PassContext, pattern: str) -> tup
 
 
 def _rewrite(graph: DiTGraph, config: Any, ctx: PassContext, pattern: str, tile: int, decisions: list[tuple],
-             allowed: tuple[int, ...] | None = None, why_not: str = "") -> PassResult:
+             allowed: list[int] | None = None, why_not: str = "") -> PassResult:
     """Apply `decisions` (only the blocks in `allowed` when given; the others stay dense for
     `why_not`): reorder tokens once when asked, rewrite, report."""
     original = graph
